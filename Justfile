@@ -1,0 +1,41 @@
+# Sluice — the two commands a newcomer needs are `just bench` and `just test`.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# Where the real vLLM (venv + tiny model) is cached, outside the repository.
+export SLUICE_CACHE := env_var_or_default("SLUICE_CACHE", env_var("HOME") + "/.cache/sluice")
+vllm_port := env_var_or_default("SLUICE_VLLM_PORT", "8000")
+
+default:
+    @just --list
+
+# Build the proxy and bench binaries (release).
+build:
+    cargo build --release --bins
+
+# Build every policy plugin into plugins/dist/ (rustup's wasm target, or Debian's rustc-web).
+plugins:
+    scripts/build-plugins.sh
+
+# The fast tiers: unit, service and end-to-end tests against in-test upstreams.
+test: plugins
+    cargo test --workspace
+
+# The real-vLLM tier: starts vLLM when needed, then runs the tests that use it.
+e2e: plugins vllm
+    SLUICE_VLLM_URL=http://127.0.0.1:{{vllm_port}} cargo test --workspace -- --ignored --test-threads 1
+
+# Install (first time, ~3.5 min) and start a real CPU vLLM with a tiny local model; waits for /health.
+vllm:
+    scripts/vllm.sh start
+
+# Stop the vLLM started by `just vllm`.
+vllm-stop:
+    scripts/vllm.sh stop
+
+# Formatting and lints, as CI runs them.
+fmt-check:
+    cargo fmt --all -- --check
+
+clippy:
+    cargo clippy --workspace --all-targets -- -D warnings
