@@ -1,1 +1,124 @@
-fn main() {}
+//! The `proxy` binary: parse → validate → bind → run → exit code.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use sluice::App;
+use sluice::cli::Cli;
+use sluice::server::{self, Listeners};
+
+/// `EX_USAGE`: invalid configuration.
+const EXIT_CONFIG: u8 = 64;
+/// `EX_UNAVAILABLE`: a listener could not be bound.
+const EXIT_BIND: u8 = 69;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) if !err.use_stderr() => {
+            // --help / --version
+            let _ = err.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(err) => {
+            let _ = err.print();
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let config = match cli.into_config() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("proxy: invalid configuration: {err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("proxy: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let app = match App::new(config) {
+            Ok(app) => app,
+            Err(err) => {
+                eprintln!("proxy: invalid configuration: {err}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
+        let listeners = match bind(&app).await {
+            Ok(listeners) => listeners,
+            Err(err) => {
+                eprintln!("proxy: {err}");
+                return ExitCode::from(EXIT_BIND);
+            }
+        };
+        let (main_addr, admin_addr) = (
+            listeners.main.local_addr().ok(),
+            listeners.admin.local_addr().ok(),
+        );
+        tracing::info!(
+            listen = ?main_addr, admin = ?admin_addr, upstream = %app.config.upstream,
+            policy = ?app.config.policy, "sluice proxy listening"
+        );
+        spawn_reload_on_sighup(Arc::clone(&app));
+        server::run(app, listeners, shutdown_signal()).await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn bind(app: &App) -> Result<Listeners, String> {
+    let main = tokio::net::TcpListener::bind(app.config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", app.config.listen))?;
+    let admin = tokio::net::TcpListener::bind(app.config.admin_listen)
+        .await
+        .map_err(|e| format!("cannot listen on {} (admin): {e}", app.config.admin_listen))?;
+    Ok(Listeners { main, admin })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+fn spawn_reload_on_sighup(app: Arc<App>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot install the SIGHUP handler; reload with PUT /admin/policy");
+        return;
+    };
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP received: reloading the policy from its file");
+            match app.reload_from_config().await {
+                Ok(description) => tracing::info!(description, "policy reloaded from file"),
+                Err(err) => {
+                    tracing::error!(error = %err, "policy reload failed; the running policy stays")
+                }
+            }
+        }
+    });
+}

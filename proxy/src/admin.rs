@@ -1,0 +1,107 @@
+//! The admin listener (127.0.0.1 by default): `/metrics` (Prometheus text),
+//! `/stats` (JSON), `GET /admin/policy` (what decides admission) and
+//! `PUT /admin/policy` (hot reload: the body is a `.wasm` component, loaded
+//! with the configured `--policy-config` and validated before it replaces
+//! the running policy).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+
+use crate::App;
+use crate::body::{ProxyBody, full};
+use crate::error::ProxyError;
+use crate::telemetry;
+
+/// Largest policy component accepted by `PUT /admin/policy`.
+pub const MAX_POLICY_BYTES: usize = 64 << 20;
+
+/// Serves one admin request.
+pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<ProxyBody> {
+    let result = match (request.method(), request.uri().path()) {
+        (&Method::GET, "/metrics") => Ok(text(
+            app.metrics.render(),
+            "text/plain; version=0.0.4; charset=utf-8",
+        )),
+        (&Method::GET, "/healthz") => Ok(json(StatusCode::OK, serde_json::json!({"status": "ok"}))),
+        (&Method::GET, "/stats") => stats(&app).await,
+        (&Method::GET, "/admin/policy") => policy_status(&app).await,
+        (&Method::PUT, "/admin/policy") => reload_from_body(&app, request).await,
+        (_, "/metrics" | "/healthz" | "/stats" | "/admin/policy") => {
+            Err(ProxyError::MethodNotAllowed)
+        }
+        (_, path) => Err(ProxyError::NotFound(path.to_owned())),
+    };
+    result.unwrap_or_else(ProxyError::into_response)
+}
+
+async fn stats(app: &App) -> Result<Response<ProxyBody>, ProxyError> {
+    let scheduler = match &app.admission {
+        Some(admission) => Some(admission.status().await?),
+        None => None,
+    };
+    Ok(json(
+        StatusCode::OK,
+        serde_json::json!({ "policy": scheduler, "uptime_s": app.started.elapsed().as_secs_f64() }),
+    ))
+}
+
+async fn policy_status(app: &App) -> Result<Response<ProxyBody>, ProxyError> {
+    match &app.admission {
+        Some(admission) => Ok(json(
+            StatusCode::OK,
+            serde_json::to_value(admission.status().await?).unwrap_or_default(),
+        )),
+        None => Ok(json(
+            StatusCode::OK,
+            serde_json::json!({ "policy": "none (pass-through)" }),
+        )),
+    }
+}
+
+async fn reload_from_body(
+    app: &App,
+    request: Request<Incoming>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let bytes = Limited::new(request.into_body(), MAX_POLICY_BYTES)
+        .collect()
+        .await
+        .map_err(|_| ProxyError::BodyTooLarge {
+            limit: MAX_POLICY_BYTES as u64,
+        })?
+        .to_bytes();
+    let name = "uploaded".to_owned();
+    match app.reload(&name, bytes).await {
+        Ok(description) => Ok(json(
+            StatusCode::OK,
+            serde_json::json!({ "status": "reloaded", "policy": description }),
+        )),
+        Err(err) => Err(err),
+    }
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Response<ProxyBody> {
+    let mut response = Response::new(full(Bytes::from(value.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn text(body: String, content_type: &'static str) -> Response<ProxyBody> {
+    let mut response = Response::new(full(Bytes::from(body)));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+/// Records a reload's result.
+pub fn count_reload(result: &'static str) {
+    metrics::counter!(telemetry::POLICY_RELOADS, "result" => result).increment(1);
+}

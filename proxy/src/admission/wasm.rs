@@ -1,0 +1,369 @@
+//! The wasm host: policies as sandboxed components of the
+//! `sluice:policy@0.1.0` world (`wit/policy.wit`).
+//!
+//! - One [`PolicyRuntime`] per process: a wasmtime `Engine` with epoch
+//!   interruption, a `Linker` with the world's only import (`log`), and a
+//!   ticker thread that advances the epoch every [`EPOCH_TICK`] while the
+//!   engine lives (it holds a weak reference).
+//! - One [`WasmPolicy`] per loaded plugin: a long-lived instance in its own
+//!   `Store`, with a memory limit (growth beyond it traps) and a deadline set
+//!   before every call. No WASI is linked: a policy cannot reach a clock,
+//!   files or the network.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
+
+use super::{CompletionReport, RequestInfo};
+use crate::telemetry;
+
+mod bindings {
+    wasmtime::component::bindgen!({ path: "../wit", world: "admission" });
+}
+
+use bindings::exports::sluice::policy::policy as guest;
+
+/// How often the epoch advances; policy deadlines are counted in these ticks.
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// What the policy answered (host-side copy of the WIT `decision`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Decision {
+    /// Release these now, in order.
+    pub admit: Vec<u64>,
+    /// Refuse these with a reason.
+    pub reject: Vec<(u64, String)>,
+    /// Ask for `on-tick` after this many µs.
+    pub wake_after_us: Option<u64>,
+}
+
+/// The host state a policy call sees (WIT `snapshot`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Host monotonic clock (µs since the scheduler started).
+    pub now_us: u64,
+    /// Requests admitted and not finished.
+    pub in_flight: u32,
+    /// Requests waiting, including one just arriving.
+    pub queued: u32,
+}
+
+/// An event delivered to the policy.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// `on-arrival`.
+    Arrival {
+        /// Request id.
+        id: u64,
+        /// What the policy sees.
+        info: RequestInfo,
+        /// Arrival time (µs, host clock).
+        arrived_us: u64,
+    },
+    /// `on-completion`.
+    Completion {
+        /// Request id.
+        id: u64,
+        /// Timings.
+        report: CompletionReport,
+    },
+    /// `on-cancel`.
+    Cancel {
+        /// Request id.
+        id: u64,
+    },
+    /// `on-tick`.
+    Tick,
+}
+
+impl Event {
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Arrival { .. } => "arrival",
+            Self::Completion { .. } => "completion",
+            Self::Cancel { .. } => "cancel",
+            Self::Tick => "tick",
+        }
+    }
+}
+
+/// Why a policy was taken out of service.
+#[derive(Debug, thiserror::Error)]
+pub enum Fault {
+    /// The guest trapped (including running out of memory).
+    #[error("trap: {0}")]
+    Trap(String),
+    /// The call ran past its deadline.
+    #[error("missed its deadline of {}", crate::cli::format_duration(*.0))]
+    Deadline(Duration),
+    /// The answer named unknown, duplicate or already admitted ids.
+    #[error("invalid decision: {0}")]
+    InvalidDecision(String),
+}
+
+impl Fault {
+    /// The metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Trap(_) => "trap",
+            Self::Deadline(_) => "deadline",
+            Self::InvalidDecision(_) => "invalid_decision",
+        }
+    }
+}
+
+/// Why a plugin could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Not a component of the `admission` world.
+    #[error("not a valid sluice:policy@0.1.0 component: {0}")]
+    Invalid(String),
+    /// `init` refused the configuration.
+    #[error("policy rejected its configuration: {0}")]
+    Config(String),
+    /// `init` trapped or overran.
+    #[error("policy failed during init: {0}")]
+    Init(Fault),
+    /// The file could not be read.
+    #[error("cannot read {path}: {reason}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Per-store host state.
+struct HostState {
+    limits: StoreLimits,
+    name: Arc<str>,
+}
+
+impl bindings::AdmissionImports for HostState {
+    fn log(&mut self, level: u8, message: String) {
+        let policy = &*self.name;
+        match level {
+            0 => tracing::error!(policy, "{message}"),
+            1 => tracing::warn!(policy, "{message}"),
+            2 => tracing::info!(policy, "{message}"),
+            3 => tracing::debug!(policy, "{message}"),
+            _ => tracing::trace!(policy, "{message}"),
+        }
+    }
+}
+
+/// The process-wide engine and linker (cheap to clone).
+#[derive(Clone)]
+pub struct PolicyRuntime {
+    engine: Engine,
+    linker: Arc<Linker<HostState>>,
+    deadline: Duration,
+    memory_limit: usize,
+}
+
+impl fmt::Debug for PolicyRuntime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PolicyRuntime")
+            .field("deadline", &self.deadline)
+            .field("memory_limit", &self.memory_limit)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PolicyRuntime {
+    /// An engine with epoch interruption and a ticker thread.
+    pub fn new(deadline: Duration, memory_limit: usize) -> Result<Self, LoadError> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        config.wasm_component_model(true);
+        let engine = Engine::new(&config).map_err(|e| LoadError::Invalid(e.to_string()))?;
+        let mut linker = Linker::new(&engine);
+        bindings::Admission::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
+            .map_err(|e| LoadError::Invalid(e.to_string()))?;
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("sluice-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })
+            .map_err(|e| LoadError::Invalid(format!("cannot start the epoch ticker: {e}")))?;
+        Ok(Self {
+            engine,
+            linker: Arc::new(linker),
+            deadline,
+            memory_limit,
+        })
+    }
+
+    /// Reads, compiles, instantiates and initialises a policy file.
+    pub fn load_file(
+        &self,
+        path: &Path,
+        config: &[(String, String)],
+    ) -> Result<WasmPolicy, LoadError> {
+        let bytes = std::fs::read(path).map_err(|e| LoadError::Read {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "policy".into());
+        self.load(&name, &bytes, config)
+    }
+
+    /// Compiles (binary or WAT), instantiates and initialises a policy.
+    pub fn load(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        config: &[(String, String)],
+    ) -> Result<WasmPolicy, LoadError> {
+        let component = Component::new(&self.engine, bytes)
+            .map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(self.memory_limit)
+            .instances(16)
+            .memories(4)
+            .tables(16)
+            .trap_on_grow_failure(true)
+            .build();
+        let name: Arc<str> = Arc::from(name);
+        let mut store = Store::new(
+            &self.engine,
+            HostState {
+                limits,
+                name: Arc::clone(&name),
+            },
+        );
+        store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(self.deadline_ticks());
+        let instance = bindings::Admission::instantiate(&mut store, &component, &self.linker)
+            .map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+        let mut policy = WasmPolicy {
+            name,
+            description: String::new(),
+            store,
+            instance,
+            deadline: self.deadline,
+            ticks: self.deadline_ticks(),
+        };
+        store_deadline(&mut policy);
+        let described = policy
+            .instance
+            .sluice_policy_policy()
+            .call_init(&mut policy.store, config)
+            .map_err(|e| LoadError::Init(classify_trap(e, policy.deadline)))?;
+        policy.description = described.map_err(LoadError::Config)?;
+        Ok(policy)
+    }
+
+    fn deadline_ticks(&self) -> u64 {
+        (self.deadline.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64 + 1
+    }
+}
+
+/// A loaded, initialised policy instance.
+pub struct WasmPolicy {
+    name: Arc<str>,
+    description: String,
+    store: Store<HostState>,
+    instance: bindings::Admission,
+    deadline: Duration,
+    ticks: u64,
+}
+
+impl fmt::Debug for WasmPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WasmPolicy")
+            .field("name", &self.name)
+            .field("description", &self.description)
+            .finish_non_exhaustive()
+    }
+}
+
+fn store_deadline(policy: &mut WasmPolicy) {
+    policy.store.set_epoch_deadline(policy.ticks);
+}
+
+fn classify_trap(err: wasmtime::Error, deadline: Duration) -> Fault {
+    match err.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => Fault::Deadline(deadline),
+        _ => Fault::Trap(format!("{err:#}")),
+    }
+}
+
+impl WasmPolicy {
+    /// The plugin's name (its file stem).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// What `init` said about itself.
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+
+    /// Delivers one event under the deadline.
+    pub fn call(&mut self, now: Snapshot, event: &Event) -> Result<Decision, Fault> {
+        metrics::counter!(telemetry::POLICY_CALLS, "event" => event.label()).increment(1);
+        store_deadline(self);
+        let snapshot = guest::Snapshot {
+            now_us: now.now_us,
+            in_flight: now.in_flight,
+            queued: now.queued,
+        };
+        let api = self.instance.sluice_policy_policy();
+        let store = &mut self.store;
+        let result = match event {
+            Event::Arrival {
+                id,
+                info,
+                arrived_us,
+            } => {
+                let request = guest::Request {
+                    id: *id,
+                    tenant: info.tenant.clone(),
+                    model: info.model.clone(),
+                    prompt_tokens: info.prompt_tokens,
+                    max_tokens: info.max_tokens,
+                    cached_tokens: info.cached_tokens,
+                    prefix_group: info.prefix_group,
+                    priority: info.priority,
+                    arrived_us: *arrived_us,
+                };
+                api.call_on_arrival(store, snapshot, &request)
+            }
+            Event::Completion { id, report } => {
+                let done = guest::Completion {
+                    id: *id,
+                    ok: report.ok,
+                    queue_us: report.queue.as_micros() as u64,
+                    ttft_us: report.ttft.as_micros() as u64,
+                    e2e_us: report.e2e.as_micros() as u64,
+                    prompt_tokens: report.prompt_tokens,
+                    output_tokens: report.output_tokens,
+                };
+                api.call_on_completion(store, snapshot, done)
+            }
+            Event::Cancel { id } => api.call_on_cancel(store, snapshot, *id),
+            Event::Tick => api.call_on_tick(store, snapshot),
+        };
+        let decision = result.map_err(|e| classify_trap(e, self.deadline))?;
+        Ok(Decision {
+            admit: decision.admit,
+            reject: decision.reject,
+            wake_after_us: decision.wake_after_us,
+        })
+    }
+}

@@ -1,0 +1,157 @@
+//! Response bodies: the boxed body type the proxy speaks, and
+//! [`ObservedBody`], the streaming pass-through that watches an upstream
+//! response on its way to the client.
+//!
+//! `ObservedBody` never buffers: each frame is handed on as it arrives. On the
+//! way it notes the first byte (time to first token), counts bytes, enforces
+//! an idle timeout between frames, and turns a failure mid-stream into a final
+//! SSE `error` event so a streaming client never mistakes a truncated answer
+//! for a complete one. When the body ends — completely, with an error, or
+//! because the client went away and hyper dropped it — it finishes the
+//! request's [`Exchange`](crate::exchange::Exchange) exactly once.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use tokio::time::{Instant, Sleep};
+
+use crate::exchange::{Exchange, Outcome};
+
+/// Errors carried by proxied bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body type of every response (and forwarded request) in the proxy.
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A complete in-memory body.
+pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// An empty body.
+pub fn empty() -> ProxyBody {
+    full(Bytes::new())
+}
+
+/// Idle time between upstream frames exceeded the limit.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream sent nothing for {}", crate::cli::format_duration(*.0))]
+pub struct IdleTimeout(pub Duration);
+
+pin_project_lite::pin_project! {
+    /// An upstream response body on its way to the client (see the module docs).
+    pub struct ObservedBody<B> {
+        #[pin]
+        inner: B,
+        // Reset after every frame; fires when the upstream stalls.
+        #[pin]
+        idle: Sleep,
+        idle_limit: Duration,
+        // Whether this is a `text/event-stream` response (errors become SSE events).
+        sse: bool,
+        // The final SSE error event has been sent: the stream is over.
+        done: bool,
+        // Finished (and taken) exactly once: on end, on error, or on drop.
+        exchange: Option<Exchange>,
+    }
+
+    impl<B> PinnedDrop for ObservedBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(exchange) = this.project().exchange.take() {
+                exchange.finish(Outcome::ClientGone);
+            }
+        }
+    }
+}
+
+impl<B> ObservedBody<B> {
+    /// Wraps `inner`, finishing `exchange` when the body ends.
+    pub fn new(inner: B, idle_limit: Duration, sse: bool, exchange: Exchange) -> Self {
+        Self {
+            inner,
+            idle: tokio::time::sleep(idle_limit),
+            idle_limit,
+            sse,
+            done: false,
+            exchange: Some(exchange),
+        }
+    }
+}
+
+/// The last event of an SSE stream that failed mid-way.
+fn sse_error_event(message: &str) -> Bytes {
+    let error = crate::error::openai_error(message, "upstream_error", "upstream_stream_error");
+    Bytes::from(format!("data: {error}\n\n"))
+}
+
+impl<B> Body for ObservedBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        if *this.done {
+            return Poll::Ready(None);
+        }
+        let failure: BoxError = match this.inner.as_mut().poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(exchange)) = (frame.data_ref(), this.exchange.as_mut()) {
+                    exchange.on_data(data);
+                }
+                let next = Instant::now() + *this.idle_limit;
+                this.idle.as_mut().reset(next);
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            Poll::Ready(None) => {
+                if let Some(exchange) = this.exchange.take() {
+                    exchange.finish(Outcome::Complete);
+                }
+                return Poll::Ready(None);
+            }
+            Poll::Ready(Some(Err(err))) => err.into(),
+            Poll::Pending => {
+                ready!(this.idle.as_mut().poll(cx));
+                Box::new(IdleTimeout(*this.idle_limit))
+            }
+        };
+        let message = format!("upstream stream interrupted: {failure}");
+        if let Some(exchange) = this.exchange.take() {
+            exchange.finish(Outcome::UpstreamFailed(message.clone()));
+        }
+        if *this.sse {
+            // End the stream with an explicit error event (and no `[DONE]`).
+            *this.done = true;
+            Poll::Ready(Some(Ok(Frame::data(sse_error_event(&message)))))
+        } else {
+            // A plain body cannot carry an error: abort the response so the
+            // client sees a broken transfer, not a short but "complete" one.
+            Poll::Ready(Some(Err(failure)))
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.sse {
+            // An error event may be appended; promise no exact length.
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
+        }
+    }
+}

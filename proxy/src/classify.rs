@@ -1,0 +1,386 @@
+//! Which route a request is on, and — for completions and chat — a typed view
+//! of its JSON body, parsed once for the later stages (tenant keys, the
+//! admission policy, prefix tracking). The original bytes are forwarded
+//! unchanged; this view is only read.
+
+use http::Method;
+use serde_json::{Map, Value};
+
+use crate::error::ProxyError;
+
+/// A bounded set of route labels (metrics never see raw paths).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Route {
+    /// `POST /v1/completions`
+    Completions,
+    /// `POST /v1/chat/completions`
+    ChatCompletions,
+    /// `/v1/models`
+    Models,
+    /// `/v1/embeddings`
+    Embeddings,
+    /// Anything else (vLLM's `/tokenize`, `/version`, `/health`, ...).
+    Other,
+}
+
+impl Route {
+    /// Classifies a request by method and path.
+    pub fn of(method: &Method, path: &str) -> Self {
+        match (method, path.trim_end_matches('/')) {
+            (&Method::POST, "/v1/completions") => Self::Completions,
+            (&Method::POST, "/v1/chat/completions") => Self::ChatCompletions,
+            (_, p) if p.starts_with("/v1/models") => Self::Models,
+            (_, "/v1/embeddings") => Self::Embeddings,
+            _ => Self::Other,
+        }
+    }
+
+    /// Whether the body is parsed and the request goes through admission.
+    pub fn is_inference(self) -> bool {
+        matches!(self, Self::Completions | Self::ChatCompletions)
+    }
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Completions => "completions",
+            Self::ChatCompletions => "chat_completions",
+            Self::Models => "models",
+            Self::Embeddings => "embeddings",
+            Self::Other => "other",
+        }
+    }
+}
+
+/// The prompt of a completions request, or the messages of a chat request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// `prompt` as one or more strings.
+    Text(Vec<String>),
+    /// `prompt` as token ids (one or more sequences).
+    Tokens(Vec<Vec<u32>>),
+    /// Chat `messages`: (role, text content).
+    Messages(Vec<ChatMessage>),
+}
+
+/// One chat message, reduced to what prefix tracking needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatMessage {
+    /// `system`, `user`, `assistant`, `tool`, ...
+    pub role: String,
+    /// The text parts of `content`, concatenated.
+    pub content: String,
+}
+
+/// The typed view of a completions or chat request body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InferenceRequest {
+    /// `model` ("" when absent: vLLM then uses its served model).
+    pub model: String,
+    /// `prompt` or `messages`.
+    pub prompt: Prompt,
+    /// `max_tokens` (or chat's `max_completion_tokens`).
+    pub max_tokens: Option<u32>,
+    /// `stream`.
+    pub stream: bool,
+    /// `stream_options.include_usage`.
+    pub include_usage: bool,
+    /// `user`.
+    pub user: Option<String>,
+}
+
+impl InferenceRequest {
+    /// Parses a body for `route` (completions or chat), naming the first problem found.
+    pub fn parse(route: Route, body: &[u8]) -> Result<Self, ProxyError> {
+        let value: Value = serde_json::from_slice(body).map_err(|e| {
+            ProxyError::InvalidRequest(format!("request body is not valid JSON: {e}"))
+        })?;
+        let Value::Object(obj) = value else {
+            return Err(bad("request body must be a JSON object"));
+        };
+        let prompt = match route {
+            Route::ChatCompletions => Prompt::Messages(messages(&obj)?),
+            _ => prompt(&obj)?,
+        };
+        let max_tokens = match opt_u32(&obj, "max_tokens")? {
+            Some(n) => Some(n),
+            None => opt_u32(&obj, "max_completion_tokens")?,
+        };
+        let include_usage = match obj.get("stream_options") {
+            None | Some(Value::Null) => false,
+            Some(Value::Object(o)) => {
+                opt_bool(o, "include_usage", "stream_options.include_usage")?.unwrap_or(false)
+            }
+            Some(_) => return Err(bad("`stream_options` must be an object")),
+        };
+        Ok(Self {
+            model: opt_str(&obj, "model")?.unwrap_or_default(),
+            prompt,
+            max_tokens,
+            stream: opt_bool(&obj, "stream", "stream")?.unwrap_or(false),
+            include_usage,
+            user: opt_str(&obj, "user")?,
+        })
+    }
+
+    /// The text the engine sees as a prefix, for prefix tracking and token estimates.
+    /// Chat messages are rendered canonically: `role\ncontent\n` per message.
+    pub fn prompt_text(&self) -> String {
+        match &self.prompt {
+            Prompt::Text(parts) => parts.concat(),
+            Prompt::Tokens(_) => String::new(),
+            Prompt::Messages(messages) => {
+                let mut out = String::new();
+                for m in messages {
+                    out.push_str(&m.role);
+                    out.push('\n');
+                    out.push_str(&m.content);
+                    out.push('\n');
+                }
+                out
+            }
+        }
+    }
+}
+
+fn bad(message: impl Into<String>) -> ProxyError {
+    ProxyError::InvalidRequest(message.into())
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn opt_str(obj: &Map<String, Value>, key: &str) -> Result<Option<String>, ProxyError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(bad(format!(
+            "`{key}` must be a string, not {}",
+            type_name(other)
+        ))),
+    }
+}
+
+fn opt_bool(obj: &Map<String, Value>, key: &str, name: &str) -> Result<Option<bool>, ProxyError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(other) => Err(bad(format!(
+            "`{name}` must be a boolean, not {}",
+            type_name(other)
+        ))),
+    }
+}
+
+fn opt_u32(obj: &Map<String, Value>, key: &str) -> Result<Option<u32>, ProxyError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .map(Some)
+            .ok_or_else(|| bad(format!("`{key}` must be a non-negative integer, not {v}"))),
+    }
+}
+
+fn prompt(obj: &Map<String, Value>) -> Result<Prompt, ProxyError> {
+    let value = obj
+        .get("prompt")
+        .ok_or_else(|| bad("`prompt` is required"))?;
+    let invalid = || {
+        bad(
+            "`prompt` must be a string, an array of strings, an array of token ids, \
+             or an array of token-id arrays",
+        )
+    };
+    match value {
+        Value::String(s) => Ok(Prompt::Text(vec![s.clone()])),
+        Value::Array(items) if items.is_empty() => Err(bad("`prompt` must not be empty")),
+        Value::Array(items) => match &items[0] {
+            Value::String(_) => items
+                .iter()
+                .map(|v| v.as_str().map(str::to_owned).ok_or_else(invalid))
+                .collect::<Result<_, _>>()
+                .map(Prompt::Text),
+            Value::Number(_) => Ok(Prompt::Tokens(vec![token_ids(items).ok_or_else(invalid)?])),
+            Value::Array(_) => items
+                .iter()
+                .map(|seq| {
+                    seq.as_array()
+                        .and_then(|s| token_ids(s))
+                        .ok_or_else(invalid)
+                })
+                .collect::<Result<_, _>>()
+                .map(Prompt::Tokens),
+            _ => Err(invalid()),
+        },
+        _ => Err(invalid()),
+    }
+}
+
+fn token_ids(items: &[Value]) -> Option<Vec<u32>> {
+    items
+        .iter()
+        .map(|v| v.as_u64().and_then(|n| u32::try_from(n).ok()))
+        .collect()
+}
+
+fn messages(obj: &Map<String, Value>) -> Result<Vec<ChatMessage>, ProxyError> {
+    let items = match obj.get("messages") {
+        Some(Value::Array(items)) if !items.is_empty() => items,
+        Some(Value::Array(_)) => return Err(bad("`messages` must not be empty")),
+        Some(other) => {
+            return Err(bad(format!(
+                "`messages` must be an array, not {}",
+                type_name(other)
+            )));
+        }
+        None => return Err(bad("`messages` is required")),
+    };
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let Value::Object(m) = item else {
+                return Err(bad(format!("`messages[{i}]` must be an object")));
+            };
+            let role = match m.get("role") {
+                Some(Value::String(r)) => r.clone(),
+                _ => return Err(bad(format!("`messages[{i}].role` must be a string"))),
+            };
+            let content = match m.get("content") {
+                None | Some(Value::Null) => String::new(),
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Array(parts)) => {
+                    let mut text = String::new();
+                    for (j, part) in parts.iter().enumerate() {
+                        match part.get("text") {
+                            Some(Value::String(t)) => text.push_str(t),
+                            Some(_) => {
+                                return Err(bad(format!(
+                                    "`messages[{i}].content[{j}].text` must be a string"
+                                )));
+                            }
+                            None => {} // images, audio: not part of the text prefix
+                        }
+                    }
+                    text
+                }
+                Some(other) => {
+                    return Err(bad(format!(
+                        "`messages[{i}].content` must be a string or an array of parts, not {}",
+                        type_name(other)
+                    )));
+                }
+            };
+            Ok(ChatMessage { role, content })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(route: Route, body: &str) -> Result<InferenceRequest, String> {
+        InferenceRequest::parse(route, body.as_bytes()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn routes_are_bounded_labels() {
+        assert_eq!(
+            Route::of(&Method::POST, "/v1/completions"),
+            Route::Completions
+        );
+        assert_eq!(
+            Route::of(&Method::POST, "/v1/chat/completions/"),
+            Route::ChatCompletions
+        );
+        assert_eq!(
+            Route::of(&Method::GET, "/v1/chat/completions"),
+            Route::Other
+        );
+        assert_eq!(Route::of(&Method::GET, "/v1/models/tiny"), Route::Models);
+        assert_eq!(Route::of(&Method::POST, "/tokenize"), Route::Other);
+        assert!(Route::Completions.is_inference());
+        assert!(!Route::Embeddings.is_inference());
+    }
+
+    #[test]
+    fn completion_fields_are_typed() {
+        let r = parse(
+            Route::Completions,
+            r#"{"model":"m","prompt":"hi","max_tokens":16,"stream":true,
+                "stream_options":{"include_usage":true},"user":"u1","temperature":0}"#,
+        )
+        .unwrap();
+        assert_eq!(r.model, "m");
+        assert_eq!(r.prompt, Prompt::Text(vec!["hi".into()]));
+        assert_eq!(r.max_tokens, Some(16));
+        assert!(r.stream && r.include_usage);
+        assert_eq!(r.user.as_deref(), Some("u1"));
+    }
+
+    #[test]
+    fn prompt_forms() {
+        let r = parse(Route::Completions, r#"{"prompt":["a","b"]}"#).unwrap();
+        assert_eq!(r.prompt_text(), "ab");
+        let r = parse(Route::Completions, r#"{"prompt":[1,2,3]}"#).unwrap();
+        assert_eq!(r.prompt, Prompt::Tokens(vec![vec![1, 2, 3]]));
+        let r = parse(Route::Completions, r#"{"prompt":[[1],[2,3]]}"#).unwrap();
+        assert_eq!(r.prompt, Prompt::Tokens(vec![vec![1], vec![2, 3]]));
+        assert!(parse(Route::Completions, r#"{"prompt":[1,"a"]}"#).is_err());
+    }
+
+    #[test]
+    fn chat_is_rendered_canonically() {
+        let r = parse(
+            Route::ChatCompletions,
+            r#"{"model":"m","messages":[{"role":"system","content":"rubric"},
+                {"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}],
+                "max_completion_tokens":5}"#,
+        )
+        .unwrap();
+        assert_eq!(r.prompt_text(), "system\nrubric\nuser\nab\n");
+        assert_eq!(r.max_tokens, Some(5));
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        assert!(
+            parse(Route::Completions, "{not json")
+                .unwrap_err()
+                .contains("not valid JSON")
+        );
+        assert!(
+            parse(Route::Completions, "[]")
+                .unwrap_err()
+                .contains("JSON object")
+        );
+        assert!(
+            parse(Route::Completions, r#"{"model":"m"}"#)
+                .unwrap_err()
+                .contains("`prompt` is required")
+        );
+        let e = parse(Route::Completions, r#"{"prompt":"x","max_tokens":"ten"}"#).unwrap_err();
+        assert!(e.contains("`max_tokens`"), "{e}");
+        let e = parse(Route::Completions, r#"{"prompt":"x","max_tokens":-1}"#).unwrap_err();
+        assert!(e.contains("`max_tokens`"), "{e}");
+        let e = parse(Route::Completions, r#"{"prompt":"x","stream":"yes"}"#).unwrap_err();
+        assert!(e.contains("`stream` must be a boolean"), "{e}");
+        let e = parse(Route::Completions, r#"{"prompt":"x","model":5}"#).unwrap_err();
+        assert!(e.contains("`model` must be a string"), "{e}");
+        let e = parse(Route::ChatCompletions, r#"{"messages":[{"content":"x"}]}"#).unwrap_err();
+        assert!(e.contains("messages[0].role"), "{e}");
+        let e = parse(Route::ChatCompletions, r#"{"messages":{}}"#).unwrap_err();
+        assert!(e.contains("must be an array"), "{e}");
+    }
+}

@@ -1,0 +1,252 @@
+//! Errors that end a request at the proxy, classified once and rendered as
+//! OpenAI-shaped JSON (`{"error":{"message","type","param","code"}}`).
+//!
+//! Every way a request can fail inside Sluice is a [`ProxyError`] variant;
+//! [`ProxyError::status`] and [`ProxyError::code`] are the single mapping from
+//! cause to HTTP status and machine-readable code. Errors the upstream itself
+//! returns are never rewritten: they pass through as the upstream sent them.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::body::{ProxyBody, full};
+
+/// A request that Sluice answers itself instead of forwarding.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The body is not valid JSON, or a field has the wrong type.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The body is larger than `--max-body`.
+    #[error("request body exceeds the limit of {limit} bytes")]
+    BodyTooLarge {
+        /// The configured limit in bytes.
+        limit: u64,
+    },
+    /// A path Sluice serves itself (admin listener) does not exist.
+    #[error("no route for {0}")]
+    NotFound(String),
+    /// The method is not allowed on a route Sluice serves itself.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// The upstream refused the connection or could not be reached.
+    #[error("upstream {upstream} is unreachable: {cause}")]
+    UpstreamUnreachable {
+        /// The upstream's address.
+        upstream: String,
+        /// What the connector reported.
+        cause: String,
+    },
+    /// The upstream is known to be down; a probe is watching for its return.
+    #[error("upstream {upstream} is down; retry after {}s", retry_after.as_secs())]
+    UpstreamDown {
+        /// The upstream's address.
+        upstream: String,
+        /// When a retry may succeed.
+        retry_after: Duration,
+    },
+    /// The upstream did not answer within `--upstream-timeout`.
+    #[error("upstream did not respond within {}", crate::cli::format_duration(*.0))]
+    UpstreamTimeout(Duration),
+    /// The upstream answered with something that is not valid HTTP, or closed early.
+    #[error("upstream sent an invalid response: {0}")]
+    UpstreamBadResponse(String),
+    /// The admission queue is full (`--max-queue`).
+    #[error("admission queue is full ({max_queue} requests waiting); retry later")]
+    QueueFull {
+        /// The configured queue bound.
+        max_queue: usize,
+        /// Suggested back-off.
+        retry_after: Duration,
+    },
+    /// The request waited in the admission queue longer than `--queue-timeout`.
+    #[error("request waited {} in the admission queue without being admitted (--queue-timeout)", crate::cli::format_duration(*.0))]
+    QueueTimeout(Duration),
+    /// The tenant is over its `--rate-limit`.
+    #[error("rate limit exceeded for tenant {tenant:?}; retry after {}ms", retry_after.as_millis())]
+    RateLimited {
+        /// The tenant key the limit applies to.
+        tenant: String,
+        /// When the limiter will next allow a request.
+        retry_after: Duration,
+    },
+    /// The admission policy refused the request.
+    #[error("rejected by admission policy: {0}")]
+    PolicyRejected(String),
+    /// The proxy is shutting down and admits nothing new.
+    #[error("the proxy is shutting down")]
+    ShuttingDown,
+    /// A bug or an unexpected internal failure.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ProxyError {
+    /// The HTTP status this error is answered with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::UpstreamUnreachable { .. } | Self::UpstreamBadResponse(_) => {
+                StatusCode::BAD_GATEWAY
+            }
+            Self::UpstreamDown { .. } | Self::QueueTimeout(_) | Self::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::QueueFull { .. } | Self::RateLimited { .. } | Self::PolicyRejected(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Machine-readable code, also the `outcome` label of the error metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidRequest(_) => "invalid_request",
+            Self::BodyTooLarge { .. } => "body_too_large",
+            Self::NotFound(_) => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::UpstreamUnreachable { .. } => "upstream_unreachable",
+            Self::UpstreamDown { .. } => "upstream_down",
+            Self::UpstreamTimeout(_) => "upstream_timeout",
+            Self::UpstreamBadResponse(_) => "upstream_bad_response",
+            Self::QueueFull { .. } => "queue_full",
+            Self::QueueTimeout(_) => "queue_timeout",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::PolicyRejected(_) => "policy_rejected",
+            Self::ShuttingDown => "shutting_down",
+            Self::Internal(_) => "internal_error",
+        }
+    }
+
+    /// The OpenAI `type` field.
+    fn kind(&self) -> &'static str {
+        match self.status() {
+            StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE => "invalid_request_error",
+            StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => "invalid_request_error",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+            StatusCode::INTERNAL_SERVER_ERROR => "server_error",
+            _ => "upstream_error",
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::UpstreamDown { retry_after, .. }
+            | Self::QueueFull { retry_after, .. }
+            | Self::RateLimited { retry_after, .. } => Some(*retry_after),
+            Self::QueueTimeout(_) | Self::PolicyRejected(_) | Self::ShuttingDown => {
+                Some(Duration::from_secs(1))
+            }
+            _ => None,
+        }
+    }
+
+    /// The JSON error body, as OpenAI's API shapes it.
+    pub fn body_json(&self) -> serde_json::Value {
+        openai_error(&self.to_string(), self.kind(), self.code())
+    }
+
+    /// Renders the error as a complete HTTP response.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let body = Bytes::from(self.body_json().to_string());
+        let mut response = Response::new(full(body));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Some(after) = self.retry_after() {
+            // Retry-After is whole seconds; round up so clients never retry early.
+            let secs = after.as_millis().div_ceil(1000).max(1);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs as u64));
+        }
+        response
+    }
+}
+
+/// `{"error":{"message","type","param":null,"code"}}`.
+pub fn openai_error(message: &str, kind: &str, code: &str) -> serde_json::Value {
+    serde_json::json!({
+        "error": { "message": message, "type": kind, "param": null, "code": code }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn render(err: ProxyError) -> (StatusCode, http::HeaderMap, serde_json::Value) {
+        let response = err.into_response();
+        let (parts, body) = response.into_parts();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        (
+            parts.status,
+            parts.headers,
+            serde_json::from_slice(&bytes).unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn invalid_request_is_400_with_openai_shape() {
+        let (status, headers, body) = render(ProxyError::InvalidRequest(
+            "`max_tokens` must be an integer".into(),
+        ))
+        .await;
+        assert_eq!(status, 400);
+        assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+        assert_eq!(body["error"]["message"], "`max_tokens` must be an integer");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(body["error"]["code"], "invalid_request");
+        assert!(body["error"]["param"].is_null());
+        assert!(headers.get(header::RETRY_AFTER).is_none());
+    }
+
+    #[tokio::test]
+    async fn statuses_follow_the_cause() {
+        let cases = [
+            (ProxyError::BodyTooLarge { limit: 10 }, 413),
+            (
+                ProxyError::UpstreamUnreachable {
+                    upstream: "u".into(),
+                    cause: "refused".into(),
+                },
+                502,
+            ),
+            (ProxyError::UpstreamTimeout(Duration::from_secs(3)), 504),
+            (ProxyError::UpstreamBadResponse("x".into()), 502),
+            (ProxyError::QueueTimeout(Duration::from_secs(3)), 503),
+            (ProxyError::PolicyRejected("full".into()), 429),
+        ];
+        for (err, status) in cases {
+            assert_eq!(err.status(), status, "{err:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn retry_after_rounds_up_to_whole_seconds() {
+        let (status, headers, body) = render(ProxyError::RateLimited {
+            tenant: "t".into(),
+            retry_after: Duration::from_millis(1200),
+        })
+        .await;
+        assert_eq!(status, 429);
+        assert_eq!(headers[header::RETRY_AFTER], "2");
+        assert_eq!(body["error"]["type"], "rate_limit_error");
+        let (status, headers, _) = render(ProxyError::UpstreamDown {
+            upstream: "u".into(),
+            retry_after: Duration::from_secs(1),
+        })
+        .await;
+        assert_eq!(status, 503);
+        assert_eq!(headers[header::RETRY_AFTER], "1");
+    }
+}

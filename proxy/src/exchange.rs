@@ -1,0 +1,105 @@
+//! One request's life through the proxy: when it arrived, was admitted, went
+//! upstream, got its first byte and ended — and the single place where that
+//! ending is logged, measured and reported to the admission policy.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use tokio::time::Instant;
+
+use crate::admission::Permit;
+use crate::classify::Route;
+use crate::telemetry::{self, RequestRecord};
+
+/// How a forwarded response ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The whole body reached the client.
+    Complete,
+    /// The client went away before the body ended (the upstream request is aborted).
+    ClientGone,
+    /// The upstream failed or stalled mid-body.
+    UpstreamFailed(String),
+}
+
+/// A forwarded request, finished exactly once by [`Exchange::finish`].
+#[derive(Debug)]
+pub struct Exchange {
+    /// Request id (also sent back as `x-request-id`).
+    pub id: u64,
+    /// Route label.
+    pub route: Route,
+    /// HTTP method.
+    pub method: Method,
+    /// Upstream status.
+    pub status: StatusCode,
+    /// Arrival at the proxy.
+    pub arrived: Instant,
+    /// Admission (equals `arrived` without a policy).
+    pub admitted: Instant,
+    /// Upstream response headers received.
+    pub headers_at: Instant,
+    /// First body byte received.
+    pub first_byte: Option<Instant>,
+    /// Body bytes passed to the client.
+    pub bytes: u64,
+    /// Held while in flight; reports the completion to the policy.
+    pub permit: Option<Permit>,
+}
+
+impl Exchange {
+    /// Notes a body chunk on its way to the client.
+    pub fn on_data(&mut self, data: &Bytes) {
+        if self.first_byte.is_none() && !data.is_empty() {
+            self.first_byte = Some(Instant::now());
+        }
+        self.bytes += data.len() as u64;
+    }
+
+    /// Logs, measures and reports the end of the request.
+    pub fn finish(self, outcome: Outcome) {
+        let now = Instant::now();
+        let ok = outcome == Outcome::Complete && self.status.is_success();
+        let queue = self.admitted - self.arrived;
+        let upstream = now - self.admitted;
+        let ttfb = self.first_byte.map(|t| t - self.admitted);
+        let outcome_label = match &outcome {
+            Outcome::Complete if self.status.is_success() => "ok",
+            Outcome::Complete => "upstream_error_status",
+            Outcome::ClientGone => "client_gone",
+            Outcome::UpstreamFailed(_) => "upstream_stream_error",
+        };
+        let total = now - self.arrived;
+        match &outcome {
+            Outcome::UpstreamFailed(why) => tracing::warn!(
+                id = self.id, route = self.route.label(), method = %self.method,
+                status = self.status.as_u16(), outcome = outcome_label,
+                total_ms = ms(total), queue_ms = ms(queue), upstream_ms = ms(upstream),
+                error = %why, "request"
+            ),
+            _ => tracing::info!(
+                id = self.id, route = self.route.label(), method = %self.method,
+                status = self.status.as_u16(), outcome = outcome_label,
+                total_ms = ms(total), queue_ms = ms(queue), upstream_ms = ms(upstream),
+                ttfb_ms = ttfb.map(ms), bytes = self.bytes, "request"
+            ),
+        }
+        telemetry::record_request(&RequestRecord {
+            route: self.route,
+            outcome: outcome_label,
+            total,
+            queue,
+            upstream: Some(upstream),
+            ttfb,
+        });
+        if let Some(permit) = self.permit {
+            permit.complete(ok, ttfb.unwrap_or_default(), upstream);
+        }
+    }
+}
+
+/// Milliseconds with microsecond precision, for log fields.
+pub fn ms(d: Duration) -> f64 {
+    (d.as_micros() as f64) / 1000.0
+}

@@ -1,0 +1,225 @@
+//! The forwarding path for client traffic: classify, admit, forward, stream
+//! back. Every route is forwarded; completions and chat are parsed first and
+//! go through admission when a policy is loaded.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, Version, header};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::admission::{Admission, Permit, RequestInfo};
+use crate::body::{ObservedBody, ProxyBody, full};
+use crate::classify::{InferenceRequest, Route};
+use crate::error::ProxyError;
+use crate::exchange::Exchange;
+use crate::headers;
+use crate::telemetry::{self, RequestRecord};
+use crate::upstream::Upstream;
+
+/// The request body went over `--max-body` while being streamed upstream.
+#[derive(Debug, thiserror::Error)]
+#[error("request body exceeds the limit of {0} bytes")]
+pub struct BodyLimitExceeded(pub u64);
+
+/// Response header carrying Sluice's id for the request (as in its log line).
+pub const REQUEST_ID_HEADER: &str = "x-sluice-request-id";
+
+/// The client-facing service.
+#[derive(Debug)]
+pub struct Proxy {
+    upstream: Arc<Upstream>,
+    admission: Option<Admission>,
+    max_body: u64,
+    next_id: AtomicU64,
+}
+
+impl Proxy {
+    /// A proxy to `upstream`; `admission` is `None` for pass-through.
+    pub fn new(upstream: Arc<Upstream>, admission: Option<Admission>, max_body: u64) -> Self {
+        Self {
+            upstream,
+            admission,
+            max_body,
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// Serves one client request; never fails (errors become OpenAI-shaped responses).
+    pub async fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Response<ProxyBody> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let arrived = Instant::now();
+        let route = Route::of(request.method(), request.uri().path());
+        let mut response = match request.uri().path() {
+            "/healthz" => json_response(StatusCode::OK, r#"{"status":"ok"}"#),
+            "/readyz" => self.readiness().await,
+            _ => match self.forward(id, arrived, route, request, client).await {
+                Ok(response) => response,
+                Err(err) => {
+                    log_refusal(id, route, arrived, &err);
+                    err.into_response()
+                }
+            },
+        };
+        response
+            .headers_mut()
+            .insert(REQUEST_ID_HEADER, HeaderValue::from(id));
+        response
+    }
+
+    async fn readiness(&self) -> Response<ProxyBody> {
+        if self.upstream.check_up().is_ok() && self.upstream.reachable().await {
+            json_response(StatusCode::OK, r#"{"status":"ready"}"#)
+        } else {
+            let body = crate::error::openai_error(
+                &format!("upstream {} is not reachable", self.upstream.authority()),
+                "upstream_error",
+                "upstream_unreachable",
+            );
+            json_response(StatusCode::SERVICE_UNAVAILABLE, &body.to_string())
+        }
+    }
+
+    async fn forward(
+        &self,
+        id: u64,
+        arrived: Instant,
+        route: Route,
+        request: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        self.upstream.check_up()?;
+        let (mut parts, body) = request.into_parts();
+        let method = parts.method.clone();
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > self.max_body) {
+            return Err(ProxyError::BodyTooLarge {
+                limit: self.max_body,
+            });
+        }
+
+        let mut permit: Option<Permit> = None;
+        let body = if route.is_inference() {
+            let bytes = self.read_body(body).await?;
+            let parsed = InferenceRequest::parse(route, &bytes)?;
+            if let Some(admission) = &self.admission {
+                let info = request_info(&parts.headers, &parsed);
+                permit = Some(admission.admit(id, info).await?);
+            }
+            full(bytes)
+        } else {
+            let limit = self.max_body;
+            Limited::new(body, limit as usize)
+                .map_err(move |e| {
+                    if e.is::<LengthLimitError>() {
+                        Box::new(BodyLimitExceeded(limit)) as crate::body::BoxError
+                    } else {
+                        e
+                    }
+                })
+                .boxed_unsync()
+        };
+        let admitted = Instant::now();
+
+        headers::strip_hop_by_hop(&mut parts.headers);
+        headers::append_forwarded_for(&mut parts.headers, client.ip());
+        parts.headers.remove(header::HOST);
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        parts.uri = self.upstream.uri_for(path);
+        parts.version = Version::HTTP_11;
+        let upstream_request = Request::from_parts(parts, body);
+
+        let response = self.upstream.send(upstream_request).await?;
+        let (mut parts, body) = response.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        let sse = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let exchange = Exchange {
+            id,
+            route,
+            method,
+            status: parts.status,
+            arrived,
+            admitted,
+            headers_at: Instant::now(),
+            first_byte: None,
+            bytes: 0,
+            permit,
+        };
+        let body = ObservedBody::new(body, self.upstream.idle_timeout(), sse, exchange);
+        Ok(Response::from_parts(parts, body.boxed_unsync()))
+    }
+
+    /// Reads a body that must be parsed, enforcing `--max-body`.
+    async fn read_body(&self, body: Incoming) -> Result<Bytes, ProxyError> {
+        match Limited::new(body, self.max_body as usize).collect().await {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(e) if e.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge {
+                limit: self.max_body,
+            }),
+            Err(e) => Err(ProxyError::InvalidRequest(format!(
+                "could not read the request body: {e}"
+            ))),
+        }
+    }
+}
+
+fn request_info(headers: &http::HeaderMap, parsed: &InferenceRequest) -> RequestInfo {
+    RequestInfo {
+        tenant: headers::tenant_key(headers, parsed.user.as_deref()),
+        model: parsed.model.clone(),
+        prompt_tokens: crate::tokens::estimate(&parsed.prompt),
+        max_tokens: parsed.max_tokens.unwrap_or(0),
+        cached_tokens: 0,
+        prefix_group: 0,
+        priority: headers::priority(headers),
+    }
+}
+
+fn json_response(status: StatusCode, body: &str) -> Response<ProxyBody> {
+    let mut response = Response::new(full(Bytes::copy_from_slice(body.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Logs and counts a request Sluice answered itself.
+fn log_refusal(id: u64, route: Route, arrived: Instant, err: &ProxyError) {
+    let total = arrived.elapsed();
+    let status = err.status().as_u16();
+    if err.status().is_server_error() {
+        tracing::warn!(id, route = route.label(), status, outcome = err.code(), total_ms = crate::exchange::ms(total), error = %err, "request");
+    } else {
+        tracing::info!(id, route = route.label(), status, outcome = err.code(), total_ms = crate::exchange::ms(total), error = %err, "request");
+    }
+    telemetry::record_request(&RequestRecord {
+        route,
+        outcome: err.code(),
+        total,
+        queue: std::time::Duration::ZERO,
+        upstream: None,
+        ttfb: None,
+    });
+}

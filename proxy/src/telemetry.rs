@@ -1,0 +1,132 @@
+//! Metrics through one facade: every metric Sluice exports is described here
+//! once (name, unit, help), labelled only with bounded sets (route, outcome,
+//! policy event kinds), and exposed in Prometheus text on the admin listener.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::classify::Route;
+
+/// Requests finished, by route and outcome.
+pub const REQUESTS: &str = "sluice_requests_total";
+/// End-to-end time as the client sees it (arrival to last byte).
+pub const REQUEST_DURATION: &str = "sluice_request_duration_seconds";
+/// Time waiting for admission.
+pub const QUEUE_WAIT: &str = "sluice_queue_wait_seconds";
+/// Admission to the end of the upstream response.
+pub const UPSTREAM_DURATION: &str = "sluice_upstream_duration_seconds";
+/// Admission to the first response byte.
+pub const TIME_TO_FIRST_BYTE: &str = "sluice_time_to_first_byte_seconds";
+/// Requests admitted and not yet finished.
+pub const IN_FLIGHT: &str = "sluice_in_flight_requests";
+/// Requests refused before queueing, by reason.
+pub const REQUESTS_SHED: &str = "sluice_requests_shed_total";
+/// Requests waiting for admission.
+pub const QUEUED: &str = "sluice_queued_requests";
+/// Policy faults (trap, deadline, invalid decision), by kind.
+pub const POLICY_FAULTS: &str = "sluice_policy_faults_total";
+/// Policy calls, by event.
+pub const POLICY_CALLS: &str = "sluice_policy_calls_total";
+/// Policy reloads, by result.
+pub const POLICY_RELOADS: &str = "sluice_policy_reloads_total";
+/// Whether the built-in fallback policy is active (1) or the plugin (0).
+pub const POLICY_FALLBACK: &str = "sluice_policy_fallback_active";
+
+/// Buckets from 100 µs to 10 minutes: LLM latencies span all of it.
+const LATENCY_BUCKETS: [f64; 22] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder (once per process) and describes every metric.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
+                .expect("bucket list is non-empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder is installed (a test harness); keep ours for rendering.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(REQUESTS, "Requests finished, by route and outcome.");
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "Arrival to the last byte sent to the client."
+    );
+    describe_histogram!(
+        QUEUE_WAIT,
+        Unit::Seconds,
+        "Time spent waiting for admission."
+    );
+    describe_histogram!(
+        UPSTREAM_DURATION,
+        Unit::Seconds,
+        "Admission to the end of the upstream response."
+    );
+    describe_histogram!(
+        TIME_TO_FIRST_BYTE,
+        Unit::Seconds,
+        "Admission to the first response byte from the upstream."
+    );
+    describe_gauge!(IN_FLIGHT, "Requests admitted and not yet finished.");
+    describe_gauge!(QUEUED, "Requests waiting for admission.");
+    describe_counter!(
+        REQUESTS_SHED,
+        "Requests refused before queueing (rate limit, full queue), by reason."
+    );
+    describe_counter!(
+        POLICY_FAULTS,
+        "Policy faults that switched admission to the fallback, by kind."
+    );
+    describe_counter!(POLICY_CALLS, "Calls into the admission policy, by event.");
+    describe_counter!(POLICY_RELOADS, "Policy reloads, by result.");
+    describe_gauge!(
+        POLICY_FALLBACK,
+        "1 while the built-in fallback policy replaces a faulty plugin."
+    );
+}
+
+/// What is recorded for every finished request.
+#[derive(Debug)]
+pub struct RequestRecord {
+    /// Route label.
+    pub route: Route,
+    /// Outcome label (bounded: see [`crate::exchange::Outcome`] and [`crate::error::ProxyError::code`]).
+    pub outcome: &'static str,
+    /// Arrival to end.
+    pub total: Duration,
+    /// Waiting for admission.
+    pub queue: Duration,
+    /// Admission to end, when the request went upstream.
+    pub upstream: Option<Duration>,
+    /// Admission to first byte, when one arrived.
+    pub ttfb: Option<Duration>,
+}
+
+/// Records one finished request.
+pub fn record_request(r: &RequestRecord) {
+    let route = r.route.label();
+    counter!(REQUESTS, "route" => route, "outcome" => r.outcome).increment(1);
+    histogram!(REQUEST_DURATION, "route" => route).record(r.total.as_secs_f64());
+    if let Some(upstream) = r.upstream {
+        histogram!(QUEUE_WAIT, "route" => route).record(r.queue.as_secs_f64());
+        histogram!(UPSTREAM_DURATION, "route" => route).record(upstream.as_secs_f64());
+    }
+    if let Some(ttfb) = r.ttfb {
+        histogram!(TIME_TO_FIRST_BYTE, "route" => route).record(ttfb.as_secs_f64());
+    }
+}
