@@ -1,0 +1,525 @@
+//! End-to-end tests of the proxy binary against upstreams written here:
+//! forwarding rules, input errors, and every way an upstream can fail.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::upstream::{EchoUpstream, hanging, refusing, scripted};
+use common::{ProxyProcess, post_json, send, wait_until};
+use http::{Method, StatusCode};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn completion(extra: serde_json::Value) -> serde_json::Value {
+    let mut body = json!({"model": "m", "prompt": "hello", "max_tokens": 4});
+    body.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    body
+}
+
+fn assert_openai_error(reply: &common::Reply, status: u16, code: &str) {
+    assert_eq!(reply.status, status, "body: {}", reply.text());
+    assert_eq!(reply.headers["content-type"], "application/json");
+    let body = reply.json();
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert!(body["error"]["type"].is_string(), "{body}");
+}
+
+#[tokio::test]
+async fn forwards_any_route_and_rewrites_hop_headers() {
+    let upstream = EchoUpstream::start().await;
+    let proxy = ProxyProcess::start(&upstream.url(), &[]);
+    let reply = send(
+        Method::POST,
+        &format!("{}/tokenize?verbose=1", proxy.url()),
+        &[
+            ("connection", "x-hop"),
+            ("x-hop", "secret"),
+            ("te", "trailers"),
+            ("x-forwarded-for", "203.0.113.9"),
+            ("authorization", "Bearer sk-test"),
+            ("x-custom", "kept"),
+        ],
+        Bytes::from_static(b"{\"prompt\":\"x\"}"),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    let echo = &reply.json()["echo"];
+    assert_eq!(echo["path"], "/tokenize?verbose=1");
+    assert_eq!(echo["body"], "{\"prompt\":\"x\"}");
+    let seen = echo["headers"].as_object().unwrap();
+    assert!(
+        !seen.contains_key("x-hop") && !seen.contains_key("te"),
+        "{seen:?}"
+    );
+    assert_eq!(seen["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(seen["authorization"], "Bearer sk-test");
+    assert_eq!(seen["x-custom"], "kept");
+    assert_eq!(seen["host"], upstream.addr.to_string());
+    // Response: upstream headers kept, hop-by-hop ones dropped, our id added.
+    assert_eq!(reply.headers["x-upstream"], "echo");
+    assert!(reply.headers.get("keep-alive").is_none());
+    assert!(reply.headers.get("x-sluice-request-id").is_some());
+    for path in ["/v1/models", "/version", "/v1/embeddings"] {
+        let r = send(
+            Method::GET,
+            &format!("{}{path}", proxy.url()),
+            &[],
+            Bytes::new(),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["echo"]["path"], path);
+    }
+}
+
+#[tokio::test]
+async fn completion_bytes_are_forwarded_unchanged() {
+    let upstream = EchoUpstream::start().await;
+    let proxy = ProxyProcess::start(&upstream.url(), &[]);
+    // Odd spacing and key order must survive: the proxy parses but forwards the original bytes.
+    let raw = "{ \"prompt\" : \"hi\",\n \"model\":\"m\",  \"max_tokens\": 2 }";
+    let reply = send(
+        Method::POST,
+        &format!("{}/v1/completions", proxy.url()),
+        &[("content-type", "application/json")],
+        Bytes::from_static(raw.as_bytes()),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.json()["echo"]["body"], raw);
+    assert_eq!(reply.json()["usage"]["total_tokens"], 4);
+}
+
+#[tokio::test]
+async fn upstream_errors_pass_through_unchanged() {
+    let upstream = EchoUpstream::start().await;
+    let proxy = ProxyProcess::start(&upstream.url(), &[]);
+    let reply = send(
+        Method::POST,
+        &format!("{}/v1/completions", proxy.url()),
+        &[
+            ("x-test-status", "404"),
+            ("content-type", "application/json"),
+        ],
+        Bytes::from(completion(json!({})).to_string()),
+    )
+    .await;
+    assert_eq!(reply.status, 404);
+    assert_eq!(reply.json()["error"]["message"], "upstream says no");
+    assert_eq!(reply.json()["error"]["type"], "NotFoundError");
+}
+
+#[tokio::test]
+async fn bad_json_and_wrong_types_are_400_and_never_forwarded() {
+    let upstream = EchoUpstream::start().await;
+    let proxy = ProxyProcess::start(&upstream.url(), &[]);
+    let url = format!("{}/v1/completions", proxy.url());
+    let reply = send(
+        Method::POST,
+        &url,
+        &[],
+        Bytes::from_static(b"{\"prompt\": "),
+    )
+    .await;
+    assert_openai_error(&reply, 400, "invalid_request");
+    assert!(
+        reply.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON")
+    );
+    let reply = post_json(&url, &completion(json!({"max_tokens": "many"}))).await;
+    assert_openai_error(&reply, 400, "invalid_request");
+    assert!(
+        reply.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_tokens")
+    );
+    let chat = format!("{}/v1/chat/completions", proxy.url());
+    let reply = post_json(&chat, &json!({"model": "m", "messages": "hi"})).await;
+    assert_openai_error(&reply, 400, "invalid_request");
+    assert!(
+        reply.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("messages")
+    );
+    assert_eq!(upstream.seen.total.load(Ordering::SeqCst), 0);
+    let counted = proxy
+        .metric("sluice_requests_total{outcome=\"invalid_request\"}")
+        .await;
+    assert_eq!(counted, 3.0);
+}
+
+#[tokio::test]
+async fn oversized_bodies_are_413() {
+    let upstream = EchoUpstream::start().await;
+    let proxy = ProxyProcess::start(&upstream.url(), &["--max-body", "1KiB"]);
+    let big = "x".repeat(2000);
+    let reply = post_json(
+        &format!("{}/v1/completions", proxy.url()),
+        &completion(json!({"prompt": big})),
+    )
+    .await;
+    assert_openai_error(&reply, 413, "body_too_large");
+
+    // A chunked body (no Content-Length) on a streamed route is cut off at the limit too.
+    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = "POST /tokenize HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n";
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let chunk = format!("{:x}\r\n{}\r\n", 1500, "y".repeat(1500));
+    conn.write_all(chunk.as_bytes()).await.unwrap();
+    conn.write_all(b"0\r\n\r\n").await.unwrap();
+    let mut response = String::new();
+    conn.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+    assert!(response.contains("body_too_large"), "{response}");
+    assert_eq!(
+        proxy
+            .metric("sluice_requests_total{outcome=\"body_too_large\"}")
+            .await,
+        2.0
+    );
+}
+
+#[tokio::test]
+async fn refused_upstream_is_502_then_503_with_retry_after() {
+    let dead = refusing().await;
+    let proxy = ProxyProcess::start(&format!("http://{dead}"), &[]);
+    let url = format!("{}/v1/completions", proxy.url());
+    let first = post_json(&url, &completion(json!({}))).await;
+    assert_openai_error(&first, 502, "upstream_unreachable");
+    let second = post_json(&url, &completion(json!({}))).await;
+    assert_openai_error(&second, 503, "upstream_down");
+    assert_eq!(second.headers["retry-after"], "1");
+    let ready = send(
+        Method::GET,
+        &format!("{}/readyz", proxy.url()),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(ready.status, 503);
+    let alive = send(
+        Method::GET,
+        &format!("{}/healthz", proxy.url()),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(alive.status, 200);
+}
+
+#[tokio::test]
+async fn upstream_that_comes_back_is_used_again() {
+    // Reserve a port, start the proxy against it while nothing listens, then listen.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let proxy = ProxyProcess::start(&format!("http://{addr}"), &[]);
+    let url = format!("{}/v1/models", proxy.url());
+    assert_eq!(send(Method::GET, &url, &[], Bytes::new()).await.status, 502);
+    let upstream = tokio::net::TcpListener::bind(addr).await.unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = upstream.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+            });
+        }
+    });
+    let back = wait_until(Duration::from_secs(10), || async {
+        send(Method::GET, &url, &[], Bytes::new()).await.status == StatusCode::OK
+    })
+    .await;
+    assert!(back, "the proxy never noticed the upstream came back");
+}
+
+#[tokio::test]
+async fn hanging_upstream_is_504() {
+    let upstream = hanging().await;
+    let proxy = ProxyProcess::start(
+        &format!("http://{}", upstream.addr),
+        &["--upstream-timeout", "300ms"],
+    );
+    let reply = post_json(
+        &format!("{}/v1/completions", proxy.url()),
+        &completion(json!({})),
+    )
+    .await;
+    assert_openai_error(&reply, 504, "upstream_timeout");
+    assert_eq!(
+        proxy
+            .metric("sluice_requests_total{outcome=\"upstream_timeout\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn client_disconnect_aborts_the_upstream_request() {
+    let upstream = hanging().await;
+    let proxy = ProxyProcess::start(&format!("http://{}", upstream.addr), &[]);
+    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let body = completion(json!({})).to_string();
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let reached = wait_until(Duration::from_secs(10), || async {
+        upstream.accepted.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert!(reached, "request never reached the upstream");
+    drop(conn);
+    let aborted = wait_until(Duration::from_secs(10), || async {
+        upstream.closed_by_peer.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert!(
+        aborted,
+        "the upstream connection stayed open after the client left"
+    );
+}
+
+#[tokio::test]
+async fn upstream_dying_mid_stream_ends_with_an_sse_error() {
+    const PARTIAL: &[u8] =
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n\
+1d\r\ndata: {\"choices\":[{\"i\":0}]}\n\n\r\n";
+    let addr = scripted(PARTIAL, Duration::from_millis(50)).await;
+    let proxy = ProxyProcess::start(&format!("http://{addr}"), &[]);
+    let reply = post_json(
+        &format!("{}/v1/completions", proxy.url()),
+        &completion(json!({"stream": true})),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    let text = reply.text();
+    assert!(
+        text.starts_with("data: {\"choices\":[{\"i\":0}]}\n\n"),
+        "{text}"
+    );
+    let last = text.trim_end().rsplit("\n\n").next().unwrap();
+    assert!(last.starts_with("data: {\"error\""), "last event: {last}");
+    assert!(last.contains("upstream_stream_error"), "{last}");
+    assert!(!text.contains("[DONE]"));
+    assert_eq!(
+        proxy
+            .metric("sluice_requests_total{outcome=\"upstream_stream_error\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn malformed_upstream_bytes_are_502() {
+    let addr = scripted(b"this is not http\r\n\r\n", Duration::ZERO).await;
+    let proxy = ProxyProcess::start(&format!("http://{addr}"), &[]);
+    let reply = post_json(
+        &format!("{}/v1/completions", proxy.url()),
+        &completion(json!({})),
+    )
+    .await;
+    assert_openai_error(&reply, 502, "upstream_bad_response");
+}
+
+#[tokio::test]
+async fn slow_stream_is_relayed_chunk_by_chunk() {
+    let upstream = EchoUpstream::start().await;
+    let proxy = ProxyProcess::start(&upstream.url(), &["--upstream-timeout", "5s"]);
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<Bytes>>();
+    let request = http::Request::post(format!("{}/v1/completions", proxy.url()))
+        .header("x-test-delay-ms", "150")
+        .body(http_body_util::Full::new(Bytes::from(
+            completion(json!({"stream": true})).to_string(),
+        )))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut body = response.into_body();
+    use http_body_util::BodyExt;
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert!(first.starts_with(b"data: {"), "{first:?}");
+    // The first chunk reached the client while the upstream was still generating:
+    // nothing is buffered.
+    assert_eq!(upstream.seen.in_flight.load(Ordering::SeqCst), 1);
+    let rest = body.collect().await.unwrap().to_bytes();
+    let rest = String::from_utf8_lossy(&rest);
+    assert_eq!(rest.matches("data: {").count(), 2, "{rest}");
+    assert!(rest.ends_with("data: [DONE]\n\n"), "{rest}");
+}
+
+#[tokio::test]
+async fn stalled_stream_ends_with_an_sse_error_after_the_idle_timeout() {
+    let upstream = EchoUpstream::start().await;
+    let proxy = ProxyProcess::start(&upstream.url(), &["--upstream-timeout", "300ms"]);
+    let reply = send(
+        Method::POST,
+        &format!("{}/v1/completions", proxy.url()),
+        &[("x-test-delay-ms", "2000")],
+        Bytes::from(completion(json!({"stream": true})).to_string()),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    let text = reply.text();
+    assert!(text.starts_with("data: {\"error\""), "{text}");
+    assert!(text.contains("sent nothing for 300ms"), "{text}");
+}
+
+#[tokio::test]
+async fn h2c_clients_are_served() {
+    let upstream = EchoUpstream::start().await;
+    let proxy = ProxyProcess::start(&upstream.url(), &[]);
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Full<Bytes>>();
+    let request = http::Request::post(format!("{}/v1/completions", proxy.url()))
+        .body(http_body_util::Full::new(Bytes::from(
+            completion(json!({})).to_string(),
+        )))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests_then_exits_0() {
+    let upstream = EchoUpstream::start().await;
+    let mut proxy = ProxyProcess::start(&upstream.url(), &["--drain-timeout", "10s"]);
+    let url = format!("{}/v1/completions", proxy.url());
+    let in_flight = tokio::spawn(async move {
+        send(
+            Method::POST,
+            &url,
+            &[("x-test-delay-ms", "700")],
+            Bytes::from(completion(json!({})).to_string()),
+        )
+        .await
+    });
+    let reached = wait_until(Duration::from_secs(10), || async {
+        upstream.seen.in_flight.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert!(reached);
+    proxy.signal("TERM");
+    let reply = in_flight.await.unwrap();
+    assert_eq!(reply.status, 200, "the in-flight request was cut off");
+    let code = tokio::task::spawn_blocking(move || proxy.wait(Duration::from_secs(15)))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0));
+}
+
+#[tokio::test]
+async fn invalid_configuration_exits_64_before_binding() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_proxy"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--max-body", "lots", "--listen", "127.0.0.1:0"]);
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--max-body") && err.contains("lots"), "{err}");
+    let out = run(&["--policy", "no-such-policy.wasm"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--policy"));
+    let out = run(&["--no-such-flag"]);
+    assert_eq!(out.status.code(), Some(64));
+    let help = run(&["--help"]);
+    assert_eq!(help.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&help.stdout);
+    for flag in [
+        "--upstream",
+        "--listen",
+        "--max-body",
+        "--upstream-timeout",
+        "--drain-timeout",
+        "--config",
+        "--policy",
+        "--policy-config",
+        "--max-queue",
+        "--queue-timeout",
+        "--rate-limit",
+        "SLUICE_UPSTREAM",
+    ] {
+        assert!(help.contains(flag), "--help does not explain {flag}");
+    }
+}
+
+#[tokio::test]
+async fn logs_one_line_per_request_without_the_api_key() {
+    let upstream = EchoUpstream::start().await;
+    let proxy = ProxyProcess::start(&upstream.url(), &[]);
+    let reply = send(
+        Method::POST,
+        &format!("{}/v1/completions", proxy.url()),
+        &[("authorization", "Bearer sk-very-secret")],
+        Bytes::from(completion(json!({})).to_string()),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    let id = reply.headers["x-sluice-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let logged = wait_until(Duration::from_secs(5), || {
+        let logs = proxy.logs();
+        let id = id.clone();
+        async move {
+            logs.iter()
+                .any(|l| l.contains(&format!("id={id} ")) && l.contains("route=completions"))
+        }
+    })
+    .await;
+    assert!(logged, "no request line: {:?}", proxy.logs());
+    let logs = proxy.logs().join("\n");
+    assert!(
+        !logs.contains("sk-very-secret"),
+        "the API key leaked into the log"
+    );
+    let line = logs
+        .lines()
+        .find(|l| l.contains(&format!("id={id} ")))
+        .unwrap();
+    for field in ["status=200", "total_ms=", "upstream_ms=", "outcome=ok"] {
+        assert!(line.contains(field), "{field} missing: {line}");
+    }
+}
+
+#[tokio::test]
+async fn readyz_follows_the_upstream() {
+    let upstream = EchoUpstream::start().await;
+    let proxy = ProxyProcess::start(&upstream.url(), &[]);
+    let ready = send(
+        Method::GET,
+        &format!("{}/readyz", proxy.url()),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(ready.status, 200);
+}

@@ -46,7 +46,7 @@ pub struct IdleTimeout(pub Duration);
 
 pin_project_lite::pin_project! {
     /// An upstream response body on its way to the client (see the module docs).
-    pub struct ObservedBody<B> {
+    pub struct ObservedBody<B: Body> {
         #[pin]
         inner: B,
         // Reset after every frame; fires when the upstream stalls.
@@ -61,16 +61,24 @@ pin_project_lite::pin_project! {
         exchange: Option<Exchange>,
     }
 
-    impl<B> PinnedDrop for ObservedBody<B> {
+    impl<B: Body> PinnedDrop for ObservedBody<B> {
         fn drop(this: Pin<&mut Self>) {
-            if let Some(exchange) = this.project().exchange.take() {
-                exchange.finish(Outcome::ClientGone);
+            let this = this.project();
+            if let Some(exchange) = this.exchange.take() {
+                // hyper stops polling once a body says it has ended (Content-Length
+                // reached), so an ended inner body here is a complete response.
+                let outcome = if this.inner.is_end_stream() {
+                    Outcome::Complete
+                } else {
+                    Outcome::ClientGone
+                };
+                exchange.finish(outcome);
             }
         }
     }
 }
 
-impl<B> ObservedBody<B> {
+impl<B: Body> ObservedBody<B> {
     /// Wraps `inner`, finishing `exchange` when the body ends.
     pub fn new(inner: B, idle_limit: Duration, sse: bool, exchange: Exchange) -> Self {
         Self {
@@ -111,8 +119,14 @@ where
                 if let (Some(data), Some(exchange)) = (frame.data_ref(), this.exchange.as_mut()) {
                     exchange.on_data(data);
                 }
-                let next = Instant::now() + *this.idle_limit;
-                this.idle.as_mut().reset(next);
+                if this.inner.is_end_stream() {
+                    if let Some(exchange) = this.exchange.take() {
+                        exchange.finish(Outcome::Complete);
+                    }
+                } else {
+                    let next = Instant::now() + *this.idle_limit;
+                    this.idle.as_mut().reset(next);
+                }
                 return Poll::Ready(Some(Ok(frame)));
             }
             Poll::Ready(None) => {

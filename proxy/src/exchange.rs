@@ -73,14 +73,14 @@ impl Exchange {
         let total = now - self.arrived;
         match &outcome {
             Outcome::UpstreamFailed(why) => tracing::warn!(
-                id = self.id, route = self.route.label(), method = %self.method,
-                status = self.status.as_u16(), outcome = outcome_label,
+                id = self.id, route = %self.route.label(), method = %self.method,
+                status = self.status.as_u16(), outcome = %outcome_label,
                 total_ms = ms(total), queue_ms = ms(queue), upstream_ms = ms(upstream),
                 error = %why, "request"
             ),
             _ => tracing::info!(
-                id = self.id, route = self.route.label(), method = %self.method,
-                status = self.status.as_u16(), outcome = outcome_label,
+                id = self.id, route = %self.route.label(), method = %self.method,
+                status = self.status.as_u16(), outcome = %outcome_label,
                 total_ms = ms(total), queue_ms = ms(queue), upstream_ms = ms(upstream),
                 ttfb_ms = ttfb.map(ms), bytes = self.bytes, "request"
             ),

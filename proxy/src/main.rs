@@ -39,6 +39,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -65,13 +66,14 @@ fn main() -> ExitCode {
                 return ExitCode::from(EXIT_BIND);
             }
         };
-        let (main_addr, admin_addr) = (
-            listeners.main.local_addr().ok(),
-            listeners.admin.local_addr().ok(),
-        );
+        let addr = |l: &tokio::net::TcpListener| {
+            l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+        };
+        let policy = app.config.policy.as_ref().map(|p| p.display().to_string());
         tracing::info!(
-            listen = ?main_addr, admin = ?admin_addr, upstream = %app.config.upstream,
-            policy = ?app.config.policy, "sluice proxy listening"
+            listen = %addr(&listeners.main), admin = %addr(&listeners.admin),
+            upstream = %app.config.upstream, policy = policy.as_deref().unwrap_or("none (pass-through)"),
+            "sluice proxy listening"
         );
         spawn_reload_on_sighup(Arc::clone(&app));
         server::run(app, listeners, shutdown_signal()).await;

@@ -210,9 +210,9 @@ fn log_refusal(id: u64, route: Route, arrived: Instant, err: &ProxyError) {
     let total = arrived.elapsed();
     let status = err.status().as_u16();
     if err.status().is_server_error() {
-        tracing::warn!(id, route = route.label(), status, outcome = err.code(), total_ms = crate::exchange::ms(total), error = %err, "request");
+        tracing::warn!(id, route = %route.label(), status, outcome = %err.code(), total_ms = crate::exchange::ms(total), error = %err, "request");
     } else {
-        tracing::info!(id, route = route.label(), status, outcome = err.code(), total_ms = crate::exchange::ms(total), error = %err, "request");
+        tracing::info!(id, route = %route.label(), status, outcome = %err.code(), total_ms = crate::exchange::ms(total), error = %err, "request");
     }
     telemetry::record_request(&RequestRecord {
         route,

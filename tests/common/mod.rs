@@ -1,0 +1,239 @@
+//! Harness for end-to-end tests: starts the real `proxy` binary on
+//! 127.0.0.1:0, learns its ports from its startup log line, keeps its log
+//! lines for assertions, and offers a small HTTP client.
+#![allow(dead_code, unreachable_pub)]
+
+pub mod upstream;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+/// A running proxy process.
+pub struct ProxyProcess {
+    child: Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl ProxyProcess {
+    /// Starts `proxy --upstream URL --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 ARGS`.
+    pub fn start(upstream: &str, args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_proxy"))
+            .args([
+                "--upstream",
+                upstream,
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .args(args)
+            .env("SLUICE_LOG", "info")
+            .current_dir(env!("CARGO_MANIFEST_DIR").to_owned() + "/..")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start proxy");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        let sink = Arc::clone(&logs);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.contains("sluice proxy listening") {
+                    let _ = tx.send(line.clone());
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let stderr = child.stderr.take().unwrap();
+        let sink = Arc::clone(&logs);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => line,
+            Err(_) => panic!(
+                "proxy did not start; log:\n{}",
+                logs.lock().unwrap().join("\n")
+            ),
+        };
+        let field = |name: &str| -> SocketAddr {
+            let start = line
+                .find(&format!("{name}="))
+                .expect("field in startup line")
+                + name.len()
+                + 1;
+            line[start..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        Self {
+            addr: field("listen"),
+            admin: field("admin"),
+            child,
+            logs,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The log lines so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Sends a signal (e.g. "TERM", "HUP") to the process.
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{name}");
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub fn wait(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Reads the proxy's Prometheus text.
+    pub async fn metrics(&self) -> String {
+        let r = send(
+            Method::GET,
+            &format!("http://{}/metrics", self.admin),
+            &[],
+            Bytes::new(),
+        )
+        .await;
+        String::from_utf8(r.body.to_vec()).unwrap()
+    }
+
+    /// The value of one sample line (`name{labels} value`) in /metrics, or 0.
+    pub async fn metric(&self, name_and_labels: &str) -> f64 {
+        metric_value(&self.metrics().await, name_and_labels)
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of the first sample whose series starts with `prefix` (name plus
+/// a subset of labels in order), summed over matches; 0 when absent.
+pub fn metric_value(text: &str, prefix: &str) -> f64 {
+    let (name, labels) = match prefix.split_once('{') {
+        Some((n, l)) => (
+            n,
+            l.trim_end_matches('}')
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .collect::<Vec<_>>(),
+        ),
+        None => (prefix, vec![]),
+    };
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter(|l| labels.iter().all(|lab| l.contains(lab)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A response, collected.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends one HTTP/1.1 request on a fresh client and collects the response.
+pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: Bytes) -> Reply {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let mut request = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let response = client
+        .request(request.body(Full::new(body)).unwrap())
+        .await
+        .unwrap_or_else(|e| panic!("request to {url} failed: {e:?}"));
+    let (parts, body) = response.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_else(|e| panic!("body from {url} failed: {e:?}"));
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// POSTs a JSON body.
+pub async fn post_json(url: &str, body: &serde_json::Value) -> Reply {
+    send(
+        Method::POST,
+        url,
+        &[("content-type", "application/json")],
+        Bytes::from(body.to_string()),
+    )
+    .await
+}
+
+/// Polls `check` every 20 ms until it returns true or `limit` passes.
+pub async fn wait_until<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}

@@ -1,0 +1,241 @@
+//! Upstreams written in the tests: a well-behaved echo server that counts
+//! what reaches it, and raw-TCP servers that misbehave on purpose.
+#![allow(dead_code, unreachable_pub)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+
+type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// What the echo upstream has seen.
+#[derive(Default)]
+pub struct Seen {
+    pub in_flight: AtomicUsize,
+    pub max_in_flight: AtomicUsize,
+    pub total: AtomicUsize,
+    /// (arrival time, the request's `x-test-id` header or "").
+    pub arrivals: Mutex<Vec<(Instant, String)>>,
+}
+
+/// A well-behaved OpenAI-ish upstream. Request headers steer it:
+/// `x-test-delay-ms` delays the answer (or each SSE chunk), `x-test-status`
+/// sets the status. Every response echoes the path, headers and body it got.
+pub struct EchoUpstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<Seen>,
+}
+
+impl EchoUpstream {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Seen::default());
+        let state = Arc::clone(&seen);
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let state = Arc::clone(&state);
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| echo(Arc::clone(&state), req));
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self { addr, seen }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+struct InFlight(Arc<Seen>);
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn echo(seen: Arc<Seen>, req: Request<Incoming>) -> Result<Response<BoxBody>, Infallible> {
+    let now = seen.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    seen.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    seen.total.fetch_add(1, Ordering::SeqCst);
+    let guard = InFlight(Arc::clone(&seen));
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    seen.arrivals
+        .lock()
+        .unwrap()
+        .push((Instant::now(), header("x-test-id").unwrap_or_default()));
+    let delay = Duration::from_millis(
+        header("x-test-delay-ms")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+    );
+    let status: u16 = header("x-test-status")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    let headers: serde_json::Map<String, serde_json::Value> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").into()))
+        .collect();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let parsed: serde_json::Value =
+        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    let stream = parsed["stream"].as_bool().unwrap_or(false);
+
+    if stream {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+        tokio::spawn(async move {
+            let _guard = guard;
+            for i in 0..3 {
+                tokio::time::sleep(delay).await;
+                let chunk = serde_json::json!({"id":"cmpl-echo","object":"text_completion","choices":[{"index":0,"text":format!("tok{i} ")}]});
+                if tx
+                    .send(Ok(Frame::data(Bytes::from(format!("data: {chunk}\n\n")))))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            let _ = tx
+                .send(Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n"))))
+                .await;
+        });
+        let body = StreamBody::new(tokio_stream_from(rx)).boxed();
+        let response = Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(body)
+            .unwrap();
+        return Ok(response);
+    }
+    tokio::time::sleep(delay).await;
+    drop(guard);
+    let reply = if status == 200 {
+        serde_json::json!({
+            "id": "cmpl-echo", "object": "text_completion",
+            "choices": [{"index": 0, "text": "hello", "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+            "echo": {"path": path, "headers": headers, "body": String::from_utf8_lossy(&body)},
+        })
+    } else {
+        serde_json::json!({"error": {"message": "upstream says no", "type": "NotFoundError", "code": status}})
+    };
+    Ok(Response::builder()
+        .status(StatusCode::from_u16(status).unwrap())
+        .header("content-type", "application/json")
+        .header("connection", "keep-alive")
+        .header("keep-alive", "timeout=5")
+        .header("x-upstream", "echo")
+        .body(Full::new(Bytes::from(reply.to_string())).boxed())
+        .unwrap())
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send + 'static {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// A port with nothing listening on it (connections are refused).
+pub async fn refusing() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// Accepts connections, reads the request and never answers. Counts
+/// connections that the peer (the proxy) closed.
+pub struct Hanging {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+    pub closed_by_peer: Arc<AtomicUsize>,
+}
+
+pub async fn hanging() -> Hanging {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let closed = Arc::new(AtomicUsize::new(0));
+    let (a, c) = (Arc::clone(&accepted), Arc::clone(&closed));
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            a.fetch_add(1, Ordering::SeqCst);
+            let c = Arc::clone(&c);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                loop {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => {
+                            c.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
+                        Ok(_) => {}
+                    }
+                }
+            });
+        }
+    });
+    Hanging {
+        addr,
+        accepted,
+        closed_by_peer: closed,
+    }
+}
+
+/// Answers every connection with `response` (raw bytes), then closes it.
+pub async fn scripted(response: &'static [u8], then_wait: Duration) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 8192];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream.write_all(response).await;
+                let _ = stream.flush().await;
+                tokio::time::sleep(then_wait).await;
+                // dropped: the connection closes
+            });
+        }
+    });
+    addr
+}
