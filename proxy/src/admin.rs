@@ -66,6 +66,17 @@ async fn reload_from_body(
     app: &App,
     request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    // `PUT /admin/policy?limit=5&key=tenant` gives the new plugin its own
+    // configuration; without a query it gets the configured --policy-config.
+    let config: Option<Vec<(String, String)>> = request.uri().query().map(|q| {
+        q.split('&')
+            .filter(|kv| !kv.is_empty())
+            .map(|kv| {
+                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                (k.to_owned(), v.to_owned())
+            })
+            .collect()
+    });
     let bytes = Limited::new(request.into_body(), MAX_POLICY_BYTES)
         .collect()
         .await
@@ -73,8 +84,7 @@ async fn reload_from_body(
             limit: MAX_POLICY_BYTES as u64,
         })?
         .to_bytes();
-    let name = "uploaded".to_owned();
-    match app.reload(&name, bytes).await {
+    match app.reload("uploaded", bytes, config).await {
         Ok(description) => Ok(json(
             StatusCode::OK,
             serde_json::json!({ "status": "reloaded", "policy": description }),

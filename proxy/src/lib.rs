@@ -129,14 +129,20 @@ impl App {
     }
 
     /// Validates `bytes` as a policy (instantiate + init) and hands the queue to it.
-    pub async fn reload(&self, name: &str, bytes: Bytes) -> Result<String, ProxyError> {
+    /// `config` replaces `--policy-config` for this plugin when given.
+    pub async fn reload(
+        &self,
+        name: &str,
+        bytes: Bytes,
+        config: Option<Vec<(String, String)>>,
+    ) -> Result<String, ProxyError> {
         let (Some(admission), Some(runtime)) = (&self.admission, &self.runtime) else {
             return Err(ProxyError::InvalidRequest(
                 "the proxy was started without --policy (pass-through); restart it with one to use policies".into(),
             ));
         };
         let runtime = runtime.clone();
-        let config = self.config.policy_config.clone();
+        let config = config.unwrap_or_else(|| self.config.policy_config.clone());
         let name = name.to_owned();
         let loaded = tokio::task::spawn_blocking(move || runtime.load(&name, &bytes, &config))
             .await
@@ -171,6 +177,6 @@ impl App {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        self.reload(&name, Bytes::from(bytes)).await
+        self.reload(&name, Bytes::from(bytes), None).await
     }
 }

@@ -3,6 +3,7 @@
 //! lines for assertions, and offers a small HTTP client.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod policies;
 pub mod upstream;
 
 use std::io::{BufRead, BufReader};

@@ -1,0 +1,476 @@
+//! The wasm host, end to end, with policies written inline in WAT (no guest
+//! toolchain needed): faults switch to the fallback and are counted, queue
+//! bounds and timeouts answer correctly, cancels free their place, rate
+//! limits apply per tenant, and reloads hand the queue over without losing
+//! a request.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::upstream::EchoUpstream;
+use common::{ProxyProcess, Reply, policies, send, wait_until};
+use http::Method;
+use tokio::io::AsyncWriteExt;
+
+const BODY: &str = r#"{"model":"m","prompt":"hello","max_tokens":4}"#;
+
+async fn complete(proxy: &ProxyProcess, id: usize, extra: &[(&str, &str)]) -> Reply {
+    let id = id.to_string();
+    let mut headers = vec![
+        ("x-test-id", id.as_str()),
+        ("content-type", "application/json"),
+    ];
+    headers.extend_from_slice(extra);
+    send(
+        Method::POST,
+        &format!("{}/v1/completions", proxy.url()),
+        &headers,
+        Bytes::from_static(BODY.as_bytes()),
+    )
+    .await
+}
+
+/// Sends `n` requests at once; returns the replies in id order.
+async fn burst(proxy: &ProxyProcess, n: usize, extra: &[(&str, &str)]) -> Vec<Reply> {
+    let url = proxy.url();
+    let extra: Vec<(String, String)> = extra
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let url = url.clone();
+            let extra = extra.clone();
+            tokio::spawn(async move {
+                let id = i.to_string();
+                let mut headers: Vec<(&str, &str)> =
+                    vec![("x-test-id", &id), ("content-type", "application/json")];
+                headers.extend(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+                send(
+                    Method::POST,
+                    &format!("{url}/v1/completions"),
+                    &headers,
+                    Bytes::from_static(BODY.as_bytes()),
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut replies = Vec::with_capacity(n);
+    for task in tasks {
+        replies.push(task.await.unwrap());
+    }
+    replies
+}
+
+/// How many times each `x-test-id` reached the upstream.
+fn arrivals_by_id(upstream: &EchoUpstream) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for (_, id) in upstream.seen.arrivals.lock().unwrap().iter() {
+        *counts.entry(id.clone()).or_insert(0) += 1;
+    }
+    counts
+}
+
+async fn stats(proxy: &ProxyProcess) -> serde_json::Value {
+    send(
+        Method::GET,
+        &format!("http://{}/stats", proxy.admin),
+        &[],
+        Bytes::new(),
+    )
+    .await
+    .json()
+}
+
+/// A faulty policy: the fault is logged and counted, the fallback cap takes
+/// over, and every request is answered and forwarded exactly once.
+async fn fault_falls_back(name: &str, wat: String, kind: &str) {
+    let upstream = EchoUpstream::start().await;
+    let path = policies::write(name, &wat);
+    let proxy = ProxyProcess::start(
+        &upstream.url(),
+        &[
+            "--policy",
+            path.to_str().unwrap(),
+            "--fallback-limit",
+            "3",
+            "--policy-deadline",
+            "20ms",
+            "--policy-memory",
+            "4MiB",
+        ],
+    );
+    let replies = burst(&proxy, 12, &[("x-test-delay-ms", "50")]).await;
+    for (i, r) in replies.iter().enumerate() {
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+    }
+    let counts = arrivals_by_id(&upstream);
+    assert_eq!(counts.len(), 12, "{counts:?}");
+    assert!(
+        counts.values().all(|&n| n == 1),
+        "a request reached the upstream twice: {counts:?}"
+    );
+    assert!(
+        upstream.seen.max_in_flight.load(Ordering::SeqCst) <= 3,
+        "the fallback cap was not applied"
+    );
+    assert_eq!(
+        proxy
+            .metric(&format!("sluice_policy_faults_total{{kind=\"{kind}\"}}"))
+            .await,
+        1.0
+    );
+    assert_eq!(proxy.metric("sluice_policy_fallback_active").await, 1.0);
+    let s = stats(&proxy).await;
+    assert_eq!(s["policy"]["fallback"], true, "{s}");
+    assert_eq!(s["policy"]["queued"], 0);
+    assert_eq!(s["policy"]["in_flight"], 0, "{s}");
+    assert!(
+        proxy
+            .logs()
+            .iter()
+            .any(|l| l.contains("admission policy fault") && l.contains(kind))
+    );
+}
+
+#[tokio::test]
+async fn a_trapping_policy_falls_back() {
+    fault_falls_back("traps", policies::traps(), "trap").await;
+}
+
+#[tokio::test]
+async fn a_looping_policy_misses_its_deadline_and_falls_back() {
+    fault_falls_back("loops", policies::loops_forever(), "deadline").await;
+}
+
+#[tokio::test]
+async fn a_policy_growing_memory_without_bound_falls_back() {
+    fault_falls_back("grows", policies::grows_memory(), "trap").await;
+}
+
+#[tokio::test]
+async fn admitting_an_unknown_id_falls_back() {
+    fault_falls_back("unknown", policies::admits_unknown_id(), "invalid_decision").await;
+}
+
+#[tokio::test]
+async fn admitting_an_id_twice_falls_back() {
+    fault_falls_back("twice", policies::admits_twice(), "invalid_decision").await;
+}
+
+#[tokio::test]
+async fn a_good_policy_admits_without_faults() {
+    let upstream = EchoUpstream::start().await;
+    let path = policies::write("admit", &policies::admit_each());
+    let proxy = ProxyProcess::start(&upstream.url(), &["--policy", path.to_str().unwrap()]);
+    let replies = burst(&proxy, 20, &[]).await;
+    assert!(replies.iter().all(|r| r.status == 200));
+    assert_eq!(proxy.metric("sluice_policy_faults_total").await, 0.0);
+    assert_eq!(
+        proxy
+            .metric("sluice_policy_calls_total{event=\"arrival\"}")
+            .await,
+        20.0
+    );
+    assert_eq!(
+        proxy
+            .metric("sluice_policy_calls_total{event=\"completion\"}")
+            .await,
+        20.0
+    );
+    assert_eq!(stats(&proxy).await["policy"]["fallback"], false);
+}
+
+#[tokio::test]
+async fn init_refusing_its_config_stops_startup_with_64() {
+    let path = policies::write("refuses", &policies::rejects_config());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_proxy"))
+        .args([
+            "--policy",
+            path.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown key `x`"), "{err}");
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_429_and_a_long_wait_503() {
+    let upstream = EchoUpstream::start().await;
+    let path = policies::write("hold", &policies::hold_all());
+    let proxy = ProxyProcess::start(
+        &upstream.url(),
+        &[
+            "--policy",
+            path.to_str().unwrap(),
+            "--max-queue",
+            "2",
+            "--queue-timeout",
+            "1s",
+        ],
+    );
+    let waiting = tokio::spawn({
+        let url = proxy.url();
+        async move {
+            let target = format!("{url}/v1/completions");
+            let a = send(
+                Method::POST,
+                &target,
+                &[],
+                Bytes::from_static(BODY.as_bytes()),
+            );
+            let b = send(
+                Method::POST,
+                &target,
+                &[],
+                Bytes::from_static(BODY.as_bytes()),
+            );
+            tokio::join!(a, b)
+        }
+    });
+    let queued = wait_until(Duration::from_secs(10), || async {
+        stats(&proxy).await["policy"]["queued"] == 2
+    })
+    .await;
+    assert!(queued);
+    let full = complete(&proxy, 99, &[]).await;
+    assert_eq!(full.status, 429, "{}", full.text());
+    assert_eq!(full.json()["error"]["code"], "queue_full");
+    assert!(full.headers.contains_key("retry-after"));
+    let (a, b) = waiting.await.unwrap();
+    for r in [a, b] {
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(r.json()["error"]["code"], "queue_timeout");
+        assert!(
+            r.json()["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("--queue-timeout")
+        );
+    }
+    assert_eq!(upstream.seen.total.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        proxy
+            .metric("sluice_requests_shed_total{reason=\"queue_full\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(stats(&proxy).await["policy"]["queued"], 0);
+}
+
+#[tokio::test]
+async fn a_client_leaving_the_queue_frees_its_place() {
+    let upstream = EchoUpstream::start().await;
+    let path = policies::write("hold", &policies::hold_all());
+    let proxy = ProxyProcess::start(
+        &upstream.url(),
+        &["--policy", path.to_str().unwrap(), "--max-queue", "1"],
+    );
+    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            stats(&proxy).await["policy"]["queued"] == 1
+        })
+        .await
+    );
+    drop(conn);
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            stats(&proxy).await["policy"]["queued"] == 0
+        })
+        .await,
+        "the departed client still holds its queue place"
+    );
+    assert_eq!(
+        proxy
+            .metric("sluice_policy_calls_total{event=\"cancel\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn rate_limits_apply_per_tenant_with_retry_after() {
+    let upstream = EchoUpstream::start().await;
+    let path = policies::write("admit", &policies::admit_each());
+    let proxy = ProxyProcess::start(
+        &upstream.url(),
+        &[
+            "--policy",
+            path.to_str().unwrap(),
+            "--rate-limit",
+            "1/m",
+            "--rate-burst",
+            "2",
+        ],
+    );
+    assert_eq!(complete(&proxy, 1, &[("x-tenant", "a")]).await.status, 200);
+    assert_eq!(complete(&proxy, 2, &[("x-tenant", "a")]).await.status, 200);
+    let limited = complete(&proxy, 3, &[("x-tenant", "a")]).await;
+    assert_eq!(limited.status, 429);
+    assert_eq!(limited.json()["error"]["code"], "rate_limited");
+    let retry: u64 = limited.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (25..=60).contains(&retry),
+        "Retry-After {retry}s should follow the 1/min refill"
+    );
+    assert_eq!(complete(&proxy, 4, &[("x-tenant", "b")]).await.status, 200);
+    assert_eq!(
+        proxy
+            .metric("sluice_requests_shed_total{reason=\"rate_limited\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        proxy
+            .metric("sluice_requests_total{outcome=\"rate_limited\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn reload_hands_the_queue_over_and_rejects_bad_plugins() {
+    let upstream = EchoUpstream::start().await;
+    let path = policies::write("hold", &policies::hold_all());
+    let proxy = ProxyProcess::start(&upstream.url(), &["--policy", path.to_str().unwrap()]);
+    let waiting = tokio::spawn({
+        let url = proxy.url();
+        async move {
+            let mut replies = vec![];
+            let tasks: Vec<_> = (0..5)
+                .map(|_| {
+                    let url = url.clone();
+                    tokio::spawn(async move {
+                        send(
+                            Method::POST,
+                            &format!("{url}/v1/completions"),
+                            &[],
+                            Bytes::from_static(BODY.as_bytes()),
+                        )
+                        .await
+                    })
+                })
+                .collect();
+            for t in tasks {
+                replies.push(t.await.unwrap());
+            }
+            replies
+        }
+    });
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            stats(&proxy).await["policy"]["queued"] == 5
+        })
+        .await
+    );
+    let admin = format!("http://{}/admin/policy", proxy.admin);
+    // A broken component is refused and the running policy stays.
+    let bad = send(
+        Method::PUT,
+        &admin,
+        &[],
+        Bytes::from_static(b"(component (core module))junk"),
+    )
+    .await;
+    assert_eq!(bad.status, 400, "{}", bad.text());
+    assert!(
+        bad.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("policy rejected")
+    );
+    assert_eq!(stats(&proxy).await["policy"]["queued"], 5);
+    // A good one takes over the queue.
+    let good = send(
+        Method::PUT,
+        &admin,
+        &[],
+        Bytes::from(policies::admit_each()),
+    )
+    .await;
+    assert_eq!(good.status, 200, "{}", good.text());
+    let replies = waiting.await.unwrap();
+    assert!(replies.iter().all(|r| r.status == 200));
+    assert_eq!(upstream.seen.total.load(Ordering::SeqCst), 5);
+    assert_eq!(
+        proxy
+            .metric("sluice_policy_reloads_total{result=\"ok\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        proxy
+            .metric("sluice_policy_reloads_total{result=\"rejected\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn reload_after_a_fault_leaves_the_fallback() {
+    let upstream = EchoUpstream::start().await;
+    let path = policies::write("traps", &policies::traps());
+    let proxy = ProxyProcess::start(&upstream.url(), &["--policy", path.to_str().unwrap()]);
+    assert_eq!(complete(&proxy, 1, &[]).await.status, 200);
+    assert_eq!(proxy.metric("sluice_policy_fallback_active").await, 1.0);
+    let admin = format!("http://{}/admin/policy", proxy.admin);
+    let good = send(
+        Method::PUT,
+        &admin,
+        &[],
+        Bytes::from(policies::admit_each()),
+    )
+    .await;
+    assert_eq!(good.status, 200);
+    assert_eq!(proxy.metric("sluice_policy_fallback_active").await, 0.0);
+    assert_eq!(complete(&proxy, 2, &[]).await.status, 200);
+    assert_eq!(stats(&proxy).await["policy"]["fallback"], false);
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_policy_file() {
+    let upstream = EchoUpstream::start().await;
+    let path = policies::write("sighup", &policies::hold_all());
+    let proxy = ProxyProcess::start(&upstream.url(), &["--policy", path.to_str().unwrap()]);
+    let url = proxy.url();
+    let waiting = tokio::spawn(async move {
+        send(
+            Method::POST,
+            &format!("{url}/v1/completions"),
+            &[],
+            Bytes::from_static(BODY.as_bytes()),
+        )
+        .await
+    });
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            stats(&proxy).await["policy"]["queued"] == 1
+        })
+        .await
+    );
+    std::fs::write(&path, policies::admit_each()).unwrap();
+    proxy.signal("HUP");
+    let reply = waiting.await.unwrap();
+    assert_eq!(reply.status, 200);
+}
