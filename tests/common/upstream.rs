@@ -239,3 +239,74 @@ pub async fn scripted(response: &'static [u8], then_wait: Duration) -> SocketAdd
     });
     addr
 }
+
+/// A pass-through between the proxy and a real upstream that counts what
+/// crosses it: requests in flight (until the response body has been relayed
+/// whole), the most at once, and arrival times.
+pub struct CountingRelay {
+    pub addr: SocketAddr,
+    pub seen: Arc<Seen>,
+}
+
+impl CountingRelay {
+    pub async fn start(target: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Seen::default());
+        let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .build_http::<Incoming>();
+        let target: http::Uri = target.parse().unwrap();
+        let state = Arc::clone(&seen);
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (state, client, target) = (Arc::clone(&state), client.clone(), target.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |mut req: Request<Incoming>| {
+                        let (state, client, target) =
+                            (Arc::clone(&state), client.clone(), target.clone());
+                        async move {
+                            let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                            state.max_in_flight.fetch_max(now, Ordering::SeqCst);
+                            state.total.fetch_add(1, Ordering::SeqCst);
+                            let tag = req
+                                .headers()
+                                .get("x-test-id")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("")
+                                .to_owned();
+                            state.arrivals.lock().unwrap().push((Instant::now(), tag));
+                            let guard = InFlight(Arc::clone(&state));
+                            let pq = req
+                                .uri()
+                                .path_and_query()
+                                .map(|p| p.to_string())
+                                .unwrap_or_default();
+                            *req.uri_mut() = format!("http://{}{pq}", target.authority().unwrap())
+                                .parse()
+                                .unwrap();
+                            let response = client.request(req).await.unwrap();
+                            let (parts, body) = response.into_parts();
+                            // Keep the in-flight guard until the body has been relayed.
+                            let body = body.map_frame(move |f| {
+                                let _ = &guard;
+                                f
+                            });
+                            Ok::<_, Infallible>(Response::from_parts(parts, body))
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self { addr, seen }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
