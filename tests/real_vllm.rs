@@ -1,1 +1,337 @@
+//! The real-vLLM tier (`just e2e`): the proxy binary in front of a real vLLM
+//! (`scripts/vllm.sh`, a tiny local Llama on CPU). Happy paths must be
+//! indistinguishable from talking to vLLM directly, a client disconnect must
+//! abort the engine's work, and the bundled policies must shape what the
+//! engine sees.
+//!
+//! Every test is `#[ignore]`d in the fast tier and needs `SLUICE_VLLM_URL`.
 
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::upstream::CountingRelay;
+use common::{ProxyProcess, metric_value, post_json, send, wait_until};
+use http::Method;
+use serde_json::{Value, json};
+
+const NEEDS_VLLM: &str = "set SLUICE_VLLM_URL (run `just e2e`)";
+
+fn vllm() -> String {
+    std::env::var("SLUICE_VLLM_URL").expect(NEEDS_VLLM)
+}
+
+/// Drops the fields that differ between any two vLLM responses.
+fn normalise(mut v: Value) -> Value {
+    if let Some(o) = v.as_object_mut() {
+        o.remove("id");
+        o.remove("created");
+    }
+    v
+}
+
+fn sse_events(text: &str) -> Vec<Value> {
+    text.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .map(|d| {
+            if d == "[DONE]" {
+                json!("[DONE]")
+            } else {
+                normalise(serde_json::from_str(d).unwrap())
+            }
+        })
+        .collect()
+}
+
+fn completion(stream: bool) -> Value {
+    json!({"model": "tiny-llama", "prompt": "def fibonacci(n):\n    ", "max_tokens": 16,
+           "temperature": 0, "ignore_eos": true, "stream": stream,
+           "stream_options": if stream { json!({"include_usage": true}) } else { Value::Null }})
+}
+
+fn chat(stream: bool) -> Value {
+    json!({"model": "tiny-llama", "max_tokens": 12, "temperature": 0, "ignore_eos": true, "stream": stream,
+           "messages": [{"role": "system", "content": "You grade candidates."},
+                        {"role": "user", "content": "Grade: senior Rust engineer, 8 years."}],
+           "stream_options": if stream { json!({"include_usage": true}) } else { Value::Null }})
+}
+
+async fn compare(path: &str, body: Value) {
+    let upstream = vllm();
+    let proxy = ProxyProcess::start(&upstream, &[]);
+    // Warm the prefix cache first, so both answers report the same cached_tokens.
+    post_json(&format!("{upstream}{path}"), &body).await;
+    let direct = post_json(&format!("{upstream}{path}"), &body).await;
+    let proxied = post_json(&format!("{}{path}", proxy.url()), &body).await;
+    assert_eq!(direct.status, 200, "{}", direct.text());
+    assert_eq!(proxied.status, 200, "{}", proxied.text());
+    assert_eq!(
+        proxied.headers["content-type"],
+        direct.headers["content-type"]
+    );
+    if body["stream"] == true {
+        let (d, p) = (sse_events(&direct.text()), sse_events(&proxied.text()));
+        assert!(d.len() > 3, "{d:?}");
+        assert_eq!(p, d, "streams differ");
+        assert_eq!(p.last().unwrap(), &json!("[DONE]"));
+        let usage = &p[p.len() - 2]["usage"];
+        assert!(
+            usage["completion_tokens"].as_u64().unwrap() > 0,
+            "usage chunk: {usage}"
+        );
+    } else {
+        let (d, p) = (normalise(direct.json()), normalise(proxied.json()));
+        assert_eq!(p, d, "bodies differ");
+        assert_eq!(p["usage"]["completion_tokens"], body["max_tokens"]);
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs a real vLLM: run `just e2e`"]
+async fn completions_are_identical_through_the_proxy() {
+    compare("/v1/completions", completion(false)).await;
+}
+
+#[tokio::test]
+#[ignore = "needs a real vLLM: run `just e2e`"]
+async fn streamed_completions_are_identical_through_the_proxy() {
+    compare("/v1/completions", completion(true)).await;
+}
+
+#[tokio::test]
+#[ignore = "needs a real vLLM: run `just e2e`"]
+async fn chat_is_identical_through_the_proxy() {
+    compare("/v1/chat/completions", chat(false)).await;
+}
+
+#[tokio::test]
+#[ignore = "needs a real vLLM: run `just e2e`"]
+async fn streamed_chat_is_identical_through_the_proxy() {
+    compare("/v1/chat/completions", chat(true)).await;
+}
+
+#[tokio::test]
+#[ignore = "needs a real vLLM: run `just e2e`"]
+async fn other_routes_and_vllm_errors_pass_through() {
+    let upstream = vllm();
+    let proxy = ProxyProcess::start(&upstream, &[]);
+    for path in ["/v1/models", "/version"] {
+        let d = send(Method::GET, &format!("{upstream}{path}"), &[], Bytes::new()).await;
+        let p = send(
+            Method::GET,
+            &format!("{}{path}", proxy.url()),
+            &[],
+            Bytes::new(),
+        )
+        .await;
+        assert_eq!(p.status, d.status);
+        let strip = |mut v: Value| {
+            if let Some(data) = v["data"].as_array_mut() {
+                data.iter_mut().for_each(|m| {
+                    m.as_object_mut().unwrap().remove("created");
+                    m["permission"] = Value::Null;
+                });
+            }
+            v
+        };
+        assert_eq!(strip(p.json()), strip(d.json()), "{path}");
+    }
+    let tokenize = json!({"model": "tiny-llama", "prompt": "hello world"});
+    let d = post_json(&format!("{upstream}/tokenize"), &tokenize).await;
+    let p = post_json(&format!("{}/tokenize", proxy.url()), &tokenize).await;
+    assert_eq!(p.json(), d.json());
+    // vLLM's own errors (unknown model → 404) come back unchanged.
+    let wrong = json!({"model": "no-such-model", "prompt": "x", "max_tokens": 1});
+    let d = post_json(&format!("{upstream}/v1/completions"), &wrong).await;
+    let p = post_json(&format!("{}/v1/completions", proxy.url()), &wrong).await;
+    assert_eq!(p.status, d.status);
+    assert_eq!(p.status, 404);
+    assert_eq!(p.json(), d.json());
+}
+
+async fn running(upstream: &str) -> f64 {
+    let r = send(
+        Method::GET,
+        &format!("{upstream}/metrics"),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    metric_value(&r.text(), "vllm:num_requests_running")
+}
+
+#[tokio::test]
+#[ignore = "needs a real vLLM: run `just e2e`"]
+async fn a_client_disconnect_aborts_the_engine_request() {
+    let upstream = vllm();
+    let proxy = ProxyProcess::start(&upstream, &[]);
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            running(&upstream).await == 0.0
+        })
+        .await
+    );
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<Bytes>>();
+    let long = json!({"model": "tiny-llama", "prompt": "once upon a time", "max_tokens": 4000,
+                      "ignore_eos": true, "stream": true});
+    let request = http::Request::post(format!("{}/v1/completions", proxy.url()))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(Bytes::from(long.to_string())))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    let mut body = response.into_body();
+    use http_body_util::BodyExt;
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(first.is_data());
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            running(&upstream).await == 1.0
+        })
+        .await
+    );
+    drop(body);
+    drop(client);
+    let aborted = wait_until(Duration::from_secs(30), || async {
+        running(&upstream).await == 0.0
+    })
+    .await;
+    assert!(aborted, "vLLM kept generating after the client left");
+}
+
+#[tokio::test]
+#[ignore = "needs a real vLLM: run `just e2e`"]
+async fn concurrency_policy_caps_real_vllm_at_10() {
+    let relay = CountingRelay::start(&vllm()).await;
+    let plugin = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../plugins/dist/concurrency.wasm"
+    );
+    let proxy = ProxyProcess::start(
+        &relay.url(),
+        &["--policy", plugin, "--policy-config", "limit=10"],
+    );
+    let url = format!("{}/v1/completions", proxy.url());
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let body = json!({"model": "tiny-llama", "prompt": format!("candidate {i}:"), "max_tokens": 16, "ignore_eos": true});
+                post_json(&url, &body).await
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().status, 200);
+    }
+    let max = relay.seen.max_in_flight.load(Ordering::SeqCst);
+    assert!(max <= 10, "vLLM saw {max} requests at once with limit=10");
+    assert_eq!(relay.seen.total.load(Ordering::SeqCst), 50);
+}
+
+#[tokio::test]
+#[ignore = "needs a real vLLM: run `just e2e`"]
+async fn batched_policy_sends_real_vllm_waves() {
+    let relay = CountingRelay::start(&vllm()).await;
+    let plugin = concat!(env!("CARGO_MANIFEST_DIR"), "/../plugins/dist/batched.wasm");
+    let proxy = ProxyProcess::start(
+        &relay.url(),
+        &[
+            "--policy",
+            plugin,
+            "--policy-config",
+            "max_batch=10",
+            "--policy-config",
+            "window_ms=2000",
+        ],
+    );
+    let url = format!("{}/v1/completions", proxy.url());
+    let tasks: Vec<_> = (0..30)
+        .map(|i| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let body = json!({"model": "tiny-llama", "prompt": format!("candidate {i}:"), "max_tokens": 16, "ignore_eos": true});
+                post_json(&url, &body).await
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().status, 200);
+    }
+    let mut times: Vec<_> = relay
+        .seen
+        .arrivals
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(t, _)| *t)
+        .collect();
+    times.sort();
+    // Within a wave, arrivals cluster inside the window; waves are separated
+    // by the previous wave's whole service time (waves=1: gather semantics).
+    let mut waves = vec![1usize];
+    for pair in times.windows(2) {
+        if pair[1] - pair[0] >= Duration::from_millis(25) {
+            waves.push(1);
+        } else {
+            *waves.last_mut().unwrap() += 1;
+        }
+    }
+    assert_eq!(waves, [10, 10, 10], "arrival clusters at vLLM");
+    assert!(relay.seen.max_in_flight.load(Ordering::SeqCst) <= 10);
+}
+
+#[tokio::test]
+#[ignore = "needs a real vLLM: run `just e2e`"]
+async fn hot_reload_under_real_load_loses_nothing() {
+    let relay = CountingRelay::start(&vllm()).await;
+    let dist = concat!(env!("CARGO_MANIFEST_DIR"), "/../plugins/dist");
+    let proxy = ProxyProcess::start(
+        &relay.url(),
+        &[
+            "--policy",
+            &format!("{dist}/concurrency.wasm"),
+            "--policy-config",
+            "limit=4",
+        ],
+    );
+    let url = format!("{}/v1/completions", proxy.url());
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let body = json!({"model": "tiny-llama", "prompt": format!("candidate {i}:"), "max_tokens": 8, "ignore_eos": true});
+                post_json(&url, &body).await
+            })
+        })
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            relay.seen.total.load(Ordering::SeqCst) >= 8
+        })
+        .await
+    );
+    let wasm = std::fs::read(format!("{dist}/batched.wasm")).unwrap();
+    let admin = format!(
+        "http://{}/admin/policy?max_batch=8&window_ms=10",
+        proxy.admin
+    );
+    let reload = send(Method::PUT, &admin, &[], Bytes::from(wasm)).await;
+    assert_eq!(reload.status, 200, "{}", reload.text());
+    for t in tasks {
+        assert_eq!(t.await.unwrap().status, 200);
+    }
+    assert_eq!(relay.seen.total.load(Ordering::SeqCst), 40);
+    let stats = send(
+        Method::GET,
+        &format!("http://{}/stats", proxy.admin),
+        &[],
+        Bytes::new(),
+    )
+    .await
+    .json();
+    assert_eq!(stats["policy"]["in_flight"], 0);
+    assert_eq!(stats["policy"]["queued"], 0);
+}
