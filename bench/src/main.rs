@@ -1,1 +1,47 @@
-fn main() {}
+//! `bench`: Sluice's benchmarks and load tools.
+//!
+//! # Layout
+//!
+//! - [`overhead`]: `bench overhead` — what the proxy adds over talking to an
+//!   upstream directly (and over nginx, when installed): latency and
+//!   maximum throughput, measured in one run.
+//! - [`policy_cost`]: `bench policy-cost` — the cost of one policy event
+//!   including the wasm call.
+//! - [`load`]: the HTTP load loops and their HDR statistics.
+//! - [`fast_upstream`]: a minimal upstream that answers at once.
+//! - [`procs`]: starting and stopping the proxy and nginx as child processes.
+
+mod fast_upstream;
+mod load;
+mod overhead;
+mod policy_cost;
+mod procs;
+
+use clap::{Parser, Subcommand};
+
+/// Sluice's benchmarks and load tools.
+#[derive(Debug, Parser)]
+#[command(name = "bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Added latency and max throughput: direct vs through the proxy (vs nginx).
+    Overhead(overhead::Args),
+    /// Cost of one admission-policy event including the wasm call.
+    PolicyCost(policy_cost::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::Overhead(args) => runtime.block_on(overhead::run(args)),
+        Command::PolicyCost(args) => policy_cost::run(args),
+    }
+}

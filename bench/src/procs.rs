@@ -1,0 +1,139 @@
+//! Child processes a benchmark measures: the `proxy` binary (found next to
+//! the running `bench` binary, i.e. the same cargo profile) and nginx.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+/// A child process killed on drop.
+#[derive(Debug)]
+pub(crate) struct Proc {
+    child: Child,
+    /// Its client-facing address.
+    pub(crate) addr: SocketAddr,
+}
+
+impl Proc {
+    /// Resident set size in bytes (Linux `/proc`).
+    pub(crate) fn rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let kb: u64 = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        Some(kb * 1024)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `proxy` binary beside this one.
+pub(crate) fn proxy_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.with_file_name("proxy");
+    if !path.is_file() {
+        bail!(
+            "{} not found: build it with `cargo build --release --bins`",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Starts the proxy in front of `upstream` with extra flags; waits for its listening line.
+pub(crate) fn start_proxy(upstream: SocketAddr, extra: &[String]) -> anyhow::Result<Proc> {
+    let mut child = Command::new(proxy_binary()?)
+        .args([
+            "--upstream",
+            &format!("http://{upstream}"),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args(extra)
+        .env("SLUICE_LOG", "warn,sluice=info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("start proxy")?;
+    let stdout = child.stdout.take().context("proxy stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.contains("sluice proxy listening") {
+                let _ = tx.send(line);
+            }
+            // Keep draining so the proxy never blocks on a full pipe.
+        }
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(30))
+        .context("the proxy did not report its listening address")?;
+    let addr = line
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("listen="))
+        .context("no listen= field")?
+        .parse()?;
+    Ok(Proc { child, addr })
+}
+
+/// Starts nginx as a plain `proxy_pass` to `upstream` (keep-alive upstream
+/// pool, no buffering), if nginx is installed.
+pub(crate) fn start_nginx(upstream: SocketAddr) -> anyhow::Result<Option<Proc>> {
+    let Some(nginx) = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+    else {
+        return Ok(None);
+    };
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+        probe.local_addr()?.port()
+    };
+    let dir = std::env::temp_dir().join(format!("sluice-bench-nginx-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("logs"))?;
+    let conf = format!(
+        "worker_processes auto;\ndaemon off;\nerror_log {dir}/logs/error.log warn;\npid {dir}/nginx.pid;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n\
+         upstream up {{ server {upstream}; keepalive 256; }}\n\
+         server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://up;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_buffering off;\n      tcp_nodelay on;\n    }}\n  }}\n}}\n",
+        dir = dir.display()
+    );
+    let conf_path = dir.join("nginx.conf");
+    std::fs::write(&conf_path, conf)?;
+    let child = Command::new(nginx)
+        .args([
+            "-c",
+            &conf_path.to_string_lossy(),
+            "-p",
+            &dir.to_string_lossy(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("start nginx")?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        if std::time::Instant::now() > deadline {
+            bail!("nginx did not start listening on {addr}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(Some(Proc { child, addr }))
+}
