@@ -1,0 +1,239 @@
+//! The `batched` policy's configuration: parsed from the host's
+//! `--policy-config key=value` pairs, validated once in `init`.
+
+use std::fmt;
+
+/// Keys this policy accepts, in the order the error message lists them.
+const KEYS: &[&str] = &["max_batch", "window_ms", "waves"];
+
+/// Whether admitted waves may overlap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waves {
+    /// `waves=1`: a wave is released only once every request of the previous
+    /// wave has completed (the seed client's gather semantics).
+    Gather,
+    /// `waves=0`: a wave is released as soon as it is full or due, however
+    /// many earlier waves are still in flight.
+    Overlap,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Most requests admitted together in one wave (`max_batch`, ≥ 1).
+    pub max_batch: u32,
+    /// How long the oldest queued request may wait for its wave to fill (`window_ms`).
+    pub window_ms: u64,
+    /// Whether waves overlap (`waves`: 1 = [`Waves::Gather`], 0 = [`Waves::Overlap`]).
+    pub waves: Waves,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_batch: 50,
+            window_ms: 10,
+            waves: Waves::Gather,
+        }
+    }
+}
+
+impl Config {
+    /// Parses `key=value` pairs over the defaults. Keys and values are
+    /// trimmed; a key given twice takes its last value.
+    pub fn parse(pairs: &[(String, String)]) -> Result<Config, ConfigError> {
+        let mut config = Config::default();
+        for (key, value) in pairs {
+            let (key, value) = (key.trim(), value.trim());
+            match key {
+                "max_batch" => {
+                    config.max_batch = value
+                        .parse()
+                        .ok()
+                        .filter(|&n: &u32| n >= 1)
+                        .ok_or_else(|| ConfigError::invalid(key, value, "an integer ≥ 1"))?;
+                }
+                "window_ms" => {
+                    config.window_ms = value.parse().map_err(|_| {
+                        ConfigError::invalid(key, value, "a whole number of milliseconds ≥ 0")
+                    })?;
+                }
+                "waves" => {
+                    config.waves = match value {
+                        "1" => Waves::Gather,
+                        "0" => Waves::Overlap,
+                        _ => return Err(ConfigError::invalid(key, value, "0 or 1")),
+                    };
+                }
+                _ => return Err(ConfigError::UnknownKey(key.to_owned())),
+            }
+        }
+        Ok(config)
+    }
+
+    /// The window in microseconds, the unit of the host clock.
+    pub fn window_us(&self) -> u64 {
+        self.window_ms.saturating_mul(1_000)
+    }
+}
+
+/// One line for the host's log, e.g. `batched: max_batch=50 window_ms=10 waves=1`.
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let waves = match self.waves {
+            Waves::Gather => 1,
+            Waves::Overlap => 0,
+        };
+        write!(
+            f,
+            "batched: max_batch={} window_ms={} waves={}",
+            self.max_batch, self.window_ms, waves
+        )
+    }
+}
+
+/// Why a configuration was refused; the message names the bad key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A key this policy does not know.
+    UnknownKey(String),
+    /// A known key with a value it cannot take.
+    InvalidValue {
+        /// The key, as given.
+        key: String,
+        /// The value, as given (trimmed).
+        value: String,
+        /// What the key accepts.
+        expected: &'static str,
+    },
+}
+
+impl ConfigError {
+    fn invalid(key: &str, value: &str, expected: &'static str) -> Self {
+        ConfigError::InvalidValue {
+            key: key.to_owned(),
+            value: value.to_owned(),
+            expected,
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::UnknownKey(key) => {
+                write!(
+                    f,
+                    "unknown key `{key}` (expected one of: {})",
+                    KEYS.join(", ")
+                )
+            }
+            ConfigError::InvalidValue {
+                key,
+                value,
+                expected,
+            } => write!(
+                f,
+                "invalid value {value:?} for key `{key}`: expected {expected}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let pairs: Vec<(String, String)> = pairs
+            .iter()
+            .map(|&(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        Config::parse(&pairs)
+    }
+
+    fn error(pairs: &[(&str, &str)]) -> String {
+        parse(pairs).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn empty_config_gives_the_defaults() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(
+            config.to_string(),
+            "batched: max_batch=50 window_ms=10 waves=1"
+        );
+    }
+
+    #[test]
+    fn every_key_is_read() {
+        let config = parse(&[("max_batch", "8"), ("window_ms", "0"), ("waves", "0")]).unwrap();
+        assert_eq!(
+            config,
+            Config {
+                max_batch: 8,
+                window_ms: 0,
+                waves: Waves::Overlap
+            }
+        );
+        assert_eq!(
+            config.to_string(),
+            "batched: max_batch=8 window_ms=0 waves=0"
+        );
+    }
+
+    #[test]
+    fn keys_and_values_are_trimmed_and_the_last_value_wins() {
+        let config = parse(&[(" max_batch ", " 3 "), ("max_batch", "4")]).unwrap();
+        assert_eq!(config.max_batch, 4);
+    }
+
+    #[test]
+    fn max_batch_must_be_a_positive_integer() {
+        assert_eq!(
+            error(&[("max_batch", "0")]),
+            "invalid value \"0\" for key `max_batch`: expected an integer ≥ 1"
+        );
+        assert_eq!(
+            error(&[("max_batch", "abc")]),
+            "invalid value \"abc\" for key `max_batch`: expected an integer ≥ 1"
+        );
+        assert!(error(&[("max_batch", "-1")]).contains("`max_batch`"));
+        assert!(error(&[("max_batch", "")]).contains("invalid value \"\""));
+    }
+
+    #[test]
+    fn window_ms_must_be_a_whole_number() {
+        assert_eq!(
+            error(&[("window_ms", "1.5")]),
+            "invalid value \"1.5\" for key `window_ms`: expected a whole number of milliseconds ≥ 0"
+        );
+        assert!(error(&[("window_ms", "-3")]).contains("`window_ms`"));
+    }
+
+    #[test]
+    fn huge_windows_saturate_instead_of_overflowing() {
+        let config = parse(&[("window_ms", &u64::MAX.to_string())]).unwrap();
+        assert_eq!(config.window_us(), u64::MAX);
+    }
+
+    #[test]
+    fn waves_is_zero_or_one() {
+        assert_eq!(parse(&[("waves", "1")]).unwrap().waves, Waves::Gather);
+        assert_eq!(
+            error(&[("waves", "2")]),
+            "invalid value \"2\" for key `waves`: expected 0 or 1"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        assert_eq!(
+            error(&[("max_batch", "5"), ("limit", "5")]),
+            "unknown key `limit` (expected one of: max_batch, window_ms, waves)"
+        );
+    }
+}

@@ -1,0 +1,547 @@
+//! The concurrency limiter, in plain Rust: no bindings, no clock.
+//!
+//! [`Limiter`] admits requests in arrival order while fewer than `limit` are
+//! in flight, and queues the rest. With [`Key::Tenant`] every tenant has its
+//! own limit and its own FIFO queue: a tenant at its limit waits without
+//! holding up the others. Requests are still admitted in arrival order
+//! across tenants, since each event can open a slot for one key only.
+//!
+//! The host may swap in a new instance while requests are in flight (hot
+//! reload). Those requests are unknown here, but the host's
+//! [`Snapshot::in_flight`] counts them: under [`Key::Global`] they hold
+//! slots until they complete, so the limit holds across a reload. Under
+//! [`Key::Tenant`] their tenants are unknown and they are not counted.
+//!
+//! The limiter never asks for a tick: only a completion frees a slot.
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::config::{Config, Key};
+
+/// The host's state when an event is delivered (the WIT `snapshot`, less
+/// what this policy does not read).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Host monotonic clock (µs). The limiter does not depend on time.
+    pub now_us: u64,
+    /// Requests the host has admitted and not yet seen complete.
+    pub in_flight: u32,
+}
+
+/// The answer to one event (the WIT `decision`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Decision {
+    /// Queued requests to release now, in this order.
+    pub admit: Vec<u64>,
+    /// Queued requests to refuse, with the reason. This policy never refuses.
+    pub reject: Vec<(u64, String)>,
+    /// Ask for a tick after this many µs. Always `None` here.
+    pub wake_after_us: Option<u64>,
+}
+
+/// One key's share: its queue and how many of its requests are running.
+#[derive(Debug, Default)]
+struct Slot {
+    /// Waiting requests of this key, oldest first.
+    queue: VecDeque<u64>,
+    /// Requests of this key admitted and not completed.
+    in_flight: u32,
+}
+
+/// The `concurrency` policy's state between events.
+#[derive(Debug)]
+pub struct Limiter {
+    config: Config,
+    /// Per key (the tenant, or `""` under [`Key::Global`]). A key with
+    /// nothing queued and nothing in flight is removed, so the map stays as
+    /// small as the set of active tenants.
+    slots: HashMap<String, Slot>,
+    /// The key of every queued request.
+    queued: HashMap<u64, String>,
+    /// The key of every request this instance admitted that has not completed.
+    in_flight: HashMap<u64, String>,
+    /// Requests the host had in flight that this instance did not admit
+    /// (admitted before a hot reload). `None` until a snapshot has been seen.
+    inherited: Option<u32>,
+    /// Host contract violations seen since the last [`Limiter::take_warnings`].
+    warnings: Vec<String>,
+}
+
+impl Limiter {
+    /// A limiter with nothing queued and nothing in flight.
+    pub fn new(config: Config) -> Self {
+        Limiter {
+            config,
+            slots: HashMap::new(),
+            queued: HashMap::new(),
+            in_flight: HashMap::new(),
+            inherited: None,
+            warnings: Vec::new(),
+        }
+    }
+
+    /// The configuration this limiter runs with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// How many requests are waiting for a slot.
+    pub fn queued(&self) -> usize {
+        self.queued.len()
+    }
+
+    /// How many requests this instance admitted that have not completed.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Messages about events that broke the host contract (an unknown id, a
+    /// duplicate arrival), for the host's log. Drains them.
+    pub fn take_warnings(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.warnings)
+    }
+
+    /// Request `id` from `tenant` joined the queue.
+    pub fn on_arrival(&mut self, now: Snapshot, id: u64, tenant: &str) -> Decision {
+        self.observe(now);
+        let mut decision = Decision::default();
+        if self.queued.contains_key(&id) || self.in_flight.contains_key(&id) {
+            self.warnings.push(format!(
+                "concurrency: duplicate arrival of request {id} ignored"
+            ));
+            self.admit_global(&mut decision);
+            return decision;
+        }
+        let key = match self.config.key {
+            Key::Global => "",
+            Key::Tenant => tenant,
+        };
+        self.slots
+            .entry(key.to_owned())
+            .or_default()
+            .queue
+            .push_back(id);
+        self.queued.insert(id, key.to_owned());
+        self.admit(key, &mut decision);
+        decision
+    }
+
+    /// An admitted request finished, successfully or not: its slot is free.
+    pub fn on_completion(&mut self, now: Snapshot, id: u64) -> Decision {
+        // The snapshot is not read here: whether its `in_flight` still counts
+        // the request completing is the host's choice.
+        let _ = now;
+        let mut decision = Decision::default();
+        if let Some(key) = self.in_flight.remove(&id) {
+            if let Some(slot) = self.slots.get_mut(&key) {
+                slot.in_flight = slot.in_flight.saturating_sub(1);
+            }
+            self.admit(&key, &mut decision);
+        } else if self.remove_queued(id) {
+            self.warnings.push(format!(
+                "concurrency: completion of request {id}, which was never admitted; dropped from the queue"
+            ));
+        } else {
+            match &mut self.inherited {
+                Some(n) if *n > 0 => *n -= 1,
+                // Before the first snapshot, an unknown completion is most
+                // likely inherited; the next snapshot gives the true count.
+                None => {}
+                Some(_) => self.warnings.push(format!(
+                    "concurrency: completion of unknown request {id} ignored"
+                )),
+            }
+            self.admit_global(&mut decision);
+        }
+        decision
+    }
+
+    /// A queued request left without being admitted; it is never admitted
+    /// afterwards.
+    pub fn on_cancel(&mut self, now: Snapshot, id: u64) -> Decision {
+        self.observe(now);
+        if self.remove_queued(id) {
+            let mut decision = Decision::default();
+            self.admit_global(&mut decision);
+            return decision;
+        }
+        if self.in_flight.contains_key(&id) {
+            // The host promises a completion, not a cancel, for admitted
+            // requests; free the slot so that it cannot leak.
+            self.warnings.push(format!(
+                "concurrency: cancel of admitted request {id}; counted as completed"
+            ));
+            return self.on_completion(now, id);
+        }
+        self.warnings.push(format!(
+            "concurrency: cancel of unknown request {id} ignored"
+        ));
+        let mut decision = Decision::default();
+        self.admit_global(&mut decision);
+        decision
+    }
+
+    /// A tick: nothing is timed here, but the snapshot may show that
+    /// inherited requests have finished.
+    pub fn on_tick(&mut self, now: Snapshot) -> Decision {
+        self.observe(now);
+        let mut decision = Decision::default();
+        self.admit_global(&mut decision);
+        decision
+    }
+
+    /// Learns from a snapshot how many in-flight requests this instance did
+    /// not admit. Only ever lowers the count after the first look, so a host
+    /// that under-reports cannot hold slots forever.
+    fn observe(&mut self, now: Snapshot) {
+        let own = u32::try_from(self.in_flight.len()).unwrap_or(u32::MAX);
+        let foreign = now.in_flight.saturating_sub(own);
+        self.inherited = Some(self.inherited.map_or(foreign, |n| n.min(foreign)));
+    }
+
+    /// Under [`Key::Global`], admits what the (possibly lower) inherited count
+    /// now allows. Under [`Key::Tenant`] no slot is shared, so nothing changes.
+    fn admit_global(&mut self, decision: &mut Decision) {
+        if self.config.key == Key::Global {
+            self.admit("", decision);
+        }
+    }
+
+    /// Admits `key`'s oldest requests while it has free slots, then forgets
+    /// the key if it has nothing left.
+    fn admit(&mut self, key: &str, decision: &mut Decision) {
+        let Some(slot) = self.slots.get_mut(key) else {
+            return;
+        };
+        let held = match self.config.key {
+            Key::Global => self.inherited.unwrap_or(0),
+            Key::Tenant => 0,
+        };
+        while slot.in_flight.saturating_add(held) < self.config.limit {
+            let Some(id) = slot.queue.pop_front() else {
+                break;
+            };
+            slot.in_flight += 1;
+            self.queued.remove(&id);
+            self.in_flight.insert(id, key.to_owned());
+            decision.admit.push(id);
+        }
+        if slot.queue.is_empty() && slot.in_flight == 0 {
+            self.slots.remove(key);
+        }
+    }
+
+    fn remove_queued(&mut self, id: u64) -> bool {
+        let Some(key) = self.queued.remove(&id) else {
+            return false;
+        };
+        if let Some(slot) = self.slots.get_mut(&key) {
+            if let Some(pos) = slot.queue.iter().position(|&q| q == id) {
+                slot.queue.remove(pos);
+            }
+            if slot.queue.is_empty() && slot.in_flight == 0 {
+                self.slots.remove(&key);
+            }
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(limit: u32, key: Key) -> Config {
+        Config { limit, key }
+    }
+
+    /// A snapshot whose `in_flight` agrees with the limiter's own count.
+    fn snap(l: &Limiter) -> Snapshot {
+        Snapshot {
+            now_us: 0,
+            in_flight: l.in_flight() as u32,
+        }
+    }
+
+    fn arrive(l: &mut Limiter, id: u64, tenant: &str) -> Vec<u64> {
+        let now = snap(l);
+        let d = l.on_arrival(now, id, tenant);
+        assert_eq!(d.wake_after_us, None);
+        assert!(d.reject.is_empty());
+        d.admit
+    }
+
+    fn complete(l: &mut Limiter, id: u64) -> Vec<u64> {
+        let now = snap(l);
+        l.on_completion(now, id).admit
+    }
+
+    fn cancel(l: &mut Limiter, id: u64) -> Vec<u64> {
+        let now = snap(l);
+        l.on_cancel(now, id).admit
+    }
+
+    fn with_in_flight(in_flight: u32) -> Snapshot {
+        Snapshot {
+            now_us: 0,
+            in_flight,
+        }
+    }
+
+    #[test]
+    fn admits_up_to_the_limit_then_queues_in_order() {
+        let mut l = Limiter::new(config(2, Key::Global));
+        assert_eq!(arrive(&mut l, 1, "a"), [1]);
+        assert_eq!(arrive(&mut l, 2, "b"), [2]);
+        assert_eq!(arrive(&mut l, 3, "a"), [] as [u64; 0]);
+        assert_eq!(arrive(&mut l, 4, "c"), [] as [u64; 0]);
+        assert_eq!((l.in_flight(), l.queued()), (2, 2));
+        // Any completion frees the one shared slot for the oldest waiter.
+        assert_eq!(complete(&mut l, 2), [3]);
+        assert_eq!(complete(&mut l, 1), [4]);
+        assert_eq!(complete(&mut l, 3), [] as [u64; 0]);
+        assert_eq!(complete(&mut l, 4), [] as [u64; 0]);
+        assert_eq!((l.in_flight(), l.queued()), (0, 0));
+        assert!(l.slots.is_empty());
+        assert!(l.take_warnings().is_empty());
+    }
+
+    #[test]
+    fn the_default_limit_is_ten() {
+        let mut l = Limiter::new(Config::default());
+        for id in 1..=10 {
+            assert_eq!(arrive(&mut l, id, ""), [id]);
+        }
+        assert!(arrive(&mut l, 11, "").is_empty());
+    }
+
+    #[test]
+    fn a_cancelled_request_is_never_admitted() {
+        let mut l = Limiter::new(config(1, Key::Global));
+        arrive(&mut l, 1, "");
+        arrive(&mut l, 2, "");
+        arrive(&mut l, 3, "");
+        assert!(cancel(&mut l, 2).is_empty());
+        assert_eq!(l.queued(), 1);
+        assert_eq!(complete(&mut l, 1), [3]);
+        assert!(complete(&mut l, 3).is_empty());
+        assert!(l.take_warnings().is_empty());
+    }
+
+    #[test]
+    fn a_cancel_does_not_free_a_slot() {
+        let mut l = Limiter::new(config(1, Key::Global));
+        arrive(&mut l, 1, "");
+        arrive(&mut l, 2, "");
+        arrive(&mut l, 3, "");
+        assert!(cancel(&mut l, 3).is_empty());
+        assert!(cancel(&mut l, 2).is_empty());
+        assert_eq!((l.in_flight(), l.queued()), (1, 0));
+    }
+
+    #[test]
+    fn per_tenant_limits_are_independent() {
+        let mut l = Limiter::new(config(1, Key::Tenant));
+        assert_eq!(arrive(&mut l, 1, "a"), [1]);
+        assert!(arrive(&mut l, 2, "a").is_empty());
+        // Tenant a is at its limit; b is not held up behind it.
+        assert_eq!(arrive(&mut l, 3, "b"), [3]);
+        assert!(arrive(&mut l, 4, "a").is_empty());
+        assert!(arrive(&mut l, 5, "b").is_empty());
+        assert_eq!(arrive(&mut l, 6, "c"), [6]);
+        // A completion frees its own tenant's slot, FIFO within the tenant.
+        assert_eq!(complete(&mut l, 3), [5]);
+        assert_eq!(complete(&mut l, 1), [2]);
+        assert_eq!(complete(&mut l, 2), [4]);
+        assert!(complete(&mut l, 6).is_empty());
+        assert_eq!(l.slots.len(), 2);
+        complete(&mut l, 4);
+        complete(&mut l, 5);
+        assert!(l.slots.is_empty());
+    }
+
+    #[test]
+    fn the_empty_tenant_is_a_tenant_like_any_other() {
+        let mut l = Limiter::new(config(1, Key::Tenant));
+        assert_eq!(arrive(&mut l, 1, ""), [1]);
+        assert!(arrive(&mut l, 2, "").is_empty());
+        assert_eq!(arrive(&mut l, 3, "x"), [3]);
+    }
+
+    #[test]
+    fn the_global_key_ignores_tenants() {
+        let mut l = Limiter::new(config(1, Key::Global));
+        assert_eq!(arrive(&mut l, 1, "a"), [1]);
+        assert!(arrive(&mut l, 2, "b").is_empty());
+    }
+
+    #[test]
+    fn cancelling_a_tenants_only_waiter_forgets_the_tenant() {
+        let mut l = Limiter::new(config(1, Key::Tenant));
+        arrive(&mut l, 1, "a");
+        arrive(&mut l, 2, "b");
+        arrive(&mut l, 3, "b");
+        assert!(cancel(&mut l, 3).is_empty());
+        complete(&mut l, 2);
+        assert_eq!(l.slots.len(), 1);
+        assert!(l.slots.contains_key("a"));
+    }
+
+    #[test]
+    fn unknown_ids_and_duplicates_are_ignored_with_a_warning() {
+        let mut l = Limiter::new(config(1, Key::Global));
+        assert_eq!(arrive(&mut l, 1, ""), [1]);
+        assert!(arrive(&mut l, 1, "").is_empty());
+        arrive(&mut l, 2, "");
+        assert!(arrive(&mut l, 2, "").is_empty());
+        assert!(cancel(&mut l, 99).is_empty());
+        assert!(complete(&mut l, 98).is_empty());
+        assert_eq!(l.take_warnings().len(), 4);
+        assert_eq!((l.in_flight(), l.queued()), (1, 1));
+        assert_eq!(complete(&mut l, 1), [2]);
+    }
+
+    #[test]
+    fn a_completion_of_a_queued_request_drops_it() {
+        let mut l = Limiter::new(config(1, Key::Global));
+        arrive(&mut l, 1, "");
+        arrive(&mut l, 2, "");
+        assert!(complete(&mut l, 2).is_empty());
+        assert_eq!(l.queued(), 0);
+        assert_eq!(l.take_warnings().len(), 1);
+    }
+
+    #[test]
+    fn a_cancel_of_an_admitted_request_frees_its_slot() {
+        let mut l = Limiter::new(config(1, Key::Tenant));
+        arrive(&mut l, 1, "a");
+        arrive(&mut l, 2, "a");
+        assert_eq!(cancel(&mut l, 1), [2]);
+        assert_eq!(l.take_warnings().len(), 1);
+    }
+
+    #[test]
+    fn after_a_reload_inherited_requests_hold_global_slots() {
+        let mut l = Limiter::new(config(2, Key::Global));
+        // The host replays its queue while 3 requests of the old instance run.
+        assert!(l.on_arrival(with_in_flight(3), 10, "").admit.is_empty());
+        assert!(l.on_arrival(with_in_flight(3), 11, "").admit.is_empty());
+        assert!(l.on_completion(with_in_flight(3), 1).admit.is_empty());
+        assert_eq!(l.on_completion(with_in_flight(2), 2).admit, [10]);
+        assert_eq!(l.on_completion(with_in_flight(2), 3).admit, [11]);
+        assert!(l.take_warnings().is_empty());
+    }
+
+    #[test]
+    fn the_inherited_count_follows_the_host_downwards_only() {
+        let mut l = Limiter::new(config(2, Key::Global));
+        assert!(l.on_arrival(with_in_flight(4), 10, "").admit.is_empty());
+        // The host's count is the truth: the old requests are gone.
+        assert_eq!(l.on_tick(with_in_flight(0)).admit, [10]);
+        // A higher report later does not bring them back.
+        assert_eq!(l.on_arrival(with_in_flight(5), 11, "").admit, [11]);
+    }
+
+    #[test]
+    fn per_tenant_limits_ignore_inherited_requests() {
+        let mut l = Limiter::new(config(1, Key::Tenant));
+        assert_eq!(l.on_arrival(with_in_flight(9), 10, "a").admit, [10]);
+        // Their completions are still expected, not warnings.
+        assert!(l.on_completion(with_in_flight(9), 1).admit.is_empty());
+        assert!(l.take_warnings().is_empty());
+    }
+
+    /// A deterministic xorshift generator, enough to shuffle events.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    /// Random arrivals, cancels and completions against the host's rules:
+    /// every admission names a queued id once; no key exceeds its limit;
+    /// each key is FIFO; and the limiter is work-conserving (after every
+    /// event, a key with waiters is at its limit).
+    #[test]
+    fn random_events_keep_the_contract() {
+        const TENANTS: [&str; 4] = ["", "a", "b", "c"];
+        for seed in 1..=40u64 {
+            for key in [Key::Global, Key::Tenant] {
+                let limit = 1 + (seed % 5) as u32;
+                let mut l = Limiter::new(config(limit, key));
+                let mut rng = Rng(seed * 104_729);
+                let mut next_id = 1u64;
+                // (id, key) in arrival order.
+                let mut queued: Vec<(u64, &str)> = Vec::new();
+                let mut running: Vec<(u64, &str)> = Vec::new();
+                let key_of = |tenant: &'static str| match key {
+                    Key::Global => "",
+                    Key::Tenant => tenant,
+                };
+                for step in 0..600 {
+                    let now = Snapshot {
+                        now_us: step,
+                        in_flight: running.len() as u32,
+                    };
+                    let d = match rng.below(10) {
+                        0..=4 if step < 450 => {
+                            let tenant = TENANTS[rng.below(4) as usize];
+                            queued.push((next_id, key_of(tenant)));
+                            next_id += 1;
+                            l.on_arrival(now, next_id - 1, tenant)
+                        }
+                        5 if !queued.is_empty() => {
+                            let (id, _) = queued.remove(rng.below(queued.len() as u64) as usize);
+                            l.on_cancel(now, id)
+                        }
+                        _ if !running.is_empty() => {
+                            let (id, _) = running.remove(rng.below(running.len() as u64) as usize);
+                            l.on_completion(now, id)
+                        }
+                        _ => l.on_tick(now),
+                    };
+                    assert_eq!(d.wake_after_us, None);
+                    for id in d.admit {
+                        let pos = queued
+                            .iter()
+                            .position(|&(q, _)| q == id)
+                            .unwrap_or_else(|| panic!("seed {seed}: {id} is not queued"));
+                        let (_, k) = queued.remove(pos);
+                        assert!(
+                            queued[..pos].iter().all(|&(_, other)| other != k),
+                            "seed {seed}: {id} overtook an older request of its key"
+                        );
+                        running.push((id, k));
+                    }
+                    for k in TENANTS.map(key_of) {
+                        let running = running.iter().filter(|&&(_, r)| r == k).count();
+                        let waiting = queued.iter().any(|&(_, q)| q == k);
+                        assert!(running <= limit as usize, "seed {seed}: over the limit");
+                        assert!(
+                            !waiting || running == limit as usize,
+                            "seed {seed}: {k:?} waits with a free slot"
+                        );
+                    }
+                }
+                while let Some((id, _)) = running.pop() {
+                    let now = Snapshot {
+                        now_us: 0,
+                        in_flight: running.len() as u32 + 1,
+                    };
+                    for id in l.on_completion(now, id).admit {
+                        let pos = queued.iter().position(|&(q, _)| q == id).unwrap();
+                        running.push(queued.remove(pos));
+                    }
+                }
+                assert!(queued.is_empty(), "seed {seed}: stuck");
+                assert!(l.slots.is_empty() && l.queued.is_empty() && l.in_flight.is_empty());
+                assert!(l.take_warnings().is_empty(), "seed {seed}");
+            }
+        }
+    }
+}
