@@ -9,6 +9,21 @@ vllm_port := env_var_or_default("SLUICE_VLLM_PORT", "8000")
 default:
     @just --list
 
+# The main job. Until `bench compare` (policies side by side) exists, this runs the benchmarks that do.
+bench: plugins build
+    @echo "just bench: the policy comparison (bench compare) is not built yet; running the overhead and policy-cost benchmarks."
+    target/release/bench overhead --policy plugins/dist/concurrency.wasm --policy-config limit=100000
+    target/release/bench policy-cost --policy plugins/dist/concurrency.wasm
+
+# Added latency and max throughput: direct vs Sluice (with and without a policy) vs nginx when installed.
+bench-overhead: plugins build
+    target/release/bench overhead --policy plugins/dist/concurrency.wasm --policy-config limit=100000
+
+# Cost of one policy event including the wasm call (both bundled plugins).
+bench-policy: plugins build
+    target/release/bench policy-cost --policy plugins/dist/concurrency.wasm
+    target/release/bench policy-cost --policy plugins/dist/batched.wasm --policy-config max_batch=1
+
 # Build the proxy and bench binaries (release).
 build:
     cargo build --release --bins
@@ -25,7 +40,7 @@ test: plugins
 e2e: plugins vllm
     SLUICE_VLLM_URL=http://127.0.0.1:{{vllm_port}} cargo test --workspace -- --ignored --test-threads 1
 
-# Install (first time, ~3.5 min) and start a real CPU vLLM with a tiny local model; waits for /health.
+# Install (first time, ~5 min) and start a real CPU vLLM with a tiny local model; waits for /health.
 vllm:
     scripts/vllm.sh start
 

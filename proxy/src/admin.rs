@@ -27,7 +27,7 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Proxy
             "text/plain; version=0.0.4; charset=utf-8",
         )),
         (&Method::GET, "/healthz") => Ok(json(StatusCode::OK, serde_json::json!({"status": "ok"}))),
-        (&Method::GET, "/stats") => stats(&app).await,
+        (&Method::GET, "/stats") => stats(&app, request.uri().query()).await,
         (&Method::GET, "/admin/policy") => policy_status(&app).await,
         (&Method::PUT, "/admin/policy") => reload_from_body(&app, request).await,
         (_, "/metrics" | "/healthz" | "/stats" | "/admin/policy") => {
@@ -38,15 +38,22 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Proxy
     result.unwrap_or_else(ProxyError::into_response)
 }
 
-async fn stats(app: &App) -> Result<Response<ProxyBody>, ProxyError> {
+async fn stats(app: &App, query: Option<&str>) -> Result<Response<ProxyBody>, ProxyError> {
     let scheduler = match &app.admission {
         Some(admission) => Some(admission.status().await?),
         None => None,
     };
-    Ok(json(
-        StatusCode::OK,
-        serde_json::json!({ "policy": scheduler, "uptime_s": app.started.elapsed().as_secs_f64() }),
-    ))
+    let reset = query_flag(query, "reset");
+    let mut body = crate::stats::snapshot(reset);
+    body["policy"] = serde_json::to_value(scheduler).unwrap_or_default();
+    body["uptime_s"] = app.started.elapsed().as_secs_f64().into();
+    body["upstream"] = serde_json::to_value(app.upstream_metrics.view()).unwrap_or_default();
+    body["gpus"] = match &app.gpus {
+        Some(gpus) => serde_json::to_value(gpus.lock().map(|g| g.clone()).unwrap_or_default())
+            .unwrap_or_default(),
+        None => serde_json::Value::String("n/a (no NVIDIA driver)".into()),
+    };
+    Ok(json(StatusCode::OK, body))
 }
 
 async fn policy_status(app: &App) -> Result<Response<ProxyBody>, ProxyError> {
@@ -91,6 +98,14 @@ async fn reload_from_body(
         )),
         Err(err) => Err(err),
     }
+}
+
+/// Whether `name=1` (or `name=true`) is in the query string.
+fn query_flag(query: Option<&str>, name: &str) -> bool {
+    query.is_some_and(|q| {
+        q.split('&')
+            .any(|kv| matches!(kv.split_once('='), Some((k, "1" | "true")) if k == name))
+    })
 }
 
 fn json(status: StatusCode, value: serde_json::Value) -> Response<ProxyBody> {

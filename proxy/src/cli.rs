@@ -93,6 +93,10 @@ pub struct Cli {
     #[arg(long, env = "SLUICE_POLICY_MEMORY", value_name = "SIZE")]
     policy_memory: Option<String>,
 
+    /// How often the upstream's /metrics is scraped and mirrored [default: 5s]
+    #[arg(long, env = "SLUICE_SCRAPE_INTERVAL", value_name = "DURATION")]
+    scrape_interval: Option<String>,
+
     /// Concurrency cap of the built-in fallback used while a faulty policy awaits reload [default: 10]
     #[arg(long, env = "SLUICE_FALLBACK_LIMIT", value_name = "N")]
     fallback_limit: Option<u32>,
@@ -119,6 +123,7 @@ struct FileConfig {
     policy_deadline: Option<String>,
     policy_memory: Option<toml::Value>,
     fallback_limit: Option<u32>,
+    scrape_interval: Option<String>,
 }
 
 /// A per-tenant rate limit.
@@ -167,6 +172,8 @@ pub struct Config {
     pub policy_memory: usize,
     /// In-flight cap of the fallback policy.
     pub fallback_limit: u32,
+    /// Upstream `/metrics` scrape interval.
+    pub scrape_interval: Duration,
 }
 
 /// Why a configuration was refused.
@@ -219,6 +226,7 @@ impl Cli {
         let drain_timeout = pick(self.drain_timeout, file.drain_timeout, "30s");
         let queue_timeout = pick(self.queue_timeout, file.queue_timeout, "60s");
         let policy_deadline = pick(self.policy_deadline, file.policy_deadline, "50ms");
+        let scrape_interval = pick(self.scrape_interval, file.scrape_interval, "5s");
         let policy_memory = pick(
             self.policy_memory,
             file.policy_memory.map(toml_scalar),
@@ -287,6 +295,7 @@ impl Cli {
             policy_memory: usize::try_from(parse_size("--policy-memory", &policy_memory)?)
                 .map_err(|_| invalid("--policy-memory", &policy_memory, "too large"))?,
             fallback_limit,
+            scrape_interval: parse_positive_duration("--scrape-interval", &scrape_interval)?,
         })
     }
 }

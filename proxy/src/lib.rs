@@ -17,6 +17,9 @@
 //! - [`admission`]: the queue, the scheduler task, the wasm host, the fallback, rate limits.
 //! - [`admin`]: the admin listener (`/metrics`, `/stats`, `/admin/policy`).
 //! - [`telemetry`]: every metric, described once.
+//! - [`gpu`]: the NVML sampler (GPU memory and utilisation), off without a driver.
+//! - [`scrape`]: the upstream's own `/metrics`, mirrored as `sluice_upstream_...`.
+//! - [`stats`]: exact percentiles (HDR) per route and policy for `/stats`.
 //! - [`tokens`]: prompt-length estimates.
 //! - [`error`]: the one mapping from failure to status code and OpenAI error body.
 #![deny(missing_docs)]
@@ -28,9 +31,12 @@ pub mod classify;
 pub mod cli;
 pub mod error;
 pub mod exchange;
+pub mod gpu;
 pub mod headers;
 pub mod proxy;
+pub mod scrape;
 pub mod server;
+pub mod stats;
 pub mod telemetry;
 pub mod tokens;
 pub mod upstream;
@@ -61,6 +67,10 @@ pub struct App {
     pub metrics: PrometheusHandle,
     /// Process start.
     pub started: Instant,
+    /// Latest GPU readings, when NVML is present.
+    pub gpus: Option<gpu::GpuSnapshot>,
+    /// The upstream's own metrics, scraped.
+    pub upstream_metrics: Arc<scrape::UpstreamMetrics>,
 }
 
 /// Why the proxy cannot start with this configuration.
@@ -95,6 +105,7 @@ impl App {
                     .load_file(path, &config.policy_config)
                     .map_err(policy_error)?;
                 tracing::info!(policy = %path.display(), description = policy.description(), "admission policy loaded");
+                stats::set_policy_label(policy.name());
                 let limiter = config
                     .rate_limit
                     .map(|limit| Arc::new(TenantLimiter::new(limit)));
@@ -113,6 +124,7 @@ impl App {
                 "--rate-limit applies to admitted routes and needs --policy; it is ignored in pass-through mode"
             );
         }
+        let (config_upstream, scrape_interval) = (config.upstream.clone(), config.scrape_interval);
         let proxy = Arc::new(proxy::Proxy::new(
             upstream,
             admission.clone(),
@@ -125,6 +137,8 @@ impl App {
             runtime,
             metrics,
             started: Instant::now(),
+            gpus: gpu::start(),
+            upstream_metrics: scrape::start(config_upstream, scrape_interval),
         }))
     }
 
@@ -150,7 +164,9 @@ impl App {
         match loaded {
             Ok(policy) => {
                 let description = policy.description().to_owned();
+                let label = policy.name().to_owned();
                 admission.reload(policy).await?;
+                stats::set_policy_label(&label);
                 admin::count_reload("ok");
                 tracing::info!(description, "policy reload complete");
                 Ok(description)

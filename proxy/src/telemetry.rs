@@ -35,6 +35,13 @@ pub const POLICY_RELOADS: &str = "sluice_policy_reloads_total";
 /// Whether the built-in fallback policy is active (1) or the plugin (0).
 pub const POLICY_FALLBACK: &str = "sluice_policy_fallback_active";
 
+/// GPU memory in use, by GPU index.
+pub const GPU_MEMORY_USED: &str = "sluice_gpu_memory_used_bytes";
+/// GPU memory in total, by GPU index.
+pub const GPU_MEMORY_TOTAL: &str = "sluice_gpu_memory_total_bytes";
+/// GPU utilisation (0–1), by GPU index.
+pub const GPU_UTILIZATION: &str = "sluice_gpu_utilization_ratio";
+
 /// Buckets from 100 µs to 10 minutes: LLM latencies span all of it.
 const LATENCY_BUCKETS: [f64; 22] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -117,8 +124,9 @@ pub struct RequestRecord {
     pub ttfb: Option<Duration>,
 }
 
-/// Records one finished request.
+/// Records one finished request (Prometheus and `/stats`).
 pub fn record_request(r: &RequestRecord) {
+    crate::stats::record(r);
     let route = r.route.label();
     counter!(REQUESTS, "route" => route, "outcome" => r.outcome).increment(1);
     histogram!(REQUEST_DURATION, "route" => route).record(r.total.as_secs_f64());

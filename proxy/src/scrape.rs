@@ -1,0 +1,207 @@
+//! Truth from the engine: the upstream's own `/metrics`, scraped on an
+//! interval and re-exported under `sluice_upstream_...` so one Prometheus
+//! scrape of Sluice shows the engine's view next to the proxy's. An upstream
+//! without these metrics is fine: nothing is exported for what is absent.
+//!
+//! The scrape also learns the engine's KV block size from
+//! `vllm:cache_config_info{block_size="..."}` for prefix tracking.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+
+/// vLLM series re-exported, and their Sluice names.
+pub const MIRRORED: [(&str, &str, Kind); 5] = [
+    (
+        "vllm:prefix_cache_queries_total",
+        "sluice_upstream_prefix_cache_queries_total",
+        Kind::Counter,
+    ),
+    (
+        "vllm:prefix_cache_hits_total",
+        "sluice_upstream_prefix_cache_hits_total",
+        Kind::Counter,
+    ),
+    (
+        "vllm:num_requests_running",
+        "sluice_upstream_requests_running",
+        Kind::Gauge,
+    ),
+    (
+        "vllm:num_requests_waiting",
+        "sluice_upstream_requests_waiting",
+        Kind::Gauge,
+    ),
+    (
+        "vllm:kv_cache_usage_perc",
+        "sluice_upstream_kv_cache_usage_ratio",
+        Kind::Gauge,
+    ),
+];
+
+/// How a mirrored series is exported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Monotonic: exported as a counter set to the upstream's absolute value.
+    Counter,
+    /// Exported as a gauge.
+    Gauge,
+}
+
+/// The last scrape, for `/stats`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct UpstreamView {
+    /// Mirrored values by vLLM name (summed over label sets).
+    pub values: std::collections::BTreeMap<String, f64>,
+    /// The engine's KV block size in tokens, when it says.
+    pub block_size: Option<u32>,
+    /// Whether the last scrape succeeded.
+    pub ok: bool,
+}
+
+/// Shared scrape results.
+#[derive(Debug, Default)]
+pub struct UpstreamMetrics {
+    view: Mutex<UpstreamView>,
+    // 0 until the upstream reports it.
+    block_size: AtomicU32,
+}
+
+impl UpstreamMetrics {
+    /// The last scrape.
+    pub fn view(&self) -> UpstreamView {
+        self.view.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// The engine's block size, once known.
+    pub fn block_size(&self) -> Option<u32> {
+        match self.block_size.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(n),
+        }
+    }
+}
+
+/// Parses Prometheus text into (sum of each mirrored series, block size).
+pub fn parse(text: &str) -> (std::collections::BTreeMap<String, f64>, Option<u32>) {
+    let mut values = std::collections::BTreeMap::new();
+    let mut block_size = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let name = line.split(['{', ' ']).next().unwrap_or("");
+        if name == "vllm:cache_config_info" {
+            block_size = line
+                .split("block_size=\"")
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+                .and_then(|v| v.parse().ok());
+            continue;
+        }
+        if MIRRORED.iter().any(|(n, _, _)| *n == name) {
+            if let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+                *values.entry(name.to_owned()).or_insert(0.0) += v;
+            }
+        }
+    }
+    (values, block_size)
+}
+
+/// Starts scraping `upstream`/metrics every `interval`.
+pub fn start(upstream: http::Uri, interval: Duration) -> Arc<UpstreamMetrics> {
+    let shared = Arc::new(UpstreamMetrics::default());
+    let state = Arc::clone(&shared);
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let url = format!(
+        "http://{}/metrics",
+        upstream.authority().map(|a| a.as_str()).unwrap_or("")
+    );
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut warned = false;
+        loop {
+            ticker.tick().await;
+            let text = scrape_once(&client, &url, interval).await;
+            let Some(text) = text else {
+                if let Ok(mut v) = state.view.lock() {
+                    v.ok = false;
+                }
+                continue;
+            };
+            let (values, block_size) = parse(&text);
+            if values.is_empty() && !warned {
+                tracing::info!(url = %url, "the upstream's /metrics has no vLLM series; nothing to mirror");
+                warned = true;
+            }
+            for (vllm, ours, kind) in MIRRORED {
+                if let Some(v) = values.get(vllm) {
+                    match kind {
+                        Kind::Counter => metrics::counter!(ours).absolute(*v as u64),
+                        Kind::Gauge => metrics::gauge!(ours).set(*v),
+                    }
+                }
+            }
+            if let Some(bs) = block_size {
+                if state.block_size.swap(bs, Ordering::Relaxed) != bs {
+                    tracing::info!(block_size = bs, "learned the engine's KV block size");
+                }
+            }
+            if let Ok(mut v) = state.view.lock() {
+                *v = UpstreamView {
+                    values,
+                    block_size,
+                    ok: true,
+                };
+            }
+        }
+    });
+    shared
+}
+
+async fn scrape_once(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
+    url: &str,
+    limit: Duration,
+) -> Option<String> {
+    let request = Request::get(url).body(Empty::new()).ok()?;
+    let response = tokio::time::timeout(limit, client.request(request))
+        .await
+        .ok()?
+        .ok()?;
+    if !response.status().is_success() {
+        return None;
+    }
+    let body = tokio::time::timeout(limit, response.into_body().collect())
+        .await
+        .ok()?
+        .ok()?;
+    String::from_utf8(body.to_bytes().to_vec()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_vllm_series_and_block_size() {
+        let text = "# HELP vllm:num_requests_running x\n\
+            vllm:num_requests_running{engine=\"0\",model_name=\"m\"} 3.0\n\
+            vllm:prefix_cache_hits_total{engine=\"0\",model_name=\"m\"} 224.0\n\
+            vllm:prefix_cache_hits_total{engine=\"1\",model_name=\"m\"} 32.0\n\
+            vllm:cache_config_info{block_size=\"32\",enable_prefix_caching=\"True\"} 1.0\n\
+            vllm:other 9\n";
+        let (values, block_size) = parse(text);
+        assert_eq!(values["vllm:num_requests_running"], 3.0);
+        assert_eq!(values["vllm:prefix_cache_hits_total"], 256.0);
+        assert!(!values.contains_key("vllm:other"));
+        assert_eq!(block_size, Some(32));
+        let (values, block_size) = parse("some_other_server_metric 1\n");
+        assert!(values.is_empty() && block_size.is_none());
+    }
+}
