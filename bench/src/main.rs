@@ -33,6 +33,8 @@ enum Command {
     Overhead(overhead::Args),
     /// Cost of one admission-policy event including the wasm call.
     PolicyCost(policy_cost::Args),
+    /// Serve a simulated vLLM (same routes and metrics) from a profile.
+    Sim(sluice_bench::sim::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,5 +45,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Overhead(args) => runtime.block_on(overhead::run(args)),
         Command::PolicyCost(args) => policy_cost::run(args),
+        Command::Sim(args) => runtime.block_on(sluice_bench::sim::run(args)),
     }
 }

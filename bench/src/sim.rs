@@ -1,15 +1,61 @@
 //! `bench sim`: a simulated vLLM.
 //!
+//! Serves vLLM's OpenAI routes and metrics from an engine model instead of
+//! a model: continuous batching under `max_num_seqs` and a per-step token
+//! budget with chunked prefill, a KV block pool with a real chained-hash
+//! prefix cache and LRU eviction, preemption when blocks run out, and step
+//! times from a profile fitted to a real engine. Responses carry
+//! `"system_fingerprint": "vllm-sim"` and `vllm:cache_config_info` carries
+//! `simulated="True"`, so no report can mistake it for the real thing.
+//!
 //! # Layout
 //!
 //! - [`kv`]: the KV block pool and prefix cache (chained block hashes, LRU
 //!   eviction of free cached blocks).
 //! - [`engine`]: the scheduler (continuous batching, token budget, chunked
 //!   prefill, preemption), a pure state machine driven by explicit time.
+//! - [`driver`]: the step loop in tokio time; submit, stream, abort.
+//! - [`api`]: the HTTP routes, JSON and SSE shapes, errors; [`serve`].
 //! - [`profile`]: engine shapes and step-time models, as TOML.
+//! - [`tokenizer`]: the documented simple tokenizer.
 //! - [`metrics`]: vLLM's metric names and buckets.
 
+pub mod api;
+pub mod driver;
 pub mod engine;
 pub mod kv;
 pub mod metrics;
 pub mod profile;
+pub mod tokenizer;
+
+use std::net::SocketAddr;
+
+pub use api::serve;
+pub use profile::Profile;
+
+/// `bench sim`: serve a simulated vLLM.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8000", env = "SLUICE_SIM_LISTEN")]
+    pub listen: SocketAddr,
+    /// A built-in profile (vllm-cpu-tiny, rtx4080) or a profile TOML file.
+    #[arg(long, default_value = "vllm-cpu-tiny", env = "SLUICE_SIM_PROFILE")]
+    pub profile: String,
+}
+
+/// Runs `bench sim` until Ctrl-C.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let profile = Profile::load(&args.profile)?;
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let addr = listener.local_addr()?;
+    eprintln!(
+        "simulated vLLM (profile {}) listening on {addr}",
+        profile.name
+    );
+    serve(listener, profile, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await?;
+    Ok(())
+}
