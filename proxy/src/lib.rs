@@ -20,6 +20,7 @@
 //! - [`gpu`]: the NVML sampler (GPU memory and utilisation), off without a driver.
 //! - [`scrape`]: the upstream's own `/metrics`, mirrored as `sluice_upstream_...`.
 //! - [`stats`]: exact percentiles (HDR) per route and policy for `/stats`.
+//! - [`prefix`]: shared-prompt prefix tracking: chained block hashes in an LRU → predicted cached tokens.
 //! - [`tokens`]: prompt-length estimates.
 //! - [`error`]: the one mapping from failure to status code and OpenAI error body.
 #![deny(missing_docs)]
@@ -33,6 +34,7 @@ pub mod error;
 pub mod exchange;
 pub mod gpu;
 pub mod headers;
+pub mod prefix;
 pub mod proxy;
 pub mod scrape;
 pub mod server;

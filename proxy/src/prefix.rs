@@ -68,8 +68,10 @@
 //! The table is behind one [`RwLock`]. Prompts are hashed before it is
 //! taken; lookups share the read lock and never write (see
 //! [`PrefixTracker::lookup`] for why a lookup does not promote its hits);
-//! inserts take the write lock only for the table updates. Both hold it for
-//! about one probe per block. Counters are atomics.
+//! inserts take the write lock only for the table updates. A lookup holds it
+//! for one probe per block; an insert reuses the slots its lookup found
+//! (checked, since they may have been reused since) and probes only the
+//! others. Counters are atomics.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -116,6 +118,9 @@ pub struct Prediction {
     /// The block size the chain was cut with; [`PrefixTracker::insert`]
     /// ignores a prediction made before the block size changed.
     pub block_size: u32,
+    /// Where the lookup found each block in the table (`NIL` where it did
+    /// not): lets the insert skip the probe while the slot still holds it.
+    slots: Vec<u32>,
 }
 
 /// The LRU of block hashes and the counters; shared by every request.
@@ -217,8 +222,9 @@ impl PrefixTracker {
         if table.block_size != prediction.block_size {
             return;
         }
-        for &hash in prediction.blocks.iter().rev() {
-            table.lru.touch(hash);
+        for (i, &hash) in prediction.blocks.iter().enumerate().rev() {
+            let hint = prediction.slots.get(i).copied().unwrap_or(NIL);
+            table.lru.touch(hash, hint);
         }
     }
 
@@ -280,10 +286,11 @@ impl PrefixTracker {
         let block_size = prediction.block_size as usize;
         // The last prompt token is always recomputed, even on a full hit.
         let eligible = (tokens.saturating_sub(1) / block_size).min(prediction.blocks.len() - start);
-        let found = self
-            .read()
-            .lru
-            .leading_run(&prediction.blocks[start..start + eligible]);
+        let found = self.read().lru.leading_run(
+            &prediction.blocks[start..start + eligible],
+            &mut prediction.slots,
+        );
+        prediction.slots.resize(prediction.blocks.len(), NIL);
         prediction.cached_tokens = prediction
             .cached_tokens
             .saturating_add(saturating_u32(found * block_size));
@@ -298,6 +305,7 @@ impl PrefixTracker {
             BlockUnit::Bytes => {
                 let block_bytes = block_size as usize * CHARS_PER_TOKEN;
                 let mut prev = root(domain, block_size);
+                out.reserve(text.len() / block_bytes);
                 for block in text.as_bytes().chunks_exact(block_bytes) {
                     prev = link(prev, hash_bytes(block));
                     out.push(prev);
@@ -341,6 +349,7 @@ impl fmt::Debug for PrefixTracker {
 /// Appends the chain of token ids, returning its length in tokens.
 fn chain_tokens(domain: Domain, ids: &[u32], block_size: u32, out: &mut Vec<u64>) -> usize {
     let mut prev = root(domain, block_size);
+    out.reserve(ids.len() / block_size as usize);
     for block in ids.chunks_exact(block_size as usize) {
         prev = link(prev, hash_ids(block));
         out.push(prev);
@@ -482,18 +491,22 @@ impl Lru {
         }
     }
 
-    /// How many of `chain`'s leading blocks are held.
-    fn leading_run(&self, chain: &[u64]) -> usize {
-        chain
-            .iter()
-            .take_while(|hash| self.map.contains_key(hash))
-            .count()
+    /// How many of `chain`'s leading blocks are held; appends their slots.
+    fn leading_run(&self, chain: &[u64], slots: &mut Vec<u32>) -> usize {
+        let before = slots.len();
+        slots.extend(chain.iter().map_while(|hash| self.map.get(hash).copied()));
+        slots.len() - before
     }
 
     /// Makes `hash` the most recently used, adding it (and evicting the
-    /// least recently used at capacity) if absent.
-    fn touch(&mut self, hash: u64) {
-        if let Some(&slot) = self.map.get(&hash) {
+    /// least recently used at capacity) if absent. `hint` is the slot a
+    /// lookup found it in, if any; trusted only while that slot holds it.
+    fn touch(&mut self, hash: u64, hint: u32) {
+        let found = match self.nodes.get(hint as usize) {
+            Some(node) if node.hash == hash => Some(hint),
+            _ => self.map.get(&hash).copied(),
+        };
+        if let Some(slot) = found {
             if slot != self.head {
                 self.unlink(slot);
                 self.push_front(slot);
@@ -565,7 +578,7 @@ impl Lru {
         self.clear();
         self.capacity = capacity.min(NIL as usize);
         for hash in warmest_first.into_iter().rev() {
-            self.touch(hash);
+            self.touch(hash, NIL);
         }
     }
 }
@@ -696,7 +709,12 @@ mod tests {
         assert_eq!((prediction.blocks.len(), prediction.cached_tokens), (2, 16));
         // A fully cached prompt still recomputes its last token (as vLLM
         // does), so its last block does not count...
-        assert_eq!(tracker.lookup(&Prompt::Text(vec![long.clone()])).cached_tokens, 16);
+        assert_eq!(
+            tracker
+                .lookup(&Prompt::Text(vec![long.clone()]))
+                .cached_tokens,
+            16
+        );
         // ...until one more token follows it.
         long.push('c');
         assert_eq!(tracker.lookup(&Prompt::Text(vec![long])).cached_tokens, 32);
@@ -742,6 +760,18 @@ mod tests {
     }
 
     #[test]
+    fn stale_slots_are_not_trusted() {
+        let tracker = PrefixTracker::new(2, 16);
+        serve(&tracker, &text(b"ab"));
+        let stale = tracker.lookup(&text(b"ab")); // found in both slots
+        serve(&tracker, &text(b"cd")); // evicts a and ab, reusing their slots
+        tracker.insert(&stale);
+        assert_eq!(tracker.len(), 2);
+        assert_eq!(tracker.lookup(&text(b"ab")).cached_tokens, 32);
+        assert_eq!(tracker.lookup(&text(b"cd")).cached_tokens, 0);
+    }
+
+    #[test]
     fn chat_canonicalisation() {
         let tracker = PrefixTracker::new(100, 4);
         let rubric = "You grade candidates against this rubric. ".repeat(4);
@@ -751,7 +781,11 @@ mod tests {
         // The shared system prompt gives shared leading blocks and one group.
         let two = tracker.lookup(&chat(&rubric, "Candidate two: a fresh graduate."));
         assert_eq!(one.prefix_group, two.prefix_group);
-        let shared = one.blocks.iter().zip(&two.blocks).take_while(|(a, b)| a == b);
+        let shared = one
+            .blocks
+            .iter()
+            .zip(&two.blocks)
+            .take_while(|(a, b)| a == b);
         assert!(shared.count() >= (rubric.len() + 7) / 16);
         // A different system prompt changes the first block and all after it.
         let other = tracker.lookup(&chat("Be terse.", "Candidate one: ten years of Rust."));
@@ -805,11 +839,19 @@ mod tests {
         let prediction = serve(&tracker, &Prompt::Tokens(vec![ids.clone()]));
         assert_eq!(prediction.blocks.len(), 2);
         assert_eq!(prediction.prompt_tokens, 10);
-        assert_eq!(tracker.lookup(&Prompt::Tokens(vec![ids.clone()])).cached_tokens, 8);
+        assert_eq!(
+            tracker
+                .lookup(&Prompt::Tokens(vec![ids.clone()]))
+                .cached_tokens,
+            8
+        );
         // One changed id in block 1 keeps block 0.
         let mut changed = ids.clone();
         changed[5] = 99;
-        assert_eq!(tracker.lookup(&Prompt::Tokens(vec![changed])).cached_tokens, 4);
+        assert_eq!(
+            tracker.lookup(&Prompt::Tokens(vec![changed])).cached_tokens,
+            4
+        );
         // A batch sums its sequences; each chain starts from the root.
         let batch = tracker.lookup(&Prompt::Tokens(vec![ids.clone(), ids[..6].to_vec()]));
         assert_eq!(batch.blocks.len(), 3);
