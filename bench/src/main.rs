@@ -35,6 +35,10 @@ enum Command {
     PolicyCost(policy_cost::Args),
     /// Serve a simulated vLLM (same routes and metrics) from a profile.
     Sim(sluice_bench::sim::Args),
+    /// Measure a real engine and fit a simulator profile to it (TOML).
+    Calibrate(sluice_bench::sim::calibrate::CalibrateArgs),
+    /// Held-out workloads on the real engine and the simulator, side by side.
+    SimVsReal(sluice_bench::sim::calibrate::VersusArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,5 +50,7 @@ fn main() -> anyhow::Result<()> {
         Command::Overhead(args) => runtime.block_on(overhead::run(args)),
         Command::PolicyCost(args) => policy_cost::run(args),
         Command::Sim(args) => runtime.block_on(sluice_bench::sim::run(args)),
+        Command::Calibrate(args) => runtime.block_on(sluice_bench::sim::calibrate::calibrate(args)),
+        Command::SimVsReal(args) => runtime.block_on(sluice_bench::sim::calibrate::versus(args)),
     }
 }

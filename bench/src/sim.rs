@@ -19,8 +19,11 @@
 //! - [`profile`]: engine shapes and step-time models, as TOML.
 //! - [`tokenizer`]: the documented simple tokenizer.
 //! - [`metrics`]: vLLM's metric names and buckets.
+//! - [`calibrate`]: measuring a real engine, fitting a profile, and
+//!   comparing the simulator with the real engine on held-out workloads.
 
 pub mod api;
+pub mod calibrate;
 pub mod driver;
 pub mod engine;
 pub mod kv;

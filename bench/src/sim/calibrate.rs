@@ -1,0 +1,513 @@
+//! Fitting a profile to a real engine, and checking the fit.
+//!
+//! - `bench calibrate --upstream URL` measures the engine with closed-loop
+//!   clients at a few concurrency levels and prompt lengths, then fits the
+//!   profile's timing by simulating the same workloads in virtual time
+//!   ([`simulate`]) and searching the parameters that minimise the squared
+//!   log error of req/s and p50 latency. The result is written as TOML.
+//! - `bench sim-vs-real --upstream URL --profile P` runs held-out workloads
+//!   (not used by the fit) against the real engine and against the
+//!   simulator served in-process over HTTP, and prints both side by side.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use super::engine::{Engine, NewSeq};
+use super::profile::{Profile, StepClock};
+use super::tokenizer::Tokenizer;
+
+/// A closed-loop workload: `concurrency` clients, `requests` in all.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Workload {
+    /// Clients, each with one request in flight.
+    pub concurrency: usize,
+    /// Requests in all.
+    pub requests: usize,
+    /// Words of distinct text per prompt.
+    pub words: usize,
+    /// Whether prompts start with one shared ~400-word rubric.
+    pub shared_prefix: bool,
+    /// Output tokens per request (`ignore_eos`).
+    pub max_tokens: usize,
+}
+
+impl Workload {
+    fn label(&self) -> String {
+        format!(
+            "c={} {} prompt {}w max_tokens {}",
+            self.concurrency,
+            if self.shared_prefix {
+                "shared-prefix"
+            } else {
+                "distinct"
+            },
+            self.words,
+            self.max_tokens
+        )
+    }
+
+    /// The text of prompt `i`.
+    pub fn prompt(&self, i: usize) -> String {
+        const WORDS: &[&str] = &[
+            "candidate",
+            "experience",
+            "rust",
+            "systems",
+            "latency",
+            "team",
+            "design",
+            "review",
+            "shipped",
+            "scaled",
+            "mentored",
+            "cache",
+            "queue",
+            "kernel",
+            "network",
+            "storage",
+        ];
+        let mut s = String::new();
+        if self.shared_prefix {
+            s.push_str("Rubric: score each candidate from 1 to 5 on");
+            for k in 0..400 {
+                s.push(' ');
+                s.push_str(WORDS[k % WORDS.len()]);
+            }
+            s.push_str(".\n");
+        }
+        s.push_str(&format!("Candidate {i}:"));
+        let mut x = i as u64 + 1;
+        for _ in 0..self.words {
+            x = super::engine::splitmix64(x);
+            s.push(' ');
+            s.push_str(WORDS[(x % WORDS.len() as u64) as usize]);
+        }
+        s
+    }
+}
+
+/// What a workload measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Measurement {
+    /// Completed requests per second.
+    pub req_s: f64,
+    /// Median latency, ms.
+    pub p50_ms: f64,
+    /// 95th percentile latency, ms.
+    pub p95_ms: f64,
+}
+
+fn summarise(mut lat_ms: Vec<f64>, elapsed_s: f64) -> Measurement {
+    lat_ms.sort_by(f64::total_cmp);
+    let pick = |q: f64| lat_ms[((lat_ms.len() as f64 * q) as usize).min(lat_ms.len() - 1)];
+    Measurement {
+        req_s: lat_ms.len() as f64 / elapsed_s,
+        p50_ms: pick(0.5),
+        p95_ms: pick(0.95),
+    }
+}
+
+/// Runs `w` against the OpenAI server at `base` (`http://host:port`).
+pub async fn measure(base: &str, model: &str, w: &Workload) -> anyhow::Result<Measurement> {
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let url: hyper::Uri = format!("{base}/v1/completions").parse()?;
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..w.concurrency {
+        let (client, url, next, w, model) = (
+            client.clone(),
+            url.clone(),
+            next.clone(),
+            *w,
+            model.to_string(),
+        );
+        tasks.spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= w.requests {
+                    return Ok::<_, anyhow::Error>(lat);
+                }
+                let body = serde_json::json!({
+                    "model": model, "prompt": w.prompt(i), "max_tokens": w.max_tokens,
+                    "ignore_eos": true, "temperature": 0,
+                });
+                let req = hyper::Request::post(url.clone())
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(body.to_string())))?;
+                let t = Instant::now();
+                let resp = client.request(req).await?;
+                let status = resp.status();
+                let bytes = resp.into_body().collect().await?.to_bytes();
+                anyhow::ensure!(
+                    status.is_success(),
+                    "{status}: {}",
+                    String::from_utf8_lossy(&bytes)
+                );
+                lat.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        });
+    }
+    let mut all = Vec::with_capacity(w.requests);
+    while let Some(r) = tasks.join_next().await {
+        all.extend(r??);
+    }
+    Ok(summarise(all, start.elapsed().as_secs_f64()))
+}
+
+/// Runs `w` on `profile`'s engine in virtual time (no HTTP, no sleeping):
+/// the model the HTTP simulator follows, used to fit profiles.
+pub fn simulate(profile: &Profile, w: &Workload) -> Measurement {
+    let tok = Tokenizer::new(profile.engine.vocab_size);
+    let overhead = profile.request_overhead();
+    let mut engine = Engine::new(profile.engine_config());
+    let mut clock = StepClock::new(profile.timing.clone());
+    let mut t = Duration::ZERO;
+    // (arrival at the engine, request index, client start)
+    let mut arrivals: BinaryHeap<Reverse<(Duration, usize, Duration)>> = BinaryHeap::new();
+    let mut issued = 0;
+    for _ in 0..w.concurrency.min(w.requests) {
+        arrivals.push(Reverse((overhead, issued, Duration::ZERO)));
+        issued += 1;
+    }
+    let mut started = std::collections::HashMap::new();
+    let mut lat = Vec::with_capacity(w.requests);
+    while lat.len() < w.requests {
+        while let Some(Reverse((at, i, start))) = arrivals.peek().copied() {
+            if at > t {
+                break;
+            }
+            arrivals.pop();
+            let id = engine.add(
+                NewSeq {
+                    prompt: tok.encode(&w.prompt(i)),
+                    max_tokens: w.max_tokens,
+                    seed: i as u64,
+                },
+                t,
+            );
+            started.insert(id, start);
+        }
+        match engine.schedule(t) {
+            Some(b) => {
+                t += clock.step(&b);
+                for ev in engine.complete(&b, t) {
+                    if ev.finished.is_some() {
+                        let start = started.remove(&ev.id).unwrap_or_default();
+                        lat.push((t - start).as_secs_f64() * 1e3);
+                        if issued < w.requests {
+                            arrivals.push(Reverse((t + overhead, issued, t)));
+                            issued += 1;
+                        }
+                    }
+                }
+            }
+            None => match arrivals.peek() {
+                Some(Reverse((at, _, _))) => t = *at,
+                None => break,
+            },
+        }
+    }
+    summarise(lat, t.as_secs_f64().max(1e-9))
+}
+
+/// The workloads `bench calibrate` fits on: concurrency 1 (short prompts
+/// with 16 and 1 output tokens, long prompts with 16) and concurrency 50.
+pub fn fit_workloads(scale: f64) -> Vec<Workload> {
+    let n = |k: usize| ((k as f64 * scale) as usize).max(5);
+    vec![
+        Workload {
+            concurrency: 1,
+            requests: n(40),
+            words: 20,
+            shared_prefix: false,
+            max_tokens: 16,
+        },
+        Workload {
+            concurrency: 1,
+            requests: n(40),
+            words: 20,
+            shared_prefix: false,
+            max_tokens: 1,
+        },
+        Workload {
+            concurrency: 1,
+            requests: n(20),
+            words: 600,
+            shared_prefix: false,
+            max_tokens: 16,
+        },
+        Workload {
+            concurrency: 50,
+            requests: n(300),
+            words: 20,
+            shared_prefix: false,
+            max_tokens: 16,
+        },
+    ]
+}
+
+/// The held-out workloads `bench sim-vs-real` predicts: concurrency 10,
+/// and a shared-prefix workload.
+pub fn held_out_workloads(scale: f64) -> Vec<Workload> {
+    let n = |k: usize| ((k as f64 * scale) as usize).max(5);
+    vec![
+        Workload {
+            concurrency: 10,
+            requests: n(200),
+            words: 20,
+            shared_prefix: false,
+            max_tokens: 16,
+        },
+        Workload {
+            concurrency: 10,
+            requests: n(200),
+            words: 20,
+            shared_prefix: true,
+            max_tokens: 16,
+        },
+    ]
+}
+
+fn loss(p: &Profile, points: &[(Workload, Measurement)]) -> f64 {
+    points
+        .iter()
+        .map(|(w, real)| {
+            let sim = simulate(p, w);
+            (sim.req_s / real.req_s).ln().powi(2) + (sim.p50_ms / real.p50_ms).ln().powi(2)
+        })
+        .sum()
+}
+
+/// Fits `base`'s timing to `points` by a multiplicative coordinate search.
+pub fn fit(base: &Profile, points: &[(Workload, Measurement)]) -> (Profile, f64) {
+    let mut best = base.clone();
+    best.timing.jitter = 0.0;
+    let mut best_loss = loss(&best, points);
+    let mut factor = 2.0_f64;
+    // Bounded: a parameter the points barely determine would otherwise
+    // creep for ever on negligible gains.
+    for _ in 0..40 {
+        if factor <= 1.01 {
+            break;
+        }
+        let mut improved = false;
+        for k in 0..5 {
+            for f in [factor, 1.0 / factor] {
+                let mut p = best.clone();
+                let t = &mut p.timing;
+                let slot = match k {
+                    0 => &mut t.step_base_ms,
+                    1 => &mut t.decode_seq_ms,
+                    2 => &mut t.prefill_token_ms,
+                    3 => &mut t.context_token_ms,
+                    _ => &mut t.request_overhead_ms,
+                };
+                *slot = (*slot).max(1e-4) * f;
+                let l = loss(&p, points);
+                if l < best_loss * (1.0 - 1e-3) {
+                    (best, best_loss, improved) = (p, l, true);
+                }
+            }
+        }
+        if !improved {
+            factor = factor.sqrt();
+        }
+    }
+    (best, best_loss)
+}
+
+/// `bench calibrate`.
+#[derive(Debug, clap::Args)]
+pub struct CalibrateArgs {
+    /// The real engine, e.g. http://127.0.0.1:8000.
+    #[arg(long, env = "SLUICE_VLLM_URL")]
+    pub upstream: String,
+    /// Its served model name.
+    #[arg(long, default_value = "tiny-llama")]
+    pub model: String,
+    /// Starting point and engine shape (built-in name or TOML path).
+    #[arg(long, default_value = "vllm-cpu-tiny")]
+    pub profile: String,
+    /// Name of the fitted profile.
+    #[arg(long, default_value = "calibrated")]
+    pub name: String,
+    /// Where to write the fitted profile.
+    #[arg(long, default_value = "calibrated.toml")]
+    pub out: std::path::PathBuf,
+    /// Scales the request counts (1.0 ≈ 30 s against the CPU vLLM).
+    #[arg(long, default_value_t = 1.0)]
+    pub scale: f64,
+}
+
+/// Measures, fits and writes a profile.
+pub async fn calibrate(args: CalibrateArgs) -> anyhow::Result<()> {
+    let base = Profile::load(&args.profile)?;
+    let mut points = Vec::new();
+    // Warm up (first requests pay one-off costs).
+    let warm = Workload {
+        concurrency: 4,
+        requests: 8,
+        words: 20,
+        shared_prefix: false,
+        max_tokens: 4,
+    };
+    measure(&args.upstream, &args.model, &warm)
+        .await
+        .context("warm-up request failed")?;
+    for w in fit_workloads(args.scale) {
+        let m = measure(&args.upstream, &args.model, &w).await?;
+        eprintln!(
+            "real  {:<48} {:>8.1} req/s  p50 {:>7.1} ms  p95 {:>7.1} ms",
+            w.label(),
+            m.req_s,
+            m.p50_ms,
+            m.p95_ms
+        );
+        points.push((w, m));
+    }
+    let (mut fitted, l) = fit(&base, &points);
+    fitted.name = args.name.clone();
+    fitted.description = format!(
+        "fitted by `bench calibrate` against {} on {:?}: {}",
+        args.upstream,
+        points.iter().map(|(w, _)| w.label()).collect::<Vec<_>>(),
+        points
+            .iter()
+            .map(|(w, m)| {
+                let s = simulate(&fitted, w);
+                format!(
+                    "{}: real {:.1} req/s p50 {:.1} ms, sim {:.1} req/s p50 {:.1} ms",
+                    w.label(),
+                    m.req_s,
+                    m.p50_ms,
+                    s.req_s,
+                    s.p50_ms
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    eprintln!("fit loss {l:.4}; timing {:?}", fitted.timing);
+    std::fs::write(&args.out, fitted.to_toml())
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
+
+/// `bench sim-vs-real`.
+#[derive(Debug, clap::Args)]
+pub struct VersusArgs {
+    /// The real engine, e.g. http://127.0.0.1:8000.
+    #[arg(long, env = "SLUICE_VLLM_URL")]
+    pub upstream: String,
+    /// Its served model name.
+    #[arg(long, default_value = "tiny-llama")]
+    pub model: String,
+    /// The profile to check (built-in name or TOML path).
+    #[arg(long, default_value = "vllm-cpu-tiny")]
+    pub profile: String,
+    /// Scales the request counts.
+    #[arg(long, default_value_t = 1.0)]
+    pub scale: f64,
+}
+
+/// Runs the held-out workloads on both and prints the comparison.
+pub async fn versus(args: VersusArgs) -> anyhow::Result<()> {
+    let profile = Profile::load(&args.profile)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let sim_url = format!("http://{}", listener.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(super::serve(listener, profile.clone(), async {
+        let _ = stopped.await;
+    }));
+    let warm = Workload {
+        concurrency: 4,
+        requests: 8,
+        words: 20,
+        shared_prefix: false,
+        max_tokens: 4,
+    };
+    measure(&args.upstream, &args.model, &warm)
+        .await
+        .context("warm-up request failed")?;
+    println!(
+        "simulated vLLM (profile {}) vs real vLLM at {}",
+        profile.name, args.upstream
+    );
+    println!("| workload | real req/s | sim req/s | Δ | real p50 ms | sim p50 ms | Δ |");
+    println!("|---|---|---|---|---|---|---|");
+    for w in held_out_workloads(args.scale) {
+        let real = measure(&args.upstream, &args.model, &w).await?;
+        let sim = measure(&sim_url, &profile.model, &w).await?;
+        let d = |s: f64, r: f64| 100.0 * (s - r) / r;
+        println!(
+            "| {} | {:.1} | {:.1} | {:+.1}% | {:.1} | {:.1} | {:+.1}% |",
+            w.label(),
+            real.req_s,
+            sim.req_s,
+            d(sim.req_s, real.req_s),
+            real.p50_ms,
+            sim.p50_ms,
+            d(sim.p50_ms, real.p50_ms)
+        );
+    }
+    let _ = stop.send(());
+    server.await??;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn virtual_time_simulation_shows_batching_tradeoff() {
+        let p = Profile::load("vllm-cpu-tiny").unwrap();
+        let w = |c| Workload {
+            concurrency: c,
+            requests: 100,
+            words: 20,
+            shared_prefix: false,
+            max_tokens: 16,
+        };
+        let one = simulate(&p, &w(1));
+        let fifty = simulate(&p, &w(50));
+        assert!(fifty.req_s > 2.0 * one.req_s, "{one:?} {fifty:?}");
+        assert!(fifty.p50_ms > one.p50_ms, "{one:?} {fifty:?}");
+    }
+
+    #[test]
+    fn fitting_recovers_a_known_profile() {
+        let mut truth = Profile::load("vllm-cpu-tiny").unwrap();
+        truth.timing.step_base_ms = 3.0;
+        truth.timing.decode_seq_ms = 0.5;
+        // Short prompts only, to keep the test fast.
+        let points: Vec<_> = fit_workloads(0.3)
+            .into_iter()
+            .filter(|w| w.words < 100)
+            .map(|w| (w, simulate(&truth, &w)))
+            .collect();
+        let (fitted, l) = fit(&Profile::load("vllm-cpu-tiny").unwrap(), &points);
+        assert!(l < 0.01, "loss {l}");
+        // Short distinct prompts leave prefill and context costs loosely
+        // determined, so only the held-out point of the same kind is checked.
+        for w in held_out_workloads(0.3)
+            .into_iter()
+            .filter(|w| !w.shared_prefix)
+        {
+            let (a, b) = (simulate(&truth, &w), simulate(&fitted, &w));
+            assert!((a.req_s / b.req_s - 1.0).abs() < 0.1, "{a:?} {b:?}");
+        }
+    }
+}
