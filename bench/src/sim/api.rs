@@ -221,11 +221,18 @@ impl App {
 
     fn parse(&self, kind: Kind, bytes: &[u8]) -> Result<Gen, ApiError> {
         let v: Value = serde_json::from_slice(bytes).map_err(|e| {
+            // vLLM names the byte offset of the error: `body.<offset>`.
+            let before: usize = bytes
+                .split(|&b| b == b'\n')
+                .take(e.line().saturating_sub(1))
+                .map(|l| l.len() + 1)
+                .sum();
+            let param = format!("body.{}", before + e.column());
             ApiError::validation(
                 format!(
-                    "1 validation error:\n  {{'type': 'json_invalid', 'loc': 'body', 'msg': 'JSON decode error', 'ctx': {{'error': \"{e}\"}}}}"
+                    "1 validation error:\n  {{'type': 'json_invalid', 'loc': '{param}', 'msg': 'JSON decode error', 'ctx': {{'error': \"{e}\"}}}}"
                 ),
-                "body",
+                &param,
             )
         })?;
         let Some(obj) = v.as_object() else {
