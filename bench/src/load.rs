@@ -149,11 +149,26 @@ pub(crate) async fn open_loop(
     }
     let interval = Duration::from_secs_f64(1.0 / rate);
     let total = (rate * duration.as_secs_f64()).round() as u64;
+    // Sends are paced by an OS thread: tokio's timer wheel has 1 ms
+    // granularity, which would add up to a millisecond of pacing error to
+    // every latency measured from the intended send time.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
     let start = Instant::now();
+    let std_start = std::time::Instant::now();
+    std::thread::spawn(move || {
+        for i in 0..total {
+            let offset = interval.mul_f64(i as f64);
+            let now = std_start.elapsed();
+            if offset > now {
+                std::thread::sleep(offset - now);
+            }
+            if tx.send(start + offset).is_err() {
+                return;
+            }
+        }
+    });
     let mut tasks = Vec::with_capacity(total as usize);
-    for i in 0..total {
-        let intended = start + interval.mul_f64(i as f64);
-        tokio::time::sleep_until(intended).await;
+    while let Some(intended) = rx.recv().await {
         let (pool, target) = (Arc::clone(&pool), target.clone());
         tasks.push(tokio::spawn(async move {
             let sender = pool.lock().await.pop();

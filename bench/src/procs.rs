@@ -64,7 +64,8 @@ pub(crate) fn start_proxy(upstream: SocketAddr, extra: &[String]) -> anyhow::Res
             "127.0.0.1:0",
         ])
         .args(extra)
-        .env("SLUICE_LOG", "warn,sluice=info")
+        .env("SLUICE_LOG", "warn,proxy=info")
+        .envs(std::env::var("SLUICE_PROXY_WORKERS").map(|w| ("TOKIO_WORKER_THREADS", w)))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -111,6 +112,7 @@ pub(crate) fn start_nginx(upstream: SocketAddr) -> anyhow::Result<Option<Proc>> 
          events {{ worker_connections 4096; }}\n\
          http {{\n  access_log off;\n  client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n\
          upstream up {{ server {upstream}; keepalive 256; }}\n\
+         keepalive_requests 100000000;\n\
          server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://up;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_buffering off;\n      tcp_nodelay on;\n    }}\n  }}\n}}\n",
         dir = dir.display()
     );

@@ -103,10 +103,10 @@ pub fn parse(text: &str) -> (std::collections::BTreeMap<String, f64>, Option<u32
                 .and_then(|v| v.parse().ok());
             continue;
         }
-        if MIRRORED.iter().any(|(n, _, _)| *n == name) {
-            if let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
-                *values.entry(name.to_owned()).or_insert(0.0) += v;
-            }
+        if MIRRORED.iter().any(|(n, _, _)| *n == name)
+            && let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok())
+        {
+            *values.entry(name.to_owned()).or_insert(0.0) += v;
         }
     }
     (values, block_size)
@@ -147,10 +147,10 @@ pub fn start(upstream: http::Uri, interval: Duration) -> Arc<UpstreamMetrics> {
                     }
                 }
             }
-            if let Some(bs) = block_size {
-                if state.block_size.swap(bs, Ordering::Relaxed) != bs {
-                    tracing::info!(block_size = bs, "learned the engine's KV block size");
-                }
+            if let Some(bs) = block_size
+                && state.block_size.swap(bs, Ordering::Relaxed) != bs
+            {
+                tracing::info!(block_size = bs, "learned the engine's KV block size");
             }
             if let Ok(mut v) = state.view.lock() {
                 *v = UpstreamView {

@@ -15,6 +15,35 @@
 //! The limiter never asks for a tick: only a completion frees a slot.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+
+/// FxHash-style hasher: ids and tenant keys come from the host, and the
+/// policy runs under a per-call deadline, so speed matters more than
+/// resistance to crafted keys (a flood of colliding tenants only slows the
+/// policy into its deadline, where the host's fallback takes over).
+#[derive(Debug, Default, Clone, Copy)]
+struct FastHasher(u64);
+
+impl Hasher for FastHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
 
 use crate::config::{Config, Key};
 
@@ -55,11 +84,11 @@ pub struct Limiter {
     /// Per key (the tenant, or `""` under [`Key::Global`]). A key with
     /// nothing queued and nothing in flight is removed, so the map stays as
     /// small as the set of active tenants.
-    slots: HashMap<String, Slot>,
+    slots: FastMap<Arc<str>, Slot>,
     /// The key of every queued request.
-    queued: HashMap<u64, String>,
+    queued: FastMap<u64, Arc<str>>,
     /// The key of every request this instance admitted that has not completed.
-    in_flight: HashMap<u64, String>,
+    in_flight: FastMap<u64, Arc<str>>,
     /// Requests the host had in flight that this instance did not admit
     /// (admitted before a hot reload). `None` until a snapshot has been seen.
     inherited: Option<u32>,
@@ -72,9 +101,9 @@ impl Limiter {
     pub fn new(config: Config) -> Self {
         Limiter {
             config,
-            slots: HashMap::new(),
-            queued: HashMap::new(),
-            in_flight: HashMap::new(),
+            slots: FastMap::default(),
+            queued: FastMap::default(),
+            in_flight: FastMap::default(),
             inherited: None,
             warnings: Vec::new(),
         }
@@ -116,13 +145,18 @@ impl Limiter {
             Key::Global => "",
             Key::Tenant => tenant,
         };
+        // Keys are shared (`Arc`), so only a new tenant allocates.
+        let key: Arc<str> = match self.slots.get_key_value(key) {
+            Some((shared, _)) => Arc::clone(shared),
+            None => Arc::from(key),
+        };
         self.slots
-            .entry(key.to_owned())
+            .entry(Arc::clone(&key))
             .or_default()
             .queue
             .push_back(id);
-        self.queued.insert(id, key.to_owned());
-        self.admit(key, &mut decision);
+        self.queued.insert(id, Arc::clone(&key));
+        self.admit(&key, &mut decision);
         decision
     }
 
@@ -222,8 +256,8 @@ impl Limiter {
                 break;
             };
             slot.in_flight += 1;
-            self.queued.remove(&id);
-            self.in_flight.insert(id, key.to_owned());
+            let shared = self.queued.remove(&id).unwrap_or_else(|| Arc::from(key));
+            self.in_flight.insert(id, shared);
             decision.admit.push(id);
         }
         if slot.queue.is_empty() && slot.in_flight == 0 {

@@ -81,12 +81,13 @@ pub enum Event {
 }
 
 impl Event {
-    fn label(&self) -> &'static str {
+    /// Index into [`WasmPolicy`]'s per-event counters.
+    fn index(&self) -> usize {
         match self {
-            Self::Arrival { .. } => "arrival",
-            Self::Completion { .. } => "completion",
-            Self::Cancel { .. } => "cancel",
-            Self::Tick => "tick",
+            Self::Arrival { .. } => 0,
+            Self::Completion { .. } => 1,
+            Self::Cancel { .. } => 2,
+            Self::Tick => 3,
         }
     }
 }
@@ -251,6 +252,19 @@ impl PolicyRuntime {
         let instance = bindings::Admission::instantiate(&mut store, &component, &self.linker)
             .map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
         let mut policy = WasmPolicy {
+            scratch: guest::Request {
+                id: 0,
+                tenant: String::new(),
+                model: String::new(),
+                prompt_tokens: 0,
+                max_tokens: 0,
+                cached_tokens: 0,
+                prefix_group: 0,
+                priority: 0,
+                arrived_us: 0,
+            },
+            calls: ["arrival", "completion", "cancel", "tick"]
+                .map(|event| metrics::counter!(telemetry::POLICY_CALLS, "event" => event)),
             name,
             description: String::new(),
             store,
@@ -275,6 +289,10 @@ impl PolicyRuntime {
 
 /// A loaded, initialised policy instance.
 pub struct WasmPolicy {
+    // Reused for every arrival so that its strings are not reallocated per call.
+    scratch: guest::Request,
+    // One counter handle per event kind, resolved once (no registry lookup per call).
+    calls: [metrics::Counter; 4],
     name: Arc<str>,
     description: String,
     store: Store<HostState>,
@@ -316,7 +334,7 @@ impl WasmPolicy {
 
     /// Delivers one event under the deadline.
     pub fn call(&mut self, now: Snapshot, event: &Event) -> Result<Decision, Fault> {
-        metrics::counter!(telemetry::POLICY_CALLS, "event" => event.label()).increment(1);
+        self.calls[event.index()].increment(1);
         store_deadline(self);
         let snapshot = guest::Snapshot {
             now_us: now.now_us,
@@ -331,18 +349,19 @@ impl WasmPolicy {
                 info,
                 arrived_us,
             } => {
-                let request = guest::Request {
-                    id: *id,
-                    tenant: info.tenant.clone(),
-                    model: info.model.clone(),
-                    prompt_tokens: info.prompt_tokens,
-                    max_tokens: info.max_tokens,
-                    cached_tokens: info.cached_tokens,
-                    prefix_group: info.prefix_group,
-                    priority: info.priority,
-                    arrived_us: *arrived_us,
-                };
-                api.call_on_arrival(store, snapshot, &request)
+                let request = &mut self.scratch;
+                request.id = *id;
+                request.tenant.clear();
+                request.tenant.push_str(&info.tenant);
+                request.model.clear();
+                request.model.push_str(&info.model);
+                request.prompt_tokens = info.prompt_tokens;
+                request.max_tokens = info.max_tokens;
+                request.cached_tokens = info.cached_tokens;
+                request.prefix_group = info.prefix_group;
+                request.priority = info.priority;
+                request.arrived_us = *arrived_us;
+                api.call_on_arrival(store, snapshot, request)
             }
             Event::Completion { id, report } => {
                 let done = guest::Completion {
