@@ -335,3 +335,39 @@ async fn hot_reload_under_real_load_loses_nothing() {
     assert_eq!(stats["policy"]["in_flight"], 0);
     assert_eq!(stats["policy"]["queued"], 0);
 }
+
+#[tokio::test]
+#[ignore = "needs a real vLLM: run `just e2e`"]
+async fn vllm_metrics_are_mirrored_and_its_block_size_learned() {
+    let upstream = vllm();
+    let proxy = ProxyProcess::start(&upstream, &["--scrape-interval", "200ms"]);
+    let body = completion(false);
+    assert_eq!(
+        post_json(&format!("{}/v1/completions", proxy.url()), &body)
+            .await
+            .status,
+        200
+    );
+    let mirrored = wait_until(Duration::from_secs(10), || async {
+        proxy
+            .metric("sluice_upstream_prefix_cache_queries_total")
+            .await
+            > 0.0
+    })
+    .await;
+    assert!(
+        mirrored,
+        "no sluice_upstream_* series: {}",
+        proxy.metrics().await
+    );
+    let stats = send(
+        Method::GET,
+        &format!("http://{}/stats", proxy.admin),
+        &[],
+        Bytes::new(),
+    )
+    .await
+    .json();
+    assert_eq!(stats["upstream"]["block_size"], 32, "{stats}");
+    assert_eq!(stats["gpus"], "n/a (no NVIDIA driver)");
+}

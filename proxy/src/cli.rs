@@ -93,7 +93,7 @@ pub struct Cli {
     #[arg(long, env = "SLUICE_POLICY_MEMORY", value_name = "SIZE")]
     policy_memory: Option<String>,
 
-    /// How often the upstream's /metrics is scraped and mirrored [default: 5s]
+    /// How often the upstream's /metrics is scraped and mirrored; 0 turns it off [default: 5s]
     #[arg(long, env = "SLUICE_SCRAPE_INTERVAL", value_name = "DURATION")]
     scrape_interval: Option<String>,
 
@@ -172,8 +172,8 @@ pub struct Config {
     pub policy_memory: usize,
     /// In-flight cap of the fallback policy.
     pub fallback_limit: u32,
-    /// Upstream `/metrics` scrape interval.
-    pub scrape_interval: Duration,
+    /// Upstream `/metrics` scrape interval; `None` when off.
+    pub scrape_interval: Option<Duration>,
 }
 
 /// Why a configuration was refused.
@@ -295,7 +295,8 @@ impl Cli {
             policy_memory: usize::try_from(parse_size("--policy-memory", &policy_memory)?)
                 .map_err(|_| invalid("--policy-memory", &policy_memory, "too large"))?,
             fallback_limit,
-            scrape_interval: parse_positive_duration("--scrape-interval", &scrape_interval)?,
+            scrape_interval: Some(parse_duration("--scrape-interval", &scrape_interval)?)
+                .filter(|d| !d.is_zero()),
         })
     }
 }

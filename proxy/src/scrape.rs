@@ -112,9 +112,12 @@ pub fn parse(text: &str) -> (std::collections::BTreeMap<String, f64>, Option<u32
     (values, block_size)
 }
 
-/// Starts scraping `upstream`/metrics every `interval`.
-pub fn start(upstream: http::Uri, interval: Duration) -> Arc<UpstreamMetrics> {
+/// Starts scraping `upstream`/metrics every `interval` (`None`: never).
+pub fn start(upstream: http::Uri, interval: Option<Duration>) -> Arc<UpstreamMetrics> {
     let shared = Arc::new(UpstreamMetrics::default());
+    let Some(interval) = interval else {
+        return shared;
+    };
     let state = Arc::clone(&shared);
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
     let url = format!(

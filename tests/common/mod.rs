@@ -39,6 +39,13 @@ impl ProxyProcess {
                 "127.0.0.1:0",
             ])
             .args(args)
+            // The upstream scrape would add its own requests to what the test
+            // upstreams count; tests that want it pass --scrape-interval.
+            .args(if args.contains(&"--scrape-interval") {
+                &[][..]
+            } else {
+                &["--scrape-interval", "0"][..]
+            })
             .env("SLUICE_LOG", "info")
             .current_dir(env!("CARGO_MANIFEST_DIR").to_owned() + "/..")
             .stdout(Stdio::piped())
