@@ -99,6 +99,17 @@ async fn completion_bytes_are_forwarded_unchanged() {
     assert_eq!(reply.status, 200);
     assert_eq!(reply.json()["echo"]["body"], raw);
     assert_eq!(reply.json()["usage"]["total_tokens"], 4);
+    // The engine's usage is read on the way through.
+    let counted = wait_until(Duration::from_secs(5), || async {
+        proxy.metric("sluice_output_tokens_total").await == 1.0
+    })
+    .await;
+    assert!(
+        counted,
+        "output tokens not counted: {}",
+        proxy.metrics().await
+    );
+    assert_eq!(proxy.metric("sluice_prompt_tokens_total").await, 3.0);
 }
 
 #[tokio::test]

@@ -371,3 +371,134 @@ async fn vllm_metrics_are_mirrored_and_its_block_size_learned() {
     assert_eq!(stats["upstream"]["block_size"], 32, "{stats}");
     assert_eq!(stats["gpus"], "n/a (no NVIDIA driver)");
 }
+
+/// The prefix tracker against vLLM's own truth. Token-id prompts make the
+/// tracker's blocks exactly vLLM's (text prompts need a tokenizer), the
+/// block size is learned from vLLM's /metrics, and every request runs alone
+/// so its blocks are known before the next one is predicted.
+#[tokio::test]
+#[ignore = "needs a real vLLM: run `just e2e`"]
+async fn prefix_predictions_match_vllm_cached_tokens() {
+    let upstream = vllm();
+    let proxy = ProxyProcess::start(&upstream, &["--scrape-interval", "200ms"]);
+    let learned = wait_until(Duration::from_secs(10), || async {
+        let stats = send(
+            Method::GET,
+            &format!("http://{}/stats", proxy.admin),
+            &[],
+            Bytes::new(),
+        )
+        .await
+        .json();
+        stats["upstream"]["block_size"] == 32
+    })
+    .await;
+    assert!(learned, "block size not learned from vLLM");
+    // Token ids vLLM has never seen in this process: seeded by the clock.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let mut state = seed | 1;
+    let mut ids = |n: usize| -> Vec<u32> {
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                10 + (state % 4000) as u32
+            })
+            .collect()
+    };
+    let rubric = ids(330); // ~10 blocks shared by most requests
+    let before = send(
+        Method::GET,
+        &format!("{upstream}/metrics"),
+        &[],
+        Bytes::new(),
+    )
+    .await
+    .text();
+    let (mut agree, mut total) = (0, 0);
+    let (mut predicted_sum, mut actual_sum, mut prompt_sum) = (0u64, 0u64, 0u64);
+    for i in 0..40 {
+        let prompt: Vec<u32> = if i % 4 == 3 {
+            ids(200) // unrelated prompts, no shared prefix
+        } else {
+            rubric.iter().copied().chain(ids(70)).collect()
+        };
+        let body = json!({"model": "tiny-llama", "prompt": prompt, "max_tokens": 1});
+        let reply = post_json(&format!("{}/v1/completions", proxy.url()), &body).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        let actual = reply.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+        let id = reply.headers["x-sluice-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let line = {
+            let needle = format!("id={id} ");
+            let mut found = None;
+            for _ in 0..250 {
+                found = proxy
+                    .logs()
+                    .into_iter()
+                    .find(|l| l.contains(&needle) && l.contains("predicted_cached"));
+                if found.is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            found.unwrap_or_else(|| panic!("no log line for request {id}"))
+        };
+        let field = |name: &str| -> u64 {
+            let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
+            line[start..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        assert_eq!(
+            field("actual_cached"),
+            actual,
+            "the log line carries vLLM's number: {line}"
+        );
+        let predicted = field("predicted_cached");
+        total += 1;
+        if predicted / 32 == actual / 32 {
+            agree += 1;
+        }
+        predicted_sum += predicted;
+        actual_sum += actual;
+        prompt_sum += prompt.len() as u64;
+    }
+    let after = send(
+        Method::GET,
+        &format!("{upstream}/metrics"),
+        &[],
+        Bytes::new(),
+    )
+    .await
+    .text();
+    let delta = |name: &str| metric_value(&after, name) - metric_value(&before, name);
+    let vllm_rate =
+        delta("vllm:prefix_cache_hits_total") / delta("vllm:prefix_cache_queries_total");
+    let ours = predicted_sum as f64 / prompt_sum as f64;
+    eprintln!(
+        "per-request agreement {agree}/{total}; hit rate: tracker {:.1}%, vLLM {:.1}% (sum cached: predicted {predicted_sum}, actual {actual_sum})",
+        ours * 100.0,
+        vllm_rate * 100.0
+    );
+    assert!(
+        agree * 10 >= total * 9,
+        "only {agree}/{total} predictions matched vLLM to the block"
+    );
+    assert!(
+        (ours - vllm_rate).abs() <= 0.05,
+        "tracker {ours:.3} vs vLLM {vllm_rate:.3}"
+    );
+    assert_eq!(proxy.metric("sluice_prefix_predictions_total").await, 40.0);
+}

@@ -97,6 +97,14 @@ pub struct Cli {
     #[arg(long, env = "SLUICE_SCRAPE_INTERVAL", value_name = "DURATION")]
     scrape_interval: Option<String>,
 
+    /// KV block size in tokens for prefix tracking, until the upstream reports its own [default: 16]
+    #[arg(long, env = "SLUICE_BLOCK_SIZE", value_name = "TOKENS")]
+    block_size: Option<u32>,
+
+    /// Blocks the prefix tracker remembers, until the upstream reports its cache size [default: 65536]
+    #[arg(long, env = "SLUICE_PREFIX_CACHE_BLOCKS", value_name = "N")]
+    prefix_cache_blocks: Option<usize>,
+
     /// Concurrency cap of the built-in fallback used while a faulty policy awaits reload [default: 10]
     #[arg(long, env = "SLUICE_FALLBACK_LIMIT", value_name = "N")]
     fallback_limit: Option<u32>,
@@ -124,6 +132,8 @@ struct FileConfig {
     policy_memory: Option<toml::Value>,
     fallback_limit: Option<u32>,
     scrape_interval: Option<String>,
+    block_size: Option<u32>,
+    prefix_cache_blocks: Option<usize>,
 }
 
 /// A per-tenant rate limit.
@@ -174,6 +184,10 @@ pub struct Config {
     pub fallback_limit: u32,
     /// Upstream `/metrics` scrape interval; `None` when off.
     pub scrape_interval: Option<Duration>,
+    /// Prefix-tracking block size (tokens).
+    pub block_size: u32,
+    /// Prefix-tracker capacity (blocks).
+    pub prefix_cache_blocks: usize,
 }
 
 /// Why a configuration was refused.
@@ -273,6 +287,17 @@ impl Cli {
         if max_queue == 0 {
             return Err(invalid("--max-queue", "0", "must be at least 1"));
         }
+        let block_size = self.block_size.or(file.block_size).unwrap_or(16);
+        let prefix_cache_blocks = self
+            .prefix_cache_blocks
+            .or(file.prefix_cache_blocks)
+            .unwrap_or(65536);
+        if block_size == 0 {
+            return Err(invalid("--block-size", "0", "must be at least 1"));
+        }
+        if prefix_cache_blocks == 0 {
+            return Err(invalid("--prefix-cache-blocks", "0", "must be at least 1"));
+        }
         if fallback_limit == 0 {
             return Err(invalid("--fallback-limit", "0", "must be at least 1"));
         }
@@ -297,6 +322,8 @@ impl Cli {
             fallback_limit,
             scrape_interval: Some(parse_duration("--scrape-interval", &scrape_interval)?)
                 .filter(|d| !d.is_zero()),
+            block_size,
+            prefix_cache_blocks,
         })
     }
 }

@@ -2,6 +2,7 @@
 //! upstream, got its first byte and ended — and the single place where that
 //! ending is logged, measured and reported to the admission policy.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -10,7 +11,57 @@ use tokio::time::Instant;
 
 use crate::admission::Permit;
 use crate::classify::Route;
+use crate::prefix::{Prediction, PrefixTracker};
 use crate::telemetry::{self, RequestRecord};
+use crate::usage::{Usage, UsageTap};
+
+/// What a completion/chat request carries besides timings: its prefix
+/// prediction (inserted into the tracker once the engine has the blocks)
+/// and a tap that reads the engine's `usage` from the response.
+#[derive(Debug)]
+pub struct Inference {
+    tracker: Arc<PrefixTracker>,
+    prediction: Prediction,
+    tap: UsageTap,
+}
+
+impl Inference {
+    /// For a response that is SSE (`sse`) or JSON.
+    pub fn new(tracker: Arc<PrefixTracker>, prediction: Prediction, sse: bool) -> Self {
+        Self {
+            tracker,
+            prediction,
+            tap: UsageTap::new(sse),
+        }
+    }
+
+    /// Reads usage, checks the prediction against the engine, and — for a
+    /// request the engine completed — records its blocks as cached.
+    fn finish(self, ok: bool) -> (Option<Usage>, u32) {
+        let usage = self.tap.usage();
+        let predicted = self.prediction.cached_tokens;
+        if ok {
+            self.tracker.insert(&self.prediction);
+        }
+        if let Some(usage) = usage {
+            metrics::counter!(telemetry::PROMPT_TOKENS).increment(u64::from(usage.prompt_tokens));
+            metrics::counter!(telemetry::OUTPUT_TOKENS)
+                .increment(u64::from(usage.completion_tokens));
+            if let Some(actual) = usage.cached_tokens {
+                let block = self.prediction.block_size.max(1);
+                metrics::histogram!(telemetry::PREFIX_ERROR)
+                    .record(f64::from(predicted.abs_diff(actual)));
+                let result = match (predicted / block).cmp(&(actual / block)) {
+                    std::cmp::Ordering::Equal => "exact",
+                    std::cmp::Ordering::Greater => "over",
+                    std::cmp::Ordering::Less => "under",
+                };
+                metrics::counter!(telemetry::PREFIX_CHECKS, "result" => result).increment(1);
+            }
+        }
+        (usage, predicted)
+    }
+}
 
 /// How a forwarded response ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +97,8 @@ pub struct Exchange {
     pub bytes: u64,
     /// Held while in flight; reports the completion to the policy.
     pub permit: Option<Permit>,
+    /// Completion/chat requests: prefix prediction and usage tap.
+    pub inference: Option<Inference>,
 }
 
 impl Exchange {
@@ -55,6 +108,9 @@ impl Exchange {
             self.first_byte = Some(Instant::now());
         }
         self.bytes += data.len() as u64;
+        if let Some(inference) = &mut self.inference {
+            inference.tap.push(data);
+        }
     }
 
     /// Logs, measures and reports the end of the request.
@@ -71,6 +127,14 @@ impl Exchange {
             Outcome::UpstreamFailed(_) => "upstream_stream_error",
         };
         let total = now - self.arrived;
+        let (usage, predicted_cached) = match self.inference {
+            Some(inference) => {
+                let (usage, predicted) = inference.finish(ok);
+                (usage, Some(predicted))
+            }
+            None => (None, None),
+        };
+        let actual_cached = usage.and_then(|u| u.cached_tokens);
         match &outcome {
             Outcome::UpstreamFailed(why) => tracing::warn!(
                 id = self.id, route = %self.route.label(), method = %self.method,
@@ -82,7 +146,10 @@ impl Exchange {
                 id = self.id, route = %self.route.label(), method = %self.method,
                 status = self.status.as_u16(), outcome = %outcome_label,
                 total_ms = ms(total), queue_ms = ms(queue), upstream_ms = ms(upstream),
-                ttfb_ms = ttfb.map(ms), bytes = self.bytes, "request"
+                ttfb_ms = ttfb.map(ms), bytes = self.bytes,
+                prompt_tokens = usage.map(|u| u.prompt_tokens),
+                output_tokens = usage.map(|u| u.completion_tokens),
+                predicted_cached, actual_cached, "request"
             ),
         }
         telemetry::record_request(&RequestRecord {
@@ -94,7 +161,7 @@ impl Exchange {
             ttfb,
         });
         if let Some(permit) = self.permit {
-            permit.complete(ok, ttfb.unwrap_or_default(), upstream);
+            permit.complete(ok, ttfb.unwrap_or_default(), upstream, usage);
         }
     }
 }

@@ -22,6 +22,7 @@
 //! - [`stats`]: exact percentiles (HDR) per route and policy for `/stats`.
 //! - [`prefix`]: shared-prompt prefix tracking: chained block hashes in an LRU → predicted cached tokens.
 //! - [`tokens`]: prompt-length estimates.
+//! - [`usage`]: the engine's token counts, read from the response as it passes.
 //! - [`error`]: the one mapping from failure to status code and OpenAI error body.
 #![deny(missing_docs)]
 
@@ -42,6 +43,7 @@ pub mod stats;
 pub mod telemetry;
 pub mod tokens;
 pub mod upstream;
+pub mod usage;
 
 use std::sync::Arc;
 
@@ -73,6 +75,8 @@ pub struct App {
     pub gpus: Option<gpu::GpuSnapshot>,
     /// The upstream's own metrics, scraped.
     pub upstream_metrics: Arc<scrape::UpstreamMetrics>,
+    /// The shared-prompt prefix tracker.
+    pub prefix: Arc<prefix::PrefixTracker>,
 }
 
 /// Why the proxy cannot start with this configuration.
@@ -127,9 +131,14 @@ impl App {
             );
         }
         let (config_upstream, scrape_interval) = (config.upstream.clone(), config.scrape_interval);
+        let prefix = Arc::new(prefix::PrefixTracker::new(
+            config.prefix_cache_blocks,
+            config.block_size,
+        ));
         let proxy = Arc::new(proxy::Proxy::new(
             upstream,
             admission.clone(),
+            Arc::clone(&prefix),
             config.max_body,
         ));
         Ok(Arc::new(Self {
@@ -140,7 +149,8 @@ impl App {
             metrics,
             started: Instant::now(),
             gpus: gpu::start(),
-            upstream_metrics: scrape::start(config_upstream, scrape_interval),
+            upstream_metrics: scrape::start(config_upstream, scrape_interval, Arc::clone(&prefix)),
+            prefix,
         }))
     }
 

@@ -16,8 +16,9 @@ use crate::admission::{Admission, Permit, RequestInfo};
 use crate::body::{ObservedBody, ProxyBody, full};
 use crate::classify::{InferenceRequest, Route};
 use crate::error::ProxyError;
-use crate::exchange::Exchange;
+use crate::exchange::{Exchange, Inference};
 use crate::headers;
+use crate::prefix::{Prediction, PrefixTracker};
 use crate::telemetry::{self, RequestRecord};
 use crate::upstream::Upstream;
 
@@ -34,16 +35,23 @@ pub const REQUEST_ID_HEADER: &str = "x-sluice-request-id";
 pub struct Proxy {
     upstream: Arc<Upstream>,
     admission: Option<Admission>,
+    prefix: Arc<PrefixTracker>,
     max_body: u64,
     next_id: AtomicU64,
 }
 
 impl Proxy {
     /// A proxy to `upstream`; `admission` is `None` for pass-through.
-    pub fn new(upstream: Arc<Upstream>, admission: Option<Admission>, max_body: u64) -> Self {
+    pub fn new(
+        upstream: Arc<Upstream>,
+        admission: Option<Admission>,
+        prefix: Arc<PrefixTracker>,
+        max_body: u64,
+    ) -> Self {
         Self {
             upstream,
             admission,
+            prefix,
             max_body,
             next_id: AtomicU64::new(1),
         }
@@ -111,13 +119,20 @@ impl Proxy {
         }
 
         let mut permit: Option<Permit> = None;
+        let mut prediction: Option<Prediction> = None;
         let body = if route.is_inference() {
             let bytes = self.read_body(body).await?;
             let parsed = InferenceRequest::parse(route, &bytes)?;
+            let predicted = self.prefix.lookup(&parsed.prompt);
+            metrics::counter!(telemetry::PREFIX_QUERY_TOKENS)
+                .increment(u64::from(predicted.prompt_tokens));
+            metrics::counter!(telemetry::PREFIX_HIT_TOKENS)
+                .increment(u64::from(predicted.cached_tokens));
             if let Some(admission) = &self.admission {
-                let info = request_info(&parts.headers, &parsed);
+                let info = request_info(&parts.headers, &parsed, &predicted);
                 permit = Some(admission.admit(id, info).await?);
             }
+            prediction = Some(predicted);
             full(bytes)
         } else {
             let limit = self.max_body;
@@ -164,6 +179,8 @@ impl Proxy {
             first_byte: None,
             bytes: 0,
             permit,
+            inference: prediction
+                .map(|prediction| Inference::new(Arc::clone(&self.prefix), prediction, sse)),
         };
         let body = ObservedBody::new(body, self.upstream.idle_timeout(), sse, exchange);
         Ok(Response::from_parts(parts, body.boxed_unsync()))
@@ -183,14 +200,18 @@ impl Proxy {
     }
 }
 
-fn request_info(headers: &http::HeaderMap, parsed: &InferenceRequest) -> RequestInfo {
+fn request_info(
+    headers: &http::HeaderMap,
+    parsed: &InferenceRequest,
+    prediction: &Prediction,
+) -> RequestInfo {
     RequestInfo {
         tenant: headers::tenant_key(headers, parsed.user.as_deref()),
         model: parsed.model.clone(),
-        prompt_tokens: crate::tokens::estimate(&parsed.prompt),
+        prompt_tokens: prediction.prompt_tokens,
         max_tokens: parsed.max_tokens.unwrap_or(0),
-        cached_tokens: 0,
-        prefix_group: 0,
+        cached_tokens: prediction.cached_tokens,
+        prefix_group: prediction.prefix_group,
         priority: headers::priority(headers),
     }
 }

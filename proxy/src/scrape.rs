@@ -113,7 +113,12 @@ pub fn parse(text: &str) -> (std::collections::BTreeMap<String, f64>, Option<u32
 }
 
 /// Starts scraping `upstream`/metrics every `interval` (`None`: never).
-pub fn start(upstream: http::Uri, interval: Option<Duration>) -> Arc<UpstreamMetrics> {
+/// The engine's block size and cache size (`num_gpu_blocks`) go to `prefix`.
+pub fn start(
+    upstream: http::Uri,
+    interval: Option<Duration>,
+    prefix: Arc<crate::prefix::PrefixTracker>,
+) -> Arc<UpstreamMetrics> {
     let shared = Arc::new(UpstreamMetrics::default());
     let Some(interval) = interval else {
         return shared;
@@ -138,6 +143,14 @@ pub fn start(upstream: http::Uri, interval: Option<Duration>) -> Arc<UpstreamMet
                 continue;
             };
             let (values, block_size) = parse(&text);
+            if let Some(blocks) = cache_blocks(&text)
+                && blocks != prefix.capacity()
+            {
+                prefix.set_capacity(blocks);
+            }
+            if let Some(bs) = block_size {
+                prefix.set_block_size(bs);
+            }
             if values.is_empty() && !warned {
                 tracing::info!(url = %url, "the upstream's /metrics has no vLLM series; nothing to mirror");
                 warned = true;
@@ -165,6 +178,18 @@ pub fn start(upstream: http::Uri, interval: Option<Duration>) -> Arc<UpstreamMet
         }
     });
     shared
+}
+
+/// `num_gpu_blocks` from `vllm:cache_config_info`: the engine's cache size in blocks.
+pub fn cache_blocks(text: &str) -> Option<usize> {
+    text.lines()
+        .find(|l| l.starts_with("vllm:cache_config_info"))?
+        .split("num_gpu_blocks=\"")
+        .nth(1)?
+        .split('"')
+        .next()?
+        .parse()
+        .ok()
 }
 
 async fn scrape_once(
@@ -204,6 +229,10 @@ mod tests {
         assert_eq!(values["vllm:prefix_cache_hits_total"], 256.0);
         assert!(!values.contains_key("vllm:other"));
         assert_eq!(block_size, Some(32));
+        assert_eq!(
+            cache_blocks("vllm:cache_config_info{block_size=\"32\",num_gpu_blocks=\"32768\"} 1.0"),
+            Some(32768)
+        );
         let (values, block_size) = parse("some_other_server_metric 1\n");
         assert!(values.is_empty() && block_size.is_none());
     }

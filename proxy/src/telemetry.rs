@@ -35,6 +35,18 @@ pub const POLICY_RELOADS: &str = "sluice_policy_reloads_total";
 /// Whether the built-in fallback policy is active (1) or the plugin (0).
 pub const POLICY_FALLBACK: &str = "sluice_policy_fallback_active";
 
+/// Prompt tokens the prefix tracker looked up.
+pub const PREFIX_QUERY_TOKENS: &str = "sluice_prefix_cache_query_tokens_total";
+/// Prompt tokens the prefix tracker predicted to be cached.
+pub const PREFIX_HIT_TOKENS: &str = "sluice_prefix_cache_hit_tokens_total";
+/// |predicted − actual| cached tokens, when the engine reports `cached_tokens`.
+pub const PREFIX_ERROR: &str = "sluice_prefix_prediction_error_tokens";
+/// Predictions checked against the engine, by result (exact to the block, over, under).
+pub const PREFIX_CHECKS: &str = "sluice_prefix_predictions_total";
+/// Prompt tokens, from the engine's `usage`.
+pub const PROMPT_TOKENS: &str = "sluice_prompt_tokens_total";
+/// Output tokens, from the engine's `usage`.
+pub const OUTPUT_TOKENS: &str = "sluice_output_tokens_total";
 /// GPU memory in use, by GPU index.
 pub const GPU_MEMORY_USED: &str = "sluice_gpu_memory_used_bytes";
 /// GPU memory in total, by GPU index.
@@ -48,6 +60,11 @@ const LATENCY_BUCKETS: [f64; 22] = [
     5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 ];
 
+/// Buckets for token counts (one block of 16 up to a long context).
+const TOKEN_BUCKETS: [f64; 10] = [
+    0.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0, 16384.0,
+];
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the Prometheus recorder (once per process) and describes every metric.
@@ -56,6 +73,8 @@ pub fn install() -> PrometheusHandle {
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
+                .expect("bucket list is non-empty")
+                .set_buckets_for_metric(Matcher::Full(PREFIX_ERROR.into()), &TOKEN_BUCKETS)
                 .expect("bucket list is non-empty")
                 .build_recorder();
             let handle = recorder.handle();
@@ -105,6 +124,30 @@ fn describe() {
         POLICY_FALLBACK,
         "1 while the built-in fallback policy replaces a faulty plugin."
     );
+    describe_gauge!(GPU_MEMORY_USED, Unit::Bytes, "GPU memory in use (NVML).");
+    describe_gauge!(GPU_MEMORY_TOTAL, Unit::Bytes, "GPU memory in total (NVML).");
+    describe_gauge!(
+        GPU_UTILIZATION,
+        "GPU utilisation over the last sample period, 0 to 1 (NVML)."
+    );
+    describe_counter!(
+        PREFIX_QUERY_TOKENS,
+        "Prompt tokens looked up in the prefix tracker."
+    );
+    describe_counter!(
+        PREFIX_HIT_TOKENS,
+        "Prompt tokens the prefix tracker predicted to be in the engine's prefix cache."
+    );
+    describe_histogram!(
+        PREFIX_ERROR,
+        "Absolute difference between predicted and engine-reported cached tokens."
+    );
+    describe_counter!(
+        PREFIX_CHECKS,
+        "Predictions checked against the engine's cached_tokens, by result."
+    );
+    describe_counter!(PROMPT_TOKENS, "Prompt tokens, from the engine's usage.");
+    describe_counter!(OUTPUT_TOKENS, "Output tokens, from the engine's usage.");
 }
 
 /// What is recorded for every finished request.

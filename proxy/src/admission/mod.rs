@@ -91,15 +91,21 @@ impl Permit {
         self.queue
     }
 
-    /// Reports the completion with its timings.
-    pub fn complete(mut self, ok: bool, ttft: Duration, e2e: Duration) {
+    /// Reports the completion with its timings and, when the engine said, its tokens.
+    pub fn complete(
+        mut self,
+        ok: bool,
+        ttft: Duration,
+        e2e: Duration,
+        usage: Option<crate::usage::Usage>,
+    ) {
         self.report(CompletionReport {
             ok,
             queue: self.queue,
             ttft,
             e2e,
-            prompt_tokens: self.prompt_tokens,
-            output_tokens: 0,
+            prompt_tokens: usage.map_or(self.prompt_tokens, |u| u.prompt_tokens),
+            output_tokens: usage.map_or(0, |u| u.completion_tokens),
         });
     }
 
