@@ -13,16 +13,16 @@ default:
 bench: plugins build
     @echo "just bench: the policy comparison (bench compare) is not built yet; running the overhead and policy-cost benchmarks."
     target/release/bench overhead --policy plugins/dist/concurrency.wasm --policy-config limit=100000
-    target/release/bench policy-cost --policy plugins/dist/concurrency.wasm
+    $(command -v taskset >/dev/null && echo taskset -c 1) target/release/bench policy-cost --policy plugins/dist/concurrency.wasm
 
 # Added latency and max throughput: direct vs Sluice (with and without a policy) vs nginx when installed.
 bench-overhead: plugins build
     target/release/bench overhead --policy plugins/dist/concurrency.wasm --policy-config limit=100000
 
-# Cost of one policy event including the wasm call (both bundled plugins).
+# Cost of one policy event including the wasm call (both bundled plugins; pinned to one core when taskset exists).
 bench-policy: plugins build
-    target/release/bench policy-cost --policy plugins/dist/concurrency.wasm
-    target/release/bench policy-cost --policy plugins/dist/batched.wasm --policy-config max_batch=1
+    $(command -v taskset >/dev/null && echo taskset -c 1) target/release/bench policy-cost --policy plugins/dist/concurrency.wasm
+    $(command -v taskset >/dev/null && echo taskset -c 1) target/release/bench policy-cost --policy plugins/dist/batched.wasm --policy-config max_batch=1 --policy-config window_ms=0
 
 # Build the proxy and bench binaries (release).
 build:
