@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::upstream::CountingRelay;
-use common::{ProxyProcess, metric_value, post_json, send, wait_until};
+use common::{ProxyProcess, log_field, metric_value, post_json, send, wait_until};
 use http::Method;
 use serde_json::{Value, json};
 
@@ -437,30 +437,14 @@ async fn prefix_predictions_match_vllm_cached_tokens() {
             .to_str()
             .unwrap()
             .to_owned();
-        let line = {
-            let needle = format!("id={id} ");
-            let mut found = None;
-            for _ in 0..250 {
-                found = proxy
-                    .logs()
-                    .into_iter()
-                    .find(|l| l.contains(&needle) && l.contains("predicted_cached"));
-                if found.is_some() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            found.unwrap_or_else(|| panic!("no log line for request {id}"))
-        };
-        let field = |name: &str| -> u64 {
-            let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
-            line[start..]
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap()
-        };
+        let needle = format!("id={id} ");
+        let line = proxy
+            .wait_for_log(Duration::from_secs(5), |l| {
+                l.contains(&needle) && l.contains("predicted_cached")
+            })
+            .await
+            .unwrap_or_else(|| panic!("no log line for request {id}"));
+        let field = |name: &str| -> u64 { log_field(&line, name).unwrap().parse().unwrap() };
         assert_eq!(
             field("actual_cached"),
             actual,

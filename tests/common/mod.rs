@@ -79,15 +79,8 @@ impl ProxyProcess {
             ),
         };
         let field = |name: &str| -> SocketAddr {
-            let start = line
-                .find(&format!("{name}="))
+            log_field(&line, name)
                 .expect("field in startup line")
-                + name.len()
-                + 1;
-            line[start..]
-                .split_whitespace()
-                .next()
-                .unwrap()
                 .parse()
                 .unwrap()
         };
@@ -102,6 +95,22 @@ impl ProxyProcess {
     /// `http://127.0.0.1:PORT`
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Waits up to `limit` for a log line that satisfies `matches`.
+    pub async fn wait_for_log(
+        &self,
+        limit: Duration,
+        matches: impl Fn(&str) -> bool,
+    ) -> Option<String> {
+        let found = wait_until(limit, || {
+            let hit = self.logs().iter().any(|l| matches(l));
+            async move { hit }
+        })
+        .await;
+        found
+            .then(|| self.logs().into_iter().find(|l| matches(l)))
+            .flatten()
     }
 
     /// The log lines so far.
@@ -175,6 +184,12 @@ pub fn metric_value(text: &str, prefix: &str) -> f64 {
         .filter(|l| labels.iter().all(|lab| l.contains(lab)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// The value of `name=VALUE` in a log line.
+pub fn log_field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let start = line.find(&format!("{name}="))? + name.len() + 1;
+    line[start..].split_whitespace().next()
 }
 
 /// A response, collected.
