@@ -39,6 +39,8 @@ struct Row {
     c1: LoadResult,
     fixed: LoadResult,
     max: LoadResult,
+    // CPU time the proxy process spent per request at maximum throughput.
+    cpu_us_per_request: Option<f64>,
 }
 
 /// Runs every measurement and prints the table.
@@ -73,19 +75,19 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         procs::start_nginx(upstream)?
     };
 
-    let mut targets = vec![
-        ("direct".to_owned(), upstream),
-        ("sluice".to_owned(), proxy.addr),
+    let mut targets: Vec<(String, std::net::SocketAddr, Option<&procs::Proc>)> = vec![
+        ("direct".to_owned(), upstream, None),
+        ("sluice".to_owned(), proxy.addr, Some(&proxy)),
     ];
     if let (Some(p), Some(path)) = (&policy_proxy, &args.policy) {
         let name = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        targets.push((format!("sluice+{name}"), p.addr));
+        targets.push((format!("sluice+{name}"), p.addr, Some(p)));
     }
     if let Some(n) = &nginx {
-        targets.push(("nginx".to_owned(), n.addr));
+        targets.push(("nginx".to_owned(), n.addr, Some(n)));
     }
 
     println!(
@@ -93,7 +95,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         args.seconds
     );
     let mut rows = Vec::new();
-    for (name, addr) in targets {
+    for (name, addr, process) in targets {
         let target = Target {
             addr,
             path: "/v1/completions".into(),
@@ -103,7 +105,11 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         closed_loop(&target, 4, Duration::from_millis(300)).await?;
         let c1 = closed_loop(&target, 1, duration).await?;
         let fixed = open_loop(&target, args.rate, duration, 16).await?;
+        let cpu_before = process.map(procs::Proc::cpu_seconds);
         let max = closed_loop(&target, args.connections, duration).await?;
+        let cpu_us_per_request = process
+            .zip(cpu_before)
+            .map(|(p, before)| (p.cpu_seconds() - before) * 1e6 / max.ok.max(1) as f64);
         eprintln!(
             "  {name:<18} c=1 p50 {:>6} µs   {} req/s p50 {:>6} µs   max {:>8.0} req/s",
             c1.quantile_us(0.5),
@@ -116,6 +122,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             c1,
             fixed,
             max,
+            cpu_us_per_request,
         });
     }
     print_table(&rows, args.rate);
@@ -140,9 +147,9 @@ fn print_table(rows: &[Row], rate: f64) {
     let nginx = rows.iter().find(|r| r.name == "nginx");
     println!();
     println!(
-        "| target | c=1 p50 µs | c=1 p99 µs | added c=1 p50 µs | {rate:.0} req/s p50 µs | {rate:.0} req/s p99 µs | added p50 µs | max req/s | × direct | × nginx | errors |"
+        "| target | c=1 p50 µs | c=1 p99 µs | added c=1 p50 µs | {rate:.0} req/s p50 µs | {rate:.0} req/s p99 µs | added p50 µs | max req/s | × direct | × nginx | proxy CPU µs/req | errors |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         let added_c1 = r.c1.quantile_us(0.5) as i64 - direct.c1.quantile_us(0.5) as i64;
         let added_fixed = r.fixed.quantile_us(0.5) as i64 - direct.fixed.quantile_us(0.5) as i64;
@@ -151,7 +158,7 @@ fn print_table(rows: &[Row], rate: f64) {
             .map(|n| format!("{:.2}", r.max.throughput() / n.max.throughput()))
             .unwrap_or_else(|| "n/a".into());
         println!(
-            "| {} | {} | {} | {:+} | {} | {} | {:+} | {:.0} | {:.2} | {} | {} |",
+            "| {} | {} | {} | {:+} | {} | {} | {:+} | {:.0} | {:.2} | {} | {} | {} |",
             r.name,
             r.c1.quantile_us(0.5),
             r.c1.quantile_us(0.99),
@@ -162,6 +169,9 @@ fn print_table(rows: &[Row], rate: f64) {
             r.max.throughput(),
             vs_direct,
             vs_nginx,
+            r.cpu_us_per_request
+                .map(|c| format!("{c:.1}"))
+                .unwrap_or_else(|| "n/a".into()),
             r.c1.errors + r.fixed.errors + r.max.errors,
         );
     }

@@ -17,7 +17,43 @@ pub(crate) struct Proc {
     pub(crate) addr: SocketAddr,
 }
 
+/// `utime + stime` of one process, in seconds (Linux `/proc/PID/stat`).
+fn cpu_of(pid: u32) -> Option<(f64, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name: state is field 3.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ppid: u32 = fields.get(1)?.parse().ok()?;
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some(((utime + stime) / 100.0, ppid))
+}
+
 impl Proc {
+    /// CPU time used so far by the process and its direct children (nginx
+    /// workers), in seconds.
+    pub(crate) fn cpu_seconds(&self) -> f64 {
+        let me = self.child.id();
+        let mut total = cpu_of(me).map(|(cpu, _)| cpu).unwrap_or(0.0);
+        if let Ok(entries) = std::fs::read_dir("/proc") {
+            for entry in entries.flatten() {
+                let Some(pid) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                if let Some((cpu, ppid)) = cpu_of(pid)
+                    && ppid == me
+                {
+                    total += cpu;
+                }
+            }
+        }
+        total
+    }
+
     /// Resident set size in bytes (Linux `/proc`).
     pub(crate) fn rss_bytes(&self) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;

@@ -42,6 +42,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .thread_name("sluice-worker")
         .enable_all()
         .build()
     {
