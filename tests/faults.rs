@@ -379,6 +379,23 @@ async fn slow_stream_is_relayed_chunk_by_chunk() {
     let rest = String::from_utf8_lossy(&rest);
     assert_eq!(rest.matches("data: {").count(), 2, "{rest}");
     assert!(rest.ends_with("data: [DONE]\n\n"), "{rest}");
+    // Three token events: one time to first token, two inter-token gaps.
+    let timed = wait_until(Duration::from_secs(5), || async {
+        proxy.metric("sluice_inter_token_seconds_count").await == 2.0
+    })
+    .await;
+    assert!(timed, "{}", proxy.metrics().await);
+    assert_eq!(
+        proxy
+            .metric("sluice_time_to_first_token_seconds_count")
+            .await,
+        1.0
+    );
+    let ttft = proxy.metric("sluice_time_to_first_token_seconds_sum").await;
+    assert!(
+        ttft >= 0.15,
+        "the first token left the upstream after 150 ms, measured {ttft}s"
+    );
 }
 
 #[tokio::test]

@@ -23,6 +23,23 @@ pub struct Inference {
     tracker: Arc<PrefixTracker>,
     prediction: Prediction,
     tap: UsageTap,
+    // A stream: tokens arrive in SSE events, timed one by one.
+    sse: bool,
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
+}
+
+/// Whether an SSE chunk carries generated text: a non-empty `"text"`
+/// (completions) or `"content"` (chat delta). vLLM's first chat chunk only
+/// announces the role with empty content, and the usage chunk has no text.
+pub fn carries_tokens(chunk: &[u8]) -> bool {
+    [&b"\"text\":\""[..], &b"\"content\":\""[..]]
+        .iter()
+        .any(|key| {
+            chunk
+                .windows(key.len() + 1)
+                .any(|w| w.starts_with(key) && w[key.len()] != b'"')
+        })
 }
 
 impl Inference {
@@ -32,6 +49,9 @@ impl Inference {
             tracker,
             prediction,
             tap: UsageTap::new(sse),
+            sse,
+            first_token: None,
+            last_token: None,
         }
     }
 
@@ -89,8 +109,6 @@ pub struct Exchange {
     pub arrived: Instant,
     /// Admission (equals `arrived` without a policy).
     pub admitted: Instant,
-    /// Upstream response headers received.
-    pub headers_at: Instant,
     /// First body byte received.
     pub first_byte: Option<Instant>,
     /// Body bytes passed to the client.
@@ -110,6 +128,16 @@ impl Exchange {
         self.bytes += data.len() as u64;
         if let Some(inference) = &mut self.inference {
             inference.tap.push(data);
+            if inference.sse && carries_tokens(data) {
+                let now = Instant::now();
+                match inference.last_token.replace(now) {
+                    None => inference.first_token = Some(now),
+                    Some(previous) => {
+                        metrics::histogram!(telemetry::INTER_TOKEN, "route" => self.route.label())
+                            .record((now - previous).as_secs_f64())
+                    }
+                }
+            }
         }
     }
 
@@ -127,6 +155,15 @@ impl Exchange {
             Outcome::UpstreamFailed(_) => "upstream_stream_error",
         };
         let total = now - self.arrived;
+        // Time to first token: the first text-bearing event of a stream; the
+        // whole response otherwise.
+        let ttft = self.inference.as_ref().and_then(|i| {
+            if i.sse {
+                i.first_token.map(|t| t - self.admitted)
+            } else {
+                ok.then_some(upstream)
+            }
+        });
         let (usage, predicted_cached) = match self.inference {
             Some(inference) => {
                 let (usage, predicted) = inference.finish(ok);
@@ -146,7 +183,7 @@ impl Exchange {
                 id = self.id, route = %self.route.label(), method = %self.method,
                 status = self.status.as_u16(), outcome = %outcome_label,
                 total_ms = ms(total), queue_ms = ms(queue), upstream_ms = ms(upstream),
-                ttfb_ms = ttfb.map(ms), bytes = self.bytes,
+                ttfb_ms = ttfb.map(ms), ttft_ms = ttft.map(ms), bytes = self.bytes,
                 prompt_tokens = usage.map(|u| u.prompt_tokens),
                 output_tokens = usage.map(|u| u.completion_tokens),
                 predicted_cached, actual_cached, "request"
@@ -159,6 +196,7 @@ impl Exchange {
             queue,
             upstream: Some(upstream),
             ttfb,
+            ttft,
         });
         if let Some(permit) = self.permit {
             permit.complete(ok, ttfb.unwrap_or_default(), upstream, usage);
@@ -169,4 +207,26 @@ impl Exchange {
 /// Milliseconds with microsecond precision, for log fields.
 pub fn ms(d: Duration) -> f64 {
     (d.as_micros() as f64) / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::carries_tokens;
+
+    #[test]
+    fn only_text_bearing_chunks_count_as_tokens() {
+        assert!(carries_tokens(
+            br#"data: {"choices":[{"index":0,"text":"def"}]}"#
+        ));
+        assert!(carries_tokens(
+            br#"data: {"choices":[{"delta":{"content":"Hi"}}]}"#
+        ));
+        assert!(!carries_tokens(
+            br#"data: {"choices":[{"delta":{"role":"assistant","content":""}}]}"#
+        ));
+        assert!(!carries_tokens(
+            br#"data: {"choices":[],"usage":{"prompt_tokens":3}}"#
+        ));
+        assert!(!carries_tokens(b"data: [DONE]"));
+    }
 }

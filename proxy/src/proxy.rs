@@ -175,7 +175,6 @@ impl Proxy {
             status: parts.status,
             arrived,
             admitted,
-            headers_at: Instant::now(),
             first_byte: None,
             bytes: 0,
             permit,
@@ -242,5 +241,6 @@ fn log_refusal(id: u64, route: Route, arrived: Instant, err: &ProxyError) {
         queue: std::time::Duration::ZERO,
         upstream: None,
         ttfb: None,
+        ttft: None,
     });
 }

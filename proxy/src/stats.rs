@@ -43,6 +43,7 @@ struct Series {
     queue: Histogram<u64>,
     upstream: Histogram<u64>,
     ttfb: Histogram<u64>,
+    ttft: Histogram<u64>,
     outcomes: BTreeMap<&'static str, u64>,
 }
 
@@ -54,6 +55,7 @@ impl Series {
             queue: h(),
             upstream: h(),
             ttfb: h(),
+            ttft: h(),
             outcomes: BTreeMap::new(),
         }
     }
@@ -92,6 +94,9 @@ pub fn record(r: &RequestRecord) {
     if let Some(ttfb) = r.ttfb {
         let _ = s.ttfb.record(us(ttfb));
     }
+    if let Some(ttft) = r.ttft {
+        let _ = s.ttft.record(us(ttft));
+    }
 }
 
 fn summary(h: &Histogram<u64>) -> Value {
@@ -128,6 +133,7 @@ pub fn snapshot(reset: bool) -> Value {
                     "queue_wait": summary(&s.queue),
                     "service": summary(&s.upstream),
                     "time_to_first_byte": summary(&s.ttfb),
+                    "time_to_first_token": summary(&s.ttft),
                 },
             })
         })
@@ -158,6 +164,7 @@ mod tests {
                 queue: Duration::from_millis(1),
                 upstream: Some(Duration::from_millis(ms)),
                 ttfb: None,
+                ttft: None,
             });
         }
         let s = snapshot(true);

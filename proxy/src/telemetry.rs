@@ -20,6 +20,10 @@ pub const QUEUE_WAIT: &str = "sluice_queue_wait_seconds";
 pub const UPSTREAM_DURATION: &str = "sluice_upstream_duration_seconds";
 /// Admission to the first response byte.
 pub const TIME_TO_FIRST_BYTE: &str = "sluice_time_to_first_byte_seconds";
+/// Admission to the first generated token (first text-bearing SSE event; the whole response otherwise).
+pub const TIME_TO_FIRST_TOKEN: &str = "sluice_time_to_first_token_seconds";
+/// Gaps between text-bearing SSE events of a stream.
+pub const INTER_TOKEN: &str = "sluice_inter_token_seconds";
 /// Requests admitted and not yet finished.
 pub const IN_FLIGHT: &str = "sluice_in_flight_requests";
 /// Requests refused before queueing, by reason.
@@ -108,6 +112,16 @@ fn describe() {
         Unit::Seconds,
         "Admission to the first response byte from the upstream."
     );
+    describe_histogram!(
+        TIME_TO_FIRST_TOKEN,
+        Unit::Seconds,
+        "Admission to the first generated token (the whole response when not streaming)."
+    );
+    describe_histogram!(
+        INTER_TOKEN,
+        Unit::Seconds,
+        "Gaps between streamed token events."
+    );
     describe_gauge!(IN_FLIGHT, "Requests admitted and not yet finished.");
     describe_gauge!(QUEUED, "Requests waiting for admission.");
     describe_counter!(
@@ -165,6 +179,8 @@ pub struct RequestRecord {
     pub upstream: Option<Duration>,
     /// Admission to first byte, when one arrived.
     pub ttfb: Option<Duration>,
+    /// Admission to first token (completion and chat routes).
+    pub ttft: Option<Duration>,
 }
 
 /// Records one finished request (Prometheus and `/stats`).
@@ -179,5 +195,8 @@ pub fn record_request(r: &RequestRecord) {
     }
     if let Some(ttfb) = r.ttfb {
         histogram!(TIME_TO_FIRST_BYTE, "route" => route).record(ttfb.as_secs_f64());
+    }
+    if let Some(ttft) = r.ttft {
+        histogram!(TIME_TO_FIRST_TOKEN, "route" => route).record(ttft.as_secs_f64());
     }
 }
