@@ -115,6 +115,22 @@ impl App {
                 let limiter = config
                     .rate_limit
                     .map(|limit| Arc::new(TenantLimiter::new(limit)));
+                if let Some(limiter) = &limiter {
+                    // Tenants whose budget has fully refilled are forgotten, so
+                    // the limiter's memory follows the active tenants only.
+                    let limiter = Arc::downgrade(limiter);
+                    tokio::spawn(async move {
+                        let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+                        every.tick().await;
+                        loop {
+                            every.tick().await;
+                            let Some(limiter) = limiter.upgrade() else {
+                                return;
+                            };
+                            limiter.forget_idle();
+                        }
+                    });
+                }
                 let admission = scheduler::spawn(scheduler::SchedulerConfig {
                     policy: Box::new(policy),
                     fallback_limit: config.fallback_limit,
