@@ -33,8 +33,12 @@ plugins:
     scripts/build-plugins.sh
 
 # The fast tiers: unit, service and end-to-end tests against in-test upstreams.
-test: plugins
+test: plugins tools
     cargo test --workspace
+
+# External tools the fast tests use (promtool, prometheus), installed when missing.
+tools:
+    scripts/install-test-tools.sh
 
 # The real-vLLM tier: starts vLLM when needed, then runs the tests that use it.
 e2e: plugins vllm
