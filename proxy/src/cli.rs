@@ -31,7 +31,7 @@ pub struct Cli {
     #[arg(long, env = "SLUICE_LISTEN", value_name = "ADDR")]
     listen: Option<String>,
 
-    /// Address for /metrics, /stats and /admin/policy; keep it private [default: 127.0.0.1:9090]
+    /// Address for /metrics, /stats and /admin/policy; keep it private [default: 127.0.0.1:9464]
     #[arg(long, env = "SLUICE_ADMIN_LISTEN", value_name = "ADDR")]
     admin_listen: Option<String>,
 
@@ -233,7 +233,7 @@ impl Cli {
         };
         let upstream = pick(self.upstream, file.upstream, "http://127.0.0.1:8000");
         let listen = pick(self.listen, file.listen, "0.0.0.0:8080");
-        let admin_listen = pick(self.admin_listen, file.admin_listen, "127.0.0.1:9090");
+        let admin_listen = pick(self.admin_listen, file.admin_listen, "127.0.0.1:9464");
         let max_body = pick(self.max_body, file.max_body.map(toml_scalar), "16MiB");
         let upstream_timeout = pick(self.upstream_timeout, file.upstream_timeout, "300s");
         let connect_timeout = pick(self.connect_timeout, file.connect_timeout, "3s");
@@ -524,7 +524,7 @@ mod tests {
         let c = config(&[]).unwrap();
         assert_eq!(c.upstream, "http://127.0.0.1:8000/");
         assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
-        assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9464");
         assert_eq!(c.max_body, 16 << 20);
         assert!(c.policy.is_none());
         assert!(c.rate_limit.is_none());

@@ -85,6 +85,7 @@ pub fn install() -> PrometheusHandle {
             // Fails only if another recorder is installed (a test harness); keep ours for rendering.
             let _ = metrics::set_global_recorder(recorder);
             describe();
+            register_at_zero();
             handle
         })
         .clone()
@@ -162,6 +163,20 @@ fn describe() {
     );
     describe_counter!(PROMPT_TOKENS, "Prompt tokens, from the engine's usage.");
     describe_counter!(OUTPUT_TOKENS, "Output tokens, from the engine's usage.");
+}
+
+/// Counters that alert rules watch start at 0, so `rate()` over them is 0
+/// (not empty) until the first event.
+fn register_at_zero() {
+    for reason in ["queue_full", "rate_limited"] {
+        counter!(REQUESTS_SHED, "reason" => reason).increment(0);
+    }
+    for kind in ["trap", "deadline", "invalid_decision"] {
+        counter!(POLICY_FAULTS, "kind" => kind).increment(0);
+    }
+    for result in ["ok", "rejected"] {
+        counter!(POLICY_RELOADS, "result" => result).increment(0);
+    }
 }
 
 /// What is recorded for every finished request.
