@@ -11,11 +11,15 @@
 //! - [`fast_upstream`]: a minimal upstream that answers at once.
 //! - [`procs`]: starting and stopping the proxy and nginx as child processes.
 
+mod compare;
 mod fast_upstream;
 mod load;
 mod overhead;
 mod policy_cost;
 mod procs;
+mod report;
+mod run;
+mod workload;
 
 use clap::{Parser, Subcommand};
 
@@ -29,6 +33,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Admission policies side by side vs the two client habits (what `just bench` runs).
+    Compare(compare::Args),
+    /// One client mode (batched, inngest, rate, naive) against one target.
+    Run(run::Args),
     /// Added latency and max throughput: direct vs through the proxy (vs nginx).
     Overhead(overhead::Args),
     /// Cost of one admission-policy event including the wasm call.
@@ -47,6 +55,8 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match cli.command {
+        Command::Compare(args) => runtime.block_on(compare::run(args)),
+        Command::Run(args) => runtime.block_on(run::run(args)),
         Command::Overhead(args) => runtime.block_on(overhead::run(args)),
         Command::PolicyCost(args) => policy_cost::run(args),
         Command::Sim(args) => runtime.block_on(sluice_bench::sim::run(args)),

@@ -15,6 +15,8 @@ pub(crate) struct Proc {
     child: Child,
     /// Its client-facing address.
     pub(crate) addr: SocketAddr,
+    /// Its admin address (the proxy's `/stats`, `/metrics`); `addr` for nginx.
+    pub(crate) admin: SocketAddr,
 }
 
 /// `utime + stime` of one process, in seconds (Linux `/proc/PID/stat`).
@@ -124,7 +126,12 @@ pub(crate) fn start_proxy(upstream: SocketAddr, extra: &[String]) -> anyhow::Res
         .find_map(|f| f.strip_prefix("listen="))
         .context("no listen= field")?
         .parse()?;
-    Ok(Proc { child, addr })
+    let admin = line
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("admin="))
+        .context("no admin= field")?
+        .parse()?;
+    Ok(Proc { child, addr, admin })
 }
 
 /// Starts nginx as a plain `proxy_pass` to `upstream` (keep-alive upstream
@@ -173,5 +180,9 @@ pub(crate) fn start_nginx(upstream: SocketAddr) -> anyhow::Result<Option<Proc>> 
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(Some(Proc { child, addr }))
+    Ok(Some(Proc {
+        child,
+        addr,
+        admin: addr,
+    }))
 }

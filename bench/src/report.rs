@@ -1,0 +1,478 @@
+//! Benchmark results: what one configuration measured, the JSON file and
+//! the Markdown summaries.
+//!
+//! # `bench/results/benchmark_YYYYMMDD_HHMMSS.json` (schema `sluice-bench/1`)
+//!
+//! ```text
+//! {
+//!   "schema": "sluice-bench/1",
+//!   "created_utc": "2026-11-23T12:00:00Z",
+//!   "engine": "simulated vLLM (profile rtx4080)" | "real vLLM at URL" | ...,
+//!   "profile": "rtx4080" | null,          // simulator profile, when simulated
+//!   "model": "tiny-llama" | null,         // the engine's /v1/models id
+//!   "workload": "synthetic candidate evaluation (seed 42, ...)",
+//!   "runs": [{
+//!     "label": "proxy + concurrency.wasm",  // one column of the table
+//!     "target": "http://127.0.0.1:PORT",    // where the clients sent
+//!     "plan": {"mode": "batched"|"inngest"|"rate"|"naive", "requests", "duration_s",
+//!              "wave", "limit", "clients", "rate", "seed"},
+//!     "client": {                            // as the client saw it
+//!       "sent", "ok", "failed",              // ok + failed == sent
+//!       "errors": {"http_429": n, "timeout": n, ...},
+//!       "success_rate", "elapsed_s", "throughput_rps",
+//!       "output_tokens", "output_tokens_per_s",   // from each answer's usage
+//!       "latency_ms": {"count", "p50", "p95", "p99", "mean", "max"}
+//!     },
+//!     "proxy": null | {                      // the proxy's GET /stats, when proxied
+//!       "policy", "outcomes": {...},
+//!       "service_ms", "queue_wait_ms", "total_ms": {"count","p50_ms","p95_ms","p99_ms",...}
+//!     },
+//!     "prefix_cache": null | {"hit_tokens", "query_tokens", "hit_rate"},  // engine /metrics deltas
+//!     "upstream_max_in_flight": null | n,    // in-process simulator only: exact peak
+//!     "gpu": "n/a (no NVIDIA driver)" | "MiB used / MiB total, util %" per GPU
+//!   }],
+//!   "winners": {"throughput": "label", ...}  // bench compare only
+//! }
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::run::stats::{PrefixCache, Summary, prefix_counters};
+use crate::run::{Plan, client, drive, metrics_of};
+use crate::workload::Workload;
+
+/// An exact in-flight gauge with its peak (the in-process simulator's view).
+#[derive(Debug, Default)]
+pub(crate) struct InFlight {
+    now: AtomicU64,
+    max: AtomicU64,
+}
+
+impl InFlight {
+    /// One more request in flight.
+    pub(crate) fn enter(&self) {
+        let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max.fetch_max(n, Ordering::SeqCst);
+    }
+
+    /// One fewer.
+    pub(crate) fn leave(&self) {
+        self.now.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// The peak since the last reset, then a reset to the current level.
+    pub(crate) fn take_max(&self) -> u64 {
+        self.max
+            .swap(self.now.load(Ordering::SeqCst), Ordering::SeqCst)
+    }
+}
+
+/// The proxy's view of a run (from its admin `/stats`).
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct ProxyView {
+    pub(crate) policy: Value,
+    pub(crate) outcomes: Value,
+    pub(crate) total_ms: Value,
+    pub(crate) queue_wait_ms: Value,
+    pub(crate) service_ms: Value,
+}
+
+/// One configuration's results.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct RunResult {
+    pub(crate) label: String,
+    pub(crate) target: String,
+    pub(crate) plan: Plan,
+    pub(crate) client: Summary,
+    pub(crate) proxy: Option<ProxyView>,
+    pub(crate) prefix_cache: Option<PrefixCache>,
+    pub(crate) upstream_max_in_flight: Option<u64>,
+    pub(crate) gpu: String,
+}
+
+/// "simulated vLLM (profile P)", "simulated vLLM at URL" or "real vLLM at URL".
+pub(crate) async fn engine_name(engine: SocketAddr, url: &str, profile: Option<&str>) -> String {
+    if let Some(p) = profile {
+        return format!("simulated vLLM (profile {p})");
+    }
+    match metrics_of(engine).await {
+        Some(m) if m.contains("simulated=\"True\"") => format!("simulated vLLM at {url}"),
+        Some(m) if m.contains("vllm:") => format!("real vLLM at {url}"),
+        _ => format!("unknown engine at {url}"),
+    }
+}
+
+/// GPU memory and utilisation from `nvidia-smi`, or "n/a".
+pub(crate) async fn gpu_reading() -> String {
+    let out = tokio::task::spawn_blocking(|| {
+        std::process::Command::new("nvidia-smi")
+            .args([
+                "--query-gpu=memory.used,memory.total,utilization.gpu",
+                "--format=csv,noheader,nounits",
+            ])
+            .output()
+    })
+    .await;
+    match out {
+        Ok(Ok(o)) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(',').map(str::trim).collect();
+                (f.len() == 3).then(|| format!("{} / {} MiB, {}% util", f[0], f[1], f[2]))
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        _ => "n/a (no NVIDIA driver)".into(),
+    }
+}
+
+async fn proxy_stats(admin: SocketAddr, reset: bool) -> Option<Value> {
+    let path = if reset { "/stats?reset=1" } else { "/stats" };
+    let (status, body) = client::get(admin, path).await.ok()?;
+    (status == 200).then(|| serde_json::from_slice(&body).ok())?
+}
+
+/// Runs `plan` against `target` and gathers every view of it: the client's,
+/// the proxy's (`admin`), the engine's prefix cache (`engine`) and the
+/// exact upstream in-flight peak (`in_flight`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn measure(
+    label: &str,
+    url: &str,
+    target: SocketAddr,
+    admin: Option<SocketAddr>,
+    engine: Option<SocketAddr>,
+    in_flight: Option<&Arc<InFlight>>,
+    workload: &Arc<Workload>,
+    plan: &Plan,
+) -> RunResult {
+    if let Some(admin) = admin {
+        proxy_stats(admin, true).await;
+    }
+    let before = match engine {
+        Some(e) => metrics_of(e).await.as_deref().and_then(prefix_counters),
+        None => None,
+    };
+    if let Some(g) = in_flight {
+        g.take_max();
+    }
+    let outcomes = drive(target, workload, plan).await;
+    let upstream_max_in_flight = in_flight.map(|g| g.take_max());
+    let after = match engine {
+        Some(e) => metrics_of(e).await.as_deref().and_then(prefix_counters),
+        None => None,
+    };
+    let proxy = match admin {
+        Some(admin) => proxy_stats(admin, false).await.map(|s| {
+            let series = s["series"]
+                .as_array()
+                .and_then(|a| {
+                    a.iter()
+                        .find(|x| x["outcomes"].as_object().is_some_and(|o| !o.is_empty()))
+                })
+                .cloned()
+                .unwrap_or(Value::Null);
+            ProxyView {
+                policy: series["policy"].clone(),
+                outcomes: series["outcomes"].clone(),
+                total_ms: series["latency"]["total"].clone(),
+                queue_wait_ms: series["latency"]["queue_wait"].clone(),
+                service_ms: series["latency"]["service"].clone(),
+            }
+        }),
+        None => None,
+    };
+    RunResult {
+        label: label.to_string(),
+        target: url.to_string(),
+        plan: plan.clone(),
+        client: outcomes.summary(),
+        proxy,
+        prefix_cache: before.zip(after).map(|(b, a)| PrefixCache::between(b, a)),
+        upstream_max_in_flight,
+        gpu: gpu_reading().await,
+    }
+}
+
+/// A whole benchmark report.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Report {
+    pub(crate) schema: &'static str,
+    pub(crate) created_utc: String,
+    pub(crate) engine: String,
+    pub(crate) profile: Option<String>,
+    pub(crate) model: Option<String>,
+    pub(crate) workload: String,
+    pub(crate) runs: Vec<RunResult>,
+    pub(crate) winners: BTreeMap<String, String>,
+}
+
+/// `(year, month, day, hour, minute, second)` of a Unix time, UTC.
+pub(crate) fn utc(secs: u64) -> (i64, u32, u32, u32, u32, u32) {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (
+        y,
+        m,
+        d,
+        (rem / 3600) as u32,
+        (rem % 3600 / 60) as u32,
+        (rem % 60) as u32,
+    )
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Report {
+    /// A report of `runs`, stamped now.
+    pub(crate) fn new(
+        engine: String,
+        profile: Option<String>,
+        model: Option<String>,
+        workload: &Workload,
+        runs: Vec<RunResult>,
+    ) -> Self {
+        let (y, mo, d, h, mi, s) = utc(now_secs());
+        Self {
+            schema: "sluice-bench/1",
+            created_utc: format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z"),
+            engine,
+            profile,
+            model,
+            workload: workload.description.clone(),
+            runs,
+            winners: BTreeMap::new(),
+        }
+    }
+
+    /// Writes `dir/benchmark_YYYYMMDD_HHMMSS.json`; returns its path.
+    pub(crate) fn write(&self, dir: &Path) -> anyhow::Result<PathBuf> {
+        std::fs::create_dir_all(dir)?;
+        let stamp: String = self
+            .created_utc
+            .chars()
+            .filter(char::is_ascii_digit)
+            .collect();
+        let mut path = dir.join(format!("benchmark_{}_{}.json", &stamp[..8], &stamp[8..]));
+        let mut n = 1;
+        while path.exists() {
+            n += 1;
+            path = dir.join(format!(
+                "benchmark_{}_{}_{n}.json",
+                &stamp[..8],
+                &stamp[8..]
+            ));
+        }
+        std::fs::write(&path, serde_json::to_string_pretty(self)? + "\n")?;
+        Ok(path)
+    }
+
+    /// A Markdown summary: one line per run, every measure.
+    pub(crate) fn markdown(&self) -> String {
+        let mut s = format!(
+            "engine: {}\nworkload: {}\n\n| run | sent | ok | errors | req/s | out tok/s | p50 ms | p95 ms | p99 ms | proxy service p50 ms | queue wait p50 ms | cache hit | upstream max in flight | GPU |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+            self.engine, self.workload
+        );
+        for r in &self.runs {
+            let c = &r.client;
+            let errors = if c.errors.is_empty() {
+                "0".to_string()
+            } else {
+                c.errors
+                    .iter()
+                    .map(|(k, v)| format!("{k}: {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let pv = |v: Option<&Value>| {
+                v.and_then(|v| v["p50_ms"].as_f64())
+                    .map_or("–".into(), |x| format!("{x:.2}"))
+            };
+            s += &format!(
+                "| {} | {} | {} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                r.label,
+                c.sent,
+                c.ok,
+                errors,
+                c.throughput_rps,
+                c.output_tokens_per_s,
+                ms(c.latency_ms.p50),
+                ms(c.latency_ms.p95),
+                ms(c.latency_ms.p99),
+                pv(r.proxy.as_ref().map(|p| &p.service_ms)),
+                pv(r.proxy.as_ref().map(|p| &p.queue_wait_ms)),
+                hit(r),
+                r.upstream_max_in_flight
+                    .map_or("–".into(), |n| n.to_string()),
+                r.gpu,
+            );
+        }
+        s
+    }
+
+    /// The comparison table in the reference's shape: one row per measure,
+    /// one column per configuration, a winner per row. Fills `winners`.
+    pub(crate) fn comparison(&mut self) -> String {
+        type Pick = fn(&RunResult) -> Option<f64>;
+        type Fmt = fn(f64) -> String;
+        // (row, value, higher is better, format)
+        let rows: [(&str, Pick, bool, Fmt); 7] = [
+            (
+                "throughput (req/s)",
+                |r| Some(r.client.throughput_rps),
+                true,
+                |v| format!("{v:.0}"),
+            ),
+            (
+                "p50 latency (ms)",
+                |r| r.client.latency_ms.p50,
+                false,
+                |v| format!("{v:.2}"),
+            ),
+            (
+                "p95 latency (ms)",
+                |r| r.client.latency_ms.p95,
+                false,
+                |v| format!("{v:.2}"),
+            ),
+            (
+                "total time (s)",
+                |r| Some(r.client.elapsed_s),
+                false,
+                |v| format!("{v:.2}"),
+            ),
+            ("GPU memory", |_| None, false, |_| String::new()),
+            (
+                "success rate",
+                |r| Some(r.client.success_rate),
+                true,
+                |v| format!("{:.1}%", v * 100.0),
+            ),
+            (
+                "cache benefit (hit rate)",
+                |r| r.prefix_cache.as_ref().and_then(|p| p.hit_rate),
+                true,
+                |v| format!("{:.1}%", v * 100.0),
+            ),
+        ];
+        let mut s = format!(
+            "engine: {}\nworkload: {}\n\n| metric |",
+            self.engine, self.workload
+        );
+        for r in &self.runs {
+            s += &format!(" {} |", r.label);
+        }
+        s += " winner |\n|---|";
+        for _ in &self.runs {
+            s += "---|";
+        }
+        s += "---|\n";
+        for (name, pick, higher, fmt) in rows {
+            s += &format!("| {name} |");
+            if name == "GPU memory" {
+                for r in &self.runs {
+                    s += &format!(" {} |", r.gpu);
+                }
+                s += " – |\n";
+                continue;
+            }
+            let values: Vec<Option<f64>> = self.runs.iter().map(pick).collect();
+            for v in &values {
+                s += &format!(" {} |", v.map_or("n/a".into(), fmt));
+            }
+            let best = winner(&values, higher);
+            let label = best.map_or("–".to_string(), |i| self.runs[i].label.clone());
+            if let Some(i) = best {
+                self.winners
+                    .insert(name.to_string(), self.runs[i].label.clone());
+            }
+            s += &format!(" {label} |\n");
+        }
+        s
+    }
+}
+
+/// The index of the best value (ties: the first); `None` when none is known
+/// or all are equal.
+pub(crate) fn winner(values: &[Option<f64>], higher: bool) -> Option<usize> {
+    let known: Vec<(usize, f64)> = values
+        .iter()
+        .enumerate()
+        .filter_map(|(i, v)| v.map(|v| (i, v)))
+        .collect();
+    let (first, rest) = known.split_first()?;
+    if rest.iter().all(|(_, v)| *v == first.1) && !rest.is_empty() {
+        return None;
+    }
+    let mut best = *first;
+    for &(i, v) in rest {
+        if (higher && v > best.1) || (!higher && v < best.1) {
+            best = (i, v);
+        }
+    }
+    Some(best.0)
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map_or("–".into(), |x| format!("{x:.2}"))
+}
+
+fn hit(r: &RunResult) -> String {
+    r.prefix_cache
+        .as_ref()
+        .and_then(|p| p.hit_rate)
+        .map_or("n/a".into(), |h| format!("{:.1}%", h * 100.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc(0), (1970, 1, 1, 0, 0, 0));
+        assert_eq!(utc(951_782_400), (2000, 2, 29, 0, 0, 0));
+        assert_eq!(utc(1_795_437_296), (2026, 11, 23, 12, 34, 56));
+    }
+
+    #[test]
+    fn winners_follow_direction() {
+        assert_eq!(winner(&[Some(1.0), Some(3.0), None], true), Some(1));
+        assert_eq!(winner(&[Some(1.0), Some(3.0), None], false), Some(0));
+        assert_eq!(winner(&[None, None], true), None);
+        assert_eq!(winner(&[Some(1.0), Some(1.0)], true), None);
+        assert_eq!(winner(&[Some(2.0)], true), Some(0));
+    }
+
+    #[test]
+    fn in_flight_peak() {
+        let g = InFlight::default();
+        g.enter();
+        g.enter();
+        g.leave();
+        assert_eq!(g.take_max(), 2);
+        assert_eq!(g.take_max(), 1);
+    }
+}

@@ -1,0 +1,237 @@
+//! What one run measured, and the statistics reported from it.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Raw outcomes of a run, merged from its workers.
+#[derive(Debug, Clone)]
+pub(crate) struct Outcomes {
+    /// Latencies of successful requests, in microseconds.
+    pub(crate) latency: Histogram<u64>,
+    /// Requests sent (every one ends as ok or as an error).
+    pub(crate) sent: u64,
+    /// Successful (2xx) requests.
+    pub(crate) ok: u64,
+    /// Failed requests by kind.
+    pub(crate) errors: BTreeMap<String, u64>,
+    /// `usage.completion_tokens`, summed over successful requests.
+    pub(crate) output_tokens: u64,
+    /// Wall time of the run.
+    pub(crate) elapsed: Duration,
+}
+
+impl Default for Outcomes {
+    fn default() -> Self {
+        Self {
+            latency: Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds"),
+            sent: 0,
+            ok: 0,
+            errors: BTreeMap::new(),
+            output_tokens: 0,
+            elapsed: Duration::ZERO,
+        }
+    }
+}
+
+impl Outcomes {
+    /// Records one request's result and latency.
+    pub(crate) fn record(&mut self, result: Result<u64, String>, latency: Duration) {
+        self.sent += 1;
+        match result {
+            Ok(tokens) => {
+                self.ok += 1;
+                self.output_tokens += tokens;
+                let _ = self.latency.record((latency.as_micros() as u64).max(1));
+            }
+            Err(kind) => *self.errors.entry(kind).or_default() += 1,
+        }
+    }
+
+    /// Adds another worker's outcomes (not its elapsed time).
+    pub(crate) fn merge(&mut self, other: Outcomes) {
+        self.sent += other.sent;
+        self.ok += other.ok;
+        self.output_tokens += other.output_tokens;
+        for (k, v) in other.errors {
+            *self.errors.entry(k).or_default() += v;
+        }
+        let _ = self.latency.add(other.latency);
+    }
+
+    /// The reported summary.
+    pub(crate) fn summary(&self) -> Summary {
+        let secs = self.elapsed.as_secs_f64().max(1e-9);
+        let failed: u64 = self.errors.values().sum();
+        Summary {
+            sent: self.sent,
+            ok: self.ok,
+            failed,
+            errors: self.errors.clone(),
+            success_rate: if self.sent == 0 {
+                0.0
+            } else {
+                self.ok as f64 / self.sent as f64
+            },
+            elapsed_s: secs,
+            throughput_rps: self.ok as f64 / secs,
+            output_tokens: self.output_tokens,
+            output_tokens_per_s: self.output_tokens as f64 / secs,
+            latency_ms: Quantiles::of(&self.latency),
+        }
+    }
+}
+
+/// Latency quantiles in milliseconds (`null` fields when nothing succeeded).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub(crate) struct Quantiles {
+    pub(crate) count: u64,
+    pub(crate) p50: Option<f64>,
+    pub(crate) p95: Option<f64>,
+    pub(crate) p99: Option<f64>,
+    pub(crate) mean: Option<f64>,
+    pub(crate) max: Option<f64>,
+}
+
+impl Quantiles {
+    /// From an HDR histogram of microseconds.
+    pub(crate) fn of(h: &Histogram<u64>) -> Self {
+        let ms = |us: u64| us as f64 / 1000.0;
+        let some = |v: f64| (!h.is_empty()).then_some(v);
+        Self {
+            count: h.len(),
+            p50: some(ms(h.value_at_quantile(0.50))),
+            p95: some(ms(h.value_at_quantile(0.95))),
+            p99: some(ms(h.value_at_quantile(0.99))),
+            mean: some(h.mean() / 1000.0),
+            max: some(ms(h.max())),
+        }
+    }
+}
+
+/// The client-side summary of a run.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Summary {
+    pub(crate) sent: u64,
+    pub(crate) ok: u64,
+    pub(crate) failed: u64,
+    pub(crate) errors: BTreeMap<String, u64>,
+    pub(crate) success_rate: f64,
+    pub(crate) elapsed_s: f64,
+    pub(crate) throughput_rps: f64,
+    pub(crate) output_tokens: u64,
+    pub(crate) output_tokens_per_s: f64,
+    pub(crate) latency_ms: Quantiles,
+}
+
+/// The sum of every sample of metric `name` in Prometheus text (all label
+/// sets), or `None` when it is absent.
+pub(crate) fn prom_sum(text: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let value = if rest.starts_with('{') {
+            rest.rsplit_once('}').map(|(_, v)| v)
+        } else if rest.starts_with(' ') {
+            Some(rest)
+        } else {
+            None
+        };
+        if let Some(v) = value.and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok()) {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
+
+/// Prefix-cache counters of an engine's `/metrics`: (hits, queries).
+pub(crate) fn prefix_counters(text: &str) -> Option<(f64, f64)> {
+    Some((
+        prom_sum(text, "vllm:prefix_cache_hits_total")?,
+        prom_sum(text, "vllm:prefix_cache_queries_total")?,
+    ))
+}
+
+/// Prefix-cache use over a run, from counter deltas.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct PrefixCache {
+    pub(crate) hit_tokens: f64,
+    pub(crate) query_tokens: f64,
+    pub(crate) hit_rate: Option<f64>,
+}
+
+impl PrefixCache {
+    /// From counters before and after the run.
+    pub(crate) fn between(before: (f64, f64), after: (f64, f64)) -> Self {
+        let hits = (after.0 - before.0).max(0.0);
+        let queries = (after.1 - before.1).max(0.0);
+        Self {
+            hit_tokens: hits,
+            query_tokens: queries,
+            hit_rate: (queries > 0.0).then(|| hits / queries),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_request_is_counted_once() {
+        let mut a = Outcomes::default();
+        for ms in 1..=100u64 {
+            a.record(Ok(2), Duration::from_millis(ms));
+        }
+        let mut b = Outcomes::default();
+        b.record(Err("http_429".into()), Duration::from_millis(1));
+        b.record(Err("http_429".into()), Duration::from_millis(1));
+        b.record(Err("timeout".into()), Duration::from_millis(1));
+        a.merge(b);
+        a.elapsed = Duration::from_secs(2);
+        let s = a.summary();
+        assert_eq!(s.sent, 103);
+        assert_eq!(s.ok + s.failed, s.sent);
+        assert_eq!(s.errors["http_429"], 2);
+        assert_eq!(s.errors["timeout"], 1);
+        assert_eq!(s.output_tokens, 200);
+        assert_eq!(s.throughput_rps, 50.0);
+        assert_eq!(s.output_tokens_per_s, 100.0);
+        assert!((s.success_rate - 100.0 / 103.0).abs() < 1e-12);
+        let q = s.latency_ms;
+        assert_eq!(q.count, 100);
+        assert!((q.p50.unwrap() - 50.0).abs() < 0.1, "{q:?}");
+        assert!((q.p95.unwrap() - 95.0).abs() < 0.1, "{q:?}");
+        assert!((q.p99.unwrap() - 99.0).abs() < 0.1, "{q:?}");
+        assert!((q.mean.unwrap() - 50.5).abs() < 0.1, "{q:?}");
+    }
+
+    #[test]
+    fn empty_runs_have_no_quantiles() {
+        let s = Outcomes::default().summary();
+        assert_eq!(s.success_rate, 0.0);
+        assert_eq!(s.latency_ms.p50, None);
+    }
+
+    #[test]
+    fn prometheus_counters_are_summed_over_labels() {
+        let text = "# HELP vllm:prefix_cache_hits_total x\n\
+                    vllm:prefix_cache_hits_total{engine=\"0\",model_name=\"m\"} 30.0\n\
+                    vllm:prefix_cache_hits_total{engine=\"1\",model_name=\"m\"} 10\n\
+                    vllm:prefix_cache_hits_total_created 5\n\
+                    vllm:prefix_cache_queries_total 80\n";
+        assert_eq!(prom_sum(text, "vllm:prefix_cache_hits_total"), Some(40.0));
+        assert_eq!(prefix_counters(text), Some((40.0, 80.0)));
+        assert_eq!(prom_sum(text, "vllm:absent"), None);
+        let p = PrefixCache::between((40.0, 80.0), (100.0, 160.0));
+        assert_eq!(p.hit_rate, Some(0.75));
+        assert_eq!(PrefixCache::between((1.0, 1.0), (1.0, 1.0)).hit_rate, None);
+    }
+}
