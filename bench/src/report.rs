@@ -31,7 +31,8 @@
 //!     "upstream_max_in_flight": null | n,    // in-process simulator only: exact peak
 //!     "gpu": "n/a (no NVIDIA driver)" | "MiB used / MiB total, util %" per GPU
 //!   }],
-//!   "winners": {"throughput": "label", ...}  // bench compare only
+//!   "winners": {"throughput (req/s)": "label", ...}  // bench compare only: per
+//!                                          // table row, labels within 1% of the best joined by " = "
 //! }
 //! ```
 
@@ -403,36 +404,50 @@ impl Report {
                 s += &format!(" {} |", v.map_or("n/a".into(), fmt));
             }
             let best = winner(&values, higher);
-            let label = best.map_or("–".to_string(), |i| self.runs[i].label.clone());
-            if let Some(i) = best {
-                self.winners
-                    .insert(name.to_string(), self.runs[i].label.clone());
-            }
+            let label = if best.is_empty() {
+                "– (all within 1%)".to_string()
+            } else {
+                let names: Vec<&str> = best.iter().map(|&i| self.runs[i].label.as_str()).collect();
+                let joined = names.join(" = ");
+                self.winners.insert(name.to_string(), joined.clone());
+                joined
+            };
             s += &format!(" {label} |\n");
         }
         s
     }
 }
 
-/// The index of the best value (ties: the first); `None` when none is known
-/// or all are equal.
-pub(crate) fn winner(values: &[Option<f64>], higher: bool) -> Option<usize> {
+/// The indices of the best values: every value within 1% of the best
+/// (a tie); empty when none is known or all are tied.
+pub(crate) fn winner(values: &[Option<f64>], higher: bool) -> Vec<usize> {
     let known: Vec<(usize, f64)> = values
         .iter()
         .enumerate()
         .filter_map(|(i, v)| v.map(|v| (i, v)))
         .collect();
-    let (first, rest) = known.split_first()?;
-    if rest.iter().all(|(_, v)| *v == first.1) && !rest.is_empty() {
-        return None;
+    let best = known
+        .iter()
+        .map(|&(_, v)| v)
+        .fold(None, |acc: Option<f64>, v| {
+            Some(match acc {
+                None => v,
+                Some(a) if (higher && v > a) || (!higher && v < a) => v,
+                Some(a) => a,
+            })
+        });
+    let Some(best) = best else {
+        return Vec::new();
+    };
+    let close: Vec<usize> = known
+        .iter()
+        .filter(|&&(_, v)| (v - best).abs() <= 0.01 * best.abs())
+        .map(|&(i, _)| i)
+        .collect();
+    if close.len() == known.len() && known.len() > 1 {
+        return Vec::new();
     }
-    let mut best = *first;
-    for &(i, v) in rest {
-        if (higher && v > best.1) || (!higher && v < best.1) {
-            best = (i, v);
-        }
-    }
-    Some(best.0)
+    close
 }
 
 fn ms(v: Option<f64>) -> String {
@@ -459,11 +474,12 @@ mod tests {
 
     #[test]
     fn winners_follow_direction() {
-        assert_eq!(winner(&[Some(1.0), Some(3.0), None], true), Some(1));
-        assert_eq!(winner(&[Some(1.0), Some(3.0), None], false), Some(0));
-        assert_eq!(winner(&[None, None], true), None);
-        assert_eq!(winner(&[Some(1.0), Some(1.0)], true), None);
-        assert_eq!(winner(&[Some(2.0)], true), Some(0));
+        assert_eq!(winner(&[Some(1.0), Some(3.0), None], true), [1]);
+        assert_eq!(winner(&[Some(1.0), Some(3.0), None], false), [0]);
+        assert!(winner(&[None, None], true).is_empty());
+        assert!(winner(&[Some(1.0), Some(1.005)], true).is_empty());
+        assert_eq!(winner(&[Some(2.0)], true), [0]);
+        assert_eq!(winner(&[Some(100.0), Some(99.5), Some(50.0)], true), [0, 1]);
     }
 
     #[test]

@@ -252,9 +252,13 @@ impl WorkloadArgs {
         Ok(Workload {
             source,
             description: format!(
-                "synthetic candidate evaluation (seed {}, {} distinct candidates, rubric ~{} tokens, profile ~{} tokens, max_tokens {}, {:?})",
+                "synthetic candidate evaluation (seed {}, {}, rubric ~{} tokens, profile ~{} tokens, max_tokens {}, {:?})",
                 self.seed,
-                candidates,
+                if candidates >= 1_000_000_000 {
+                    "a new candidate per request".to_string()
+                } else {
+                    format!("{candidates} distinct candidates")
+                },
                 self.rubric_tokens,
                 self.profile_tokens,
                 self.max_tokens,
