@@ -9,11 +9,9 @@ vllm_port := env_var_or_default("SLUICE_VLLM_PORT", "8000")
 default:
     @just --list
 
-# The main job. Until `bench compare` (policies side by side) exists, this runs the benchmarks that do.
-bench: plugins build
-    @echo "just bench: the policy comparison (bench compare) is not built yet; running the overhead and policy-cost benchmarks."
-    target/release/bench overhead --policy plugins/dist/concurrency.wasm --policy-config limit=100000
-    $(command -v taskset >/dev/null && echo taskset -c 1) target/release/bench policy-cost --policy plugins/dist/concurrency.wasm
+# The main job: admission policies side by side through the proxy vs batched/inngest clients (bench compare), on the simulated vLLM (profile rtx4080); e.g. `just bench --upstream http://127.0.0.1:8000` for a real one.
+bench *ARGS: plugins build
+    target/release/bench compare {{ARGS}}
 
 # Added latency and max throughput: direct vs Sluice (with and without a policy) vs nginx when installed.
 bench-overhead: plugins build
