@@ -13,6 +13,10 @@ default:
 bench *ARGS: plugins build
     target/release/bench compare {{ARGS}}
 
+# The same comparison against the real CPU vLLM (`just vllm`), 200 requests per configuration (~2.5 min).
+bench-vllm: plugins build vllm
+    target/release/bench compare --upstream http://127.0.0.1:{{vllm_port}} --requests 200 --warmup 20
+
 # Added latency and max throughput: direct vs Sluice (with and without a policy) vs nginx when installed.
 bench-overhead: plugins build
     target/release/bench overhead --policy plugins/dist/concurrency.wasm --policy-config limit=100000

@@ -2,6 +2,15 @@
 //!
 //! # Layout
 //!
+//! - [`compare`]: `bench compare` — what `just bench` runs: the same
+//!   workload through the proxy with each policy, and the two client modes
+//!   direct to the engine, in one table with a winner per row.
+//! - [`run`]: `bench run` — one client mode (batched waves, inngest
+//!   semaphore, open-loop Poisson rate, naive) against any target.
+//! - [`workload`]: the synthetic candidate-evaluation prompts (or a JSONL file).
+//! - [`report`]: the `benchmark_*.json` schema and the Markdown tables.
+//! - `sluice_bench::sim`: the simulated vLLM (`bench sim`, `bench calibrate`,
+//!   `bench sim-vs-real`).
 //! - [`overhead`]: `bench overhead` — what the proxy adds over talking to an
 //!   upstream directly (and over nginx, when installed): latency and
 //!   maximum throughput, measured in one run.
