@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::upstream::EchoUpstream;
-use common::{ProxyProcess, Reply, send, wait_until};
+use common::{ProxyProcess, Reply, send, spawn_all, wait_until};
 use http::Method;
 
 const BODY: &str = r#"{"model":"m","prompt":"hello","max_tokens":4}"#;
@@ -39,25 +39,20 @@ async fn burst(
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    let tasks: Vec<_> = (0..n)
-        .map(|i| {
-            let (url, mut headers) = (url.clone(), headers.clone());
-            headers.push(("x-test-id".into(), i.to_string()));
-            headers.push(("x-tenant".into(), tenant_of(i)));
-            tokio::spawn(async move {
-                let h: Vec<(&str, &str)> = headers
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str()))
-                    .collect();
-                send(Method::POST, &url, &h, Bytes::from_static(BODY.as_bytes())).await
-            })
-        })
-        .collect();
-    let mut replies = vec![];
-    for t in tasks {
-        replies.push(t.await.unwrap());
-    }
-    replies
+    spawn_all(n, |i| {
+        let (url, mut headers) = (url.clone(), headers.clone());
+        headers.push(("x-test-id".into(), i.to_string()));
+        headers.push(("x-tenant".into(), tenant_of(i)));
+        async move {
+            let h: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            send(Method::POST, &url, &h, Bytes::from_static(BODY.as_bytes())).await
+        }
+    })
+    .await
+    .unwrap()
 }
 
 fn one_tenant(_: usize) -> String {
@@ -191,26 +186,15 @@ async fn hot_reload_under_load_loses_nothing() {
             "limit=4",
         ],
     );
-    let load = {
-        let proxy_url = proxy.url();
-        tokio::spawn(async move {
-            let tasks: Vec<_> = (0..60)
-                .map(|i| {
-                    let url = format!("{proxy_url}/v1/completions");
-                    tokio::spawn(async move {
-                        let id = i.to_string();
-                        let h = [("x-test-id", id.as_str()), ("x-test-delay-ms", "20")];
-                        send(Method::POST, &url, &h, Bytes::from_static(BODY.as_bytes())).await
-                    })
-                })
-                .collect();
-            let mut replies = vec![];
-            for t in tasks {
-                replies.push(t.await.unwrap());
-            }
-            replies
-        })
-    };
+    let url = format!("{}/v1/completions", proxy.url());
+    let load = spawn_all(60, |i| {
+        let url = url.clone();
+        async move {
+            let id = i.to_string();
+            let h = [("x-test-id", id.as_str()), ("x-test-delay-ms", "20")];
+            send(Method::POST, &url, &h, Bytes::from_static(BODY.as_bytes())).await
+        }
+    });
     let busy = wait_until(Duration::from_secs(10), || async {
         upstream.seen.total.load(Ordering::SeqCst) >= 8
     })

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::upstream::EchoUpstream;
-use common::{ProxyProcess, Reply, policies, send, wait_until};
+use common::{ProxyProcess, Reply, policies, send, spawn_all, wait_until};
 use http::Method;
 use tokio::io::AsyncWriteExt;
 
@@ -41,30 +41,24 @@ async fn burst(proxy: &ProxyProcess, n: usize, extra: &[(&str, &str)]) -> Vec<Re
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    let tasks: Vec<_> = (0..n)
-        .map(|i| {
-            let url = url.clone();
-            let extra = extra.clone();
-            tokio::spawn(async move {
-                let id = i.to_string();
-                let mut headers: Vec<(&str, &str)> =
-                    vec![("x-test-id", &id), ("content-type", "application/json")];
-                headers.extend(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-                send(
-                    Method::POST,
-                    &format!("{url}/v1/completions"),
-                    &headers,
-                    Bytes::from_static(BODY.as_bytes()),
-                )
-                .await
-            })
-        })
-        .collect();
-    let mut replies = Vec::with_capacity(n);
-    for task in tasks {
-        replies.push(task.await.unwrap());
-    }
-    replies
+    spawn_all(n, |i| {
+        let (url, extra) = (url.clone(), extra.clone());
+        async move {
+            let id = i.to_string();
+            let mut headers: Vec<(&str, &str)> =
+                vec![("x-test-id", &id), ("content-type", "application/json")];
+            headers.extend(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            send(
+                Method::POST,
+                &format!("{url}/v1/completions"),
+                &headers,
+                Bytes::from_static(BODY.as_bytes()),
+            )
+            .await
+        }
+    })
+    .await
+    .unwrap()
 }
 
 /// How many times each `x-test-id` reached the upstream.
@@ -354,29 +348,10 @@ async fn reload_hands_the_queue_over_and_rejects_bad_plugins() {
     let upstream = EchoUpstream::start().await;
     let path = policies::write("hold", &policies::hold_all());
     let proxy = ProxyProcess::start(&upstream.url(), &["--policy", path.to_str().unwrap()]);
-    let waiting = tokio::spawn({
-        let url = proxy.url();
-        async move {
-            let mut replies = vec![];
-            let tasks: Vec<_> = (0..5)
-                .map(|_| {
-                    let url = url.clone();
-                    tokio::spawn(async move {
-                        send(
-                            Method::POST,
-                            &format!("{url}/v1/completions"),
-                            &[],
-                            Bytes::from_static(BODY.as_bytes()),
-                        )
-                        .await
-                    })
-                })
-                .collect();
-            for t in tasks {
-                replies.push(t.await.unwrap());
-            }
-            replies
-        }
+    let url = format!("{}/v1/completions", proxy.url());
+    let waiting = spawn_all(5, |_| {
+        let url = url.clone();
+        async move { send(Method::POST, &url, &[], Bytes::from_static(BODY.as_bytes())).await }
     });
     assert!(
         wait_until(Duration::from_secs(10), || async {

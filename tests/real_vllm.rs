@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::upstream::CountingRelay;
-use common::{ProxyProcess, log_field, metric_value, post_json, send, wait_until};
+use common::{ProxyProcess, log_field, metric_value, post_json, send, spawn_all, wait_until};
 use http::Method;
 use serde_json::{Value, json};
 
@@ -151,6 +151,18 @@ async fn other_routes_and_vllm_errors_pass_through() {
     assert_eq!(p.json(), d.json());
 }
 
+/// `n` short completions sent at once ("candidate i:"), each `max_tokens` long.
+fn candidates(url: &str, n: usize, max_tokens: u32) -> tokio::task::JoinHandle<Vec<common::Reply>> {
+    spawn_all(n, |i| {
+        let url = url.to_owned();
+        async move {
+            let body = json!({"model": "tiny-llama", "prompt": format!("candidate {i}:"),
+                              "max_tokens": max_tokens, "ignore_eos": true});
+            post_json(&url, &body).await
+        }
+    })
+}
+
 async fn running(upstream: &str) -> f64 {
     let r = send(
         Method::GET,
@@ -214,17 +226,9 @@ async fn concurrency_policy_caps_real_vllm_at_10() {
         &["--policy", plugin, "--policy-config", "limit=10"],
     );
     let url = format!("{}/v1/completions", proxy.url());
-    let tasks: Vec<_> = (0..50)
-        .map(|i| {
-            let url = url.clone();
-            tokio::spawn(async move {
-                let body = json!({"model": "tiny-llama", "prompt": format!("candidate {i}:"), "max_tokens": 16, "ignore_eos": true});
-                post_json(&url, &body).await
-            })
-        })
-        .collect();
-    for t in tasks {
-        assert_eq!(t.await.unwrap().status, 200);
+    let tasks = candidates(&url, 50, 16);
+    for reply in tasks.await.unwrap() {
+        assert_eq!(reply.status, 200, "{}", reply.text());
     }
     let max = relay.seen.max_in_flight.load(Ordering::SeqCst);
     assert!(max <= 10, "vLLM saw {max} requests at once with limit=10");
@@ -248,17 +252,9 @@ async fn batched_policy_sends_real_vllm_waves() {
         ],
     );
     let url = format!("{}/v1/completions", proxy.url());
-    let tasks: Vec<_> = (0..30)
-        .map(|i| {
-            let url = url.clone();
-            tokio::spawn(async move {
-                let body = json!({"model": "tiny-llama", "prompt": format!("candidate {i}:"), "max_tokens": 16, "ignore_eos": true});
-                post_json(&url, &body).await
-            })
-        })
-        .collect();
-    for t in tasks {
-        assert_eq!(t.await.unwrap().status, 200);
+    let tasks = candidates(&url, 30, 16);
+    for reply in tasks.await.unwrap() {
+        assert_eq!(reply.status, 200, "{}", reply.text());
     }
     let mut times: Vec<_> = relay
         .seen
@@ -298,15 +294,7 @@ async fn hot_reload_under_real_load_loses_nothing() {
         ],
     );
     let url = format!("{}/v1/completions", proxy.url());
-    let tasks: Vec<_> = (0..40)
-        .map(|i| {
-            let url = url.clone();
-            tokio::spawn(async move {
-                let body = json!({"model": "tiny-llama", "prompt": format!("candidate {i}:"), "max_tokens": 8, "ignore_eos": true});
-                post_json(&url, &body).await
-            })
-        })
-        .collect();
+    let tasks = candidates(&url, 40, 8);
     assert!(
         wait_until(Duration::from_secs(30), || async {
             relay.seen.total.load(Ordering::SeqCst) >= 8
@@ -320,8 +308,8 @@ async fn hot_reload_under_real_load_loses_nothing() {
     );
     let reload = send(Method::PUT, &admin, &[], Bytes::from(wasm)).await;
     assert_eq!(reload.status, 200, "{}", reload.text());
-    for t in tasks {
-        assert_eq!(t.await.unwrap().status, 200);
+    for reply in tasks.await.unwrap() {
+        assert_eq!(reply.status, 200, "{}", reply.text());
     }
     assert_eq!(relay.seen.total.load(Ordering::SeqCst), 40);
     let stats = send(

@@ -245,6 +245,24 @@ pub async fn post_json(url: &str, body: &serde_json::Value) -> Reply {
     .await
 }
 
+/// Starts `make(0)`, …, `make(n - 1)` at once, each on its own task; the
+/// handle yields their results in that order.
+pub fn spawn_all<F, Fut, T>(n: usize, mut make: F) -> tokio::task::JoinHandle<Vec<T>>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let tasks: Vec<_> = (0..n).map(|i| tokio::spawn(make(i))).collect();
+    tokio::spawn(async move {
+        let mut results = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            results.push(task.await.expect("request task panicked"));
+        }
+        results
+    })
+}
+
 /// Polls `check` every 20 ms until it returns true or `limit` passes.
 pub async fn wait_until<F, Fut>(limit: Duration, mut check: F) -> bool
 where
