@@ -29,6 +29,9 @@ pub(crate) struct Args {
     /// `--policy-config` for that policy (repeatable).
     #[arg(long = "policy-config")]
     policy_config: Vec<String>,
+    /// Also measure the proxy with telemetry off (SLUICE_TELEMETRY=off): what recording metrics costs.
+    #[arg(long)]
+    telemetry_cost: bool,
     /// Skip nginx even when installed.
     #[arg(long)]
     no_nginx: bool,
@@ -69,6 +72,15 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let quiet_proxy = if args.telemetry_cost {
+        Some(procs::start_proxy_with_env(
+            upstream,
+            &[],
+            &[("SLUICE_TELEMETRY", "off")],
+        )?)
+    } else {
+        None
+    };
     let nginx = if args.no_nginx {
         None
     } else {
@@ -85,6 +97,9 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
         targets.push((format!("sluice+{name}"), p.addr, Some(p)));
+    }
+    if let Some(q) = &quiet_proxy {
+        targets.push(("sluice (telemetry off)".to_owned(), q.addr, Some(q)));
     }
     if let Some(n) = &nginx {
         targets.push(("nginx".to_owned(), n.addr, Some(n)));
@@ -126,6 +141,18 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         });
     }
     print_table(&rows, args.rate);
+    let row = |name: &str| rows.iter().find(|r| r.name == name);
+    if let (Some(on), Some(off)) = (row("sluice"), row("sluice (telemetry off)")) {
+        let cpu = |r: &Row| r.cpu_us_per_request.unwrap_or(f64::NAN);
+        println!();
+        println!(
+            "telemetry cost: max throughput with recording {:.2}× without; proxy CPU {:.1} vs {:.1} µs/request ({:+.1}%)",
+            on.max.throughput() / off.max.throughput(),
+            cpu(on),
+            cpu(off),
+            (cpu(on) / cpu(off) - 1.0) * 100.0
+        );
+    }
     let after_rss = proxy.rss_bytes();
     println!();
     println!(

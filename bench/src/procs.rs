@@ -92,6 +92,15 @@ pub(crate) fn proxy_binary() -> anyhow::Result<PathBuf> {
 
 /// Starts the proxy in front of `upstream` with extra flags; waits for its listening line.
 pub(crate) fn start_proxy(upstream: SocketAddr, extra: &[String]) -> anyhow::Result<Proc> {
+    start_proxy_with_env(upstream, extra, &[])
+}
+
+/// [`start_proxy`] with extra environment variables for the proxy.
+pub(crate) fn start_proxy_with_env(
+    upstream: SocketAddr,
+    extra: &[String],
+    env: &[(&str, &str)],
+) -> anyhow::Result<Proc> {
     let mut child = Command::new(proxy_binary()?)
         .args([
             "--upstream",
@@ -103,6 +112,7 @@ pub(crate) fn start_proxy(upstream: SocketAddr, extra: &[String]) -> anyhow::Res
         ])
         .args(extra)
         .env("SLUICE_LOG", "warn,proxy=info")
+        .envs(env.iter().copied())
         .envs(std::env::var("SLUICE_PROXY_WORKERS").map(|w| ("TOKIO_WORKER_THREADS", w)))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -3,6 +3,7 @@
 //! policy event kinds), and exposed in Prometheus text on the admin listener.
 
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, histogram};
@@ -71,6 +72,11 @@ const TOKEN_BUCKETS: [f64; 10] = [
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// Off only when `SLUICE_TELEMETRY=off`: then no metric or `/stats` sample is
+/// recorded. It exists to measure what recording costs (`bench overhead
+/// --telemetry-cost`), not for production.
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
 /// Installs the Prometheus recorder (once per process) and describes every metric.
 pub fn install() -> PrometheusHandle {
     HANDLE
@@ -82,6 +88,11 @@ pub fn install() -> PrometheusHandle {
                 .expect("bucket list is non-empty")
                 .build_recorder();
             let handle = recorder.handle();
+            if std::env::var("SLUICE_TELEMETRY").is_ok_and(|v| v == "off") {
+                ENABLED.store(false, Ordering::Relaxed);
+                tracing::warn!("SLUICE_TELEMETRY=off: no metrics or /stats samples are recorded");
+                return handle;
+            }
             // Fails only if another recorder is installed (a test harness); keep ours for rendering.
             let _ = metrics::set_global_recorder(recorder);
             describe();
@@ -200,6 +211,9 @@ pub struct RequestRecord {
 
 /// Records one finished request (Prometheus and `/stats`).
 pub fn record_request(r: &RequestRecord) {
+    if !ENABLED.load(Ordering::Relaxed) {
+        return;
+    }
     crate::stats::record(r);
     let route = r.route.label();
     counter!(REQUESTS, "route" => route, "outcome" => r.outcome).increment(1);
