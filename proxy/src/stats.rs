@@ -4,7 +4,7 @@
 //! time next to what the client saw).
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, OnceLock, RwLock};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
@@ -12,28 +12,23 @@ use serde_json::{Value, json};
 
 use crate::telemetry::RequestRecord;
 
-/// The policy label requests are recorded under ("none" in pass-through).
-static POLICY: RwLock<String> = RwLock::new(String::new());
+/// The policy label requests are recorded under ("none" in pass-through);
+/// shared, so recording a request clones a pointer, not the name.
+static POLICY: LazyLock<RwLock<Arc<str>>> = LazyLock::new(|| RwLock::new(Arc::from("none")));
 static STATS: OnceLock<Mutex<Window>> = OnceLock::new();
 
 /// Sets the policy label for requests recorded from now on.
 pub fn set_policy_label(name: &str) {
     if let Ok(mut label) = POLICY.write() {
-        *label = name.to_owned();
+        *label = Arc::from(name);
     }
 }
 
-fn policy_label() -> String {
+fn policy_label() -> Arc<str> {
     POLICY
         .read()
-        .map(|l| {
-            if l.is_empty() {
-                "none".to_owned()
-            } else {
-                l.clone()
-            }
-        })
-        .unwrap_or_else(|_| "none".to_owned())
+        .map(|l| Arc::clone(&l))
+        .unwrap_or_else(|_| Arc::from("none"))
 }
 
 /// Histograms (µs) and counts for one route and policy.
@@ -64,7 +59,7 @@ impl Series {
 #[derive(Debug)]
 struct Window {
     since: std::time::Instant,
-    series: BTreeMap<(&'static str, String), Series>,
+    series: BTreeMap<(&'static str, Arc<str>), Series>,
 }
 
 fn window() -> &'static Mutex<Window> {
@@ -126,7 +121,7 @@ pub fn snapshot(reset: bool) -> Value {
         .map(|((route, policy), s)| {
             json!({
                 "route": route,
-                "policy": policy,
+                "policy": &**policy,
                 "outcomes": s.outcomes,
                 "latency": {
                     "total": summary(&s.total),
