@@ -133,23 +133,7 @@ async fn batched_releases_waves_of_max_batch() {
     assert_each_forwarded_once(&upstream, 30);
     // Waves: arrivals at the upstream come in clusters of 10, each cluster
     // only after the previous wave finished (gather semantics, waves=1).
-    let mut times: Vec<_> = upstream
-        .seen
-        .arrivals
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(t, _)| *t)
-        .collect();
-    times.sort();
-    let mut waves = vec![1usize];
-    for pair in times.windows(2) {
-        if pair[1] - pair[0] >= Duration::from_millis(150) {
-            waves.push(1);
-        } else {
-            *waves.last_mut().unwrap() += 1;
-        }
-    }
+    let waves = upstream.seen.arrival_clusters(Duration::from_millis(150));
     assert_eq!(waves, [10, 10, 10], "arrival clusters at the upstream");
     assert!(upstream.seen.max_in_flight.load(Ordering::SeqCst) <= 10);
 }

@@ -256,25 +256,9 @@ async fn batched_policy_sends_real_vllm_waves() {
     for reply in tasks.await.unwrap() {
         assert_eq!(reply.status, 200, "{}", reply.text());
     }
-    let mut times: Vec<_> = relay
-        .seen
-        .arrivals
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(t, _)| *t)
-        .collect();
-    times.sort();
     // Within a wave, arrivals cluster inside the window; waves are separated
     // by the previous wave's whole service time (waves=1: gather semantics).
-    let mut waves = vec![1usize];
-    for pair in times.windows(2) {
-        if pair[1] - pair[0] >= Duration::from_millis(25) {
-            waves.push(1);
-        } else {
-            *waves.last_mut().unwrap() += 1;
-        }
-    }
+    let waves = relay.seen.arrival_clusters(Duration::from_millis(25));
     assert_eq!(waves, [10, 10, 10], "arrival clusters at vLLM");
     assert!(relay.seen.max_in_flight.load(Ordering::SeqCst) <= 10);
 }

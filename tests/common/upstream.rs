@@ -30,6 +30,31 @@ pub struct Seen {
     pub arrivals: Mutex<Vec<(Instant, String)>>,
 }
 
+impl Seen {
+    /// Sizes of the clusters that arrivals form, in time order: a gap of at
+    /// least `gap` between two arrivals starts a new cluster (a new wave).
+    pub fn arrival_clusters(&self, gap: Duration) -> Vec<usize> {
+        let mut times: Vec<Instant> = self
+            .arrivals
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(t, _)| *t)
+            .collect();
+        times.sort();
+        let mut clusters = Vec::new();
+        let mut previous: Option<Instant> = None;
+        for t in times {
+            match previous {
+                Some(p) if t - p < gap => *clusters.last_mut().unwrap() += 1,
+                _ => clusters.push(1),
+            }
+            previous = Some(t);
+        }
+        clusters
+    }
+}
+
 /// A well-behaved OpenAI-ish upstream. Request headers steer it:
 /// `x-test-delay-ms` delays the answer (or each SSE chunk), `x-test-status`
 /// sets the status. Every response echoes the path, headers and body it got.
