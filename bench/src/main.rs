@@ -16,6 +16,8 @@
 //!   maximum throughput, measured in one run.
 //! - [`policy_cost`]: `bench policy-cost` — the cost of one policy event
 //!   including the wasm call.
+//! - [`suite`]: `bench suite` — batching, cache resume and memory, each
+//!   against its target, in one report.
 //! - [`load`]: the HTTP load loops and their HDR statistics.
 //! - [`fast_upstream`]: a minimal upstream that answers at once.
 //! - [`procs`]: starting and stopping the proxy and nginx as child processes.
@@ -28,6 +30,7 @@ mod policy_cost;
 mod procs;
 mod report;
 mod run;
+mod suite;
 mod workload;
 
 use clap::{Parser, Subcommand};
@@ -50,6 +53,8 @@ enum Command {
     Overhead(overhead::Args),
     /// Cost of one admission-policy event including the wasm call.
     PolicyCost(policy_cost::Args),
+    /// The suite: batching, cache resume and memory, each against its target.
+    Suite(suite::Args),
     /// Serve a simulated vLLM (same routes and metrics) from a profile.
     Sim(sluice_bench::sim::Args),
     /// Measure a real engine and fit a simulator profile to it (TOML).
@@ -68,6 +73,7 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => runtime.block_on(run::run(args)),
         Command::Overhead(args) => runtime.block_on(overhead::run(args)),
         Command::PolicyCost(args) => policy_cost::run(args),
+        Command::Suite(args) => runtime.block_on(suite::run(args)),
         Command::Sim(args) => runtime.block_on(sluice_bench::sim::run(args)),
         Command::Calibrate(args) => runtime.block_on(sluice_bench::sim::calibrate::calibrate(args)),
         Command::SimVsReal(args) => runtime.block_on(sluice_bench::sim::calibrate::versus(args)),
