@@ -17,6 +17,14 @@ bench *ARGS: plugins build
 bench-vllm: plugins build vllm
     target/release/bench compare --upstream http://127.0.0.1:{{vllm_port}} --requests 200 --warmup 20
 
+# The benchmark suite: batching, cache resume and memory (with a 10-minute soak), each against its target, on the simulated vLLM (rtx4080); e.g. `just bench-suite --soak 1m`.
+bench-suite *ARGS: build
+    target/release/bench suite {{ARGS}}
+
+# Batching and cache resume against the real CPU vLLM (`just vllm`); under a minute.
+bench-suite-vllm *ARGS: build vllm
+    target/release/bench suite --upstream http://127.0.0.1:{{vllm_port}} --only batching,cache-resume {{ARGS}}
+
 # Added latency and max throughput: direct vs Sluice (with and without a policy) vs nginx when installed.
 bench-overhead: plugins build
     target/release/bench overhead --policy plugins/dist/concurrency.wasm --policy-config limit=100000
@@ -44,7 +52,7 @@ tools:
 
 # The real-vLLM tier: starts vLLM when needed, then runs the tests that use it.
 e2e: plugins vllm
-    SLUICE_VLLM_URL=http://127.0.0.1:{{vllm_port}} cargo test --workspace -- --ignored --test-threads 1
+    SLUICE_VLLM_URL=http://127.0.0.1:{{vllm_port}} SLUICE_VLLM_TOKENIZER=$SLUICE_CACHE/tiny-llama/tokenizer.json cargo test --workspace -- --ignored --test-threads 1
 
 # Install (first time, ~5 min) and start a real CPU vLLM with a tiny local model; waits for /health.
 vllm:

@@ -355,6 +355,47 @@ async fn malformed_upstream_bytes_are_502() {
 }
 
 #[tokio::test]
+async fn stream_usage_is_measured_but_reaches_only_clients_that_asked() {
+    let upstream = EchoUpstream::start().await;
+    let proxy = ProxyProcess::start(&upstream.url(), &[]);
+    let url = format!("{}/v1/completions", proxy.url());
+    let output_tokens_reach = |n: f64| {
+        let proxy = &proxy;
+        async move {
+            wait_until(Duration::from_secs(5), || async {
+                proxy.metric("sluice_output_tokens_total").await == n
+            })
+            .await
+        }
+    };
+
+    // Not asked: the proxy asks the upstream for usage, reads it, and strips
+    // that event, so the client gets exactly the stream it asked for.
+    let plain = post_json(&url, &completion(json!({"stream": true}))).await;
+    assert_eq!(plain.status, 200);
+    let text = plain.text();
+    assert_eq!(text.matches("data: {").count(), 3, "{text}");
+    assert!(!text.contains("\"usage\":{"), "usage event leaked: {text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert!(
+        output_tokens_reach(3.0).await,
+        "the stripped usage was not counted: {}",
+        proxy.metrics().await
+    );
+
+    // Asked: the usage event passes through, counted once more.
+    let asked = post_json(
+        &url,
+        &completion(json!({"stream": true, "stream_options": {"include_usage": true}})),
+    )
+    .await;
+    let text = asked.text();
+    assert_eq!(text.matches("\"usage\":{").count(), 1, "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert!(output_tokens_reach(6.0).await, "{}", proxy.metrics().await);
+}
+
+#[tokio::test]
 async fn slow_stream_is_relayed_chunk_by_chunk() {
     let upstream = EchoUpstream::start().await;
     let proxy = ProxyProcess::start(&upstream.url(), &["--upstream-timeout", "5s"]);

@@ -76,11 +76,23 @@ async fn compare(path: &str, body: Value) {
         assert!(d.len() > 3, "{d:?}");
         assert_eq!(p, d, "streams differ");
         assert_eq!(p.last().unwrap(), &json!("[DONE]"));
-        let usage = &p[p.len() - 2]["usage"];
-        assert!(
-            usage["completion_tokens"].as_u64().unwrap() > 0,
-            "usage chunk: {usage}"
-        );
+        if body["stream_options"]["include_usage"] == true {
+            let usage = &p[p.len() - 2]["usage"];
+            assert!(
+                usage["completion_tokens"].as_u64().unwrap() > 0,
+                "usage chunk: {usage}"
+            );
+        } else {
+            // The proxy asked vLLM for usage on the client's behalf and
+            // stripped it (the streams are equal above), yet counted it.
+            assert!(p.iter().all(|e| e.get("usage").is_none_or(Value::is_null)));
+            let max_tokens = body["max_tokens"].as_f64().unwrap();
+            let counted = wait_until(Duration::from_secs(5), || async {
+                proxy.metric("sluice_output_tokens_total").await == max_tokens
+            })
+            .await;
+            assert!(counted, "usage not counted: {}", proxy.metrics().await);
+        }
     } else {
         let (d, p) = (normalise(direct.json()), normalise(proxied.json()));
         assert_eq!(p, d, "bodies differ");
@@ -110,6 +122,18 @@ async fn chat_is_identical_through_the_proxy() {
 #[ignore = "needs a real vLLM: run `just e2e`"]
 async fn streamed_chat_is_identical_through_the_proxy() {
     compare("/v1/chat/completions", chat(true)).await;
+}
+
+#[tokio::test]
+#[ignore = "needs a real vLLM: run `just e2e`"]
+async fn streams_without_usage_are_identical_and_still_counted() {
+    for (path, mut body) in [
+        ("/v1/completions", completion(true)),
+        ("/v1/chat/completions", chat(true)),
+    ] {
+        body.as_object_mut().unwrap().remove("stream_options");
+        compare(path, body).await;
+    }
 }
 
 #[tokio::test]
@@ -344,15 +368,11 @@ async fn vllm_metrics_are_mirrored_and_its_block_size_learned() {
     assert_eq!(stats["gpus"], "n/a (no NVIDIA driver)");
 }
 
-/// The prefix tracker against vLLM's own truth. Token-id prompts make the
-/// tracker's blocks exactly vLLM's (text prompts need a tokenizer), the
-/// block size is learned from vLLM's /metrics, and every request runs alone
-/// so its blocks are known before the next one is predicted.
-#[tokio::test]
-#[ignore = "needs a real vLLM: run `just e2e`"]
-async fn prefix_predictions_match_vllm_cached_tokens() {
-    let upstream = vllm();
-    let proxy = ProxyProcess::start(&upstream, &["--scrape-interval", "200ms"]);
+/// A proxy in front of vLLM that has learned vLLM's block size (32).
+async fn proxy_with_learned_block_size(upstream: &str, extra: &[&str]) -> ProxyProcess {
+    let mut args = vec!["--scrape-interval", "200ms"];
+    args.extend_from_slice(extra);
+    let proxy = ProxyProcess::start(upstream, &args);
     let learned = wait_until(Duration::from_secs(10), || async {
         let stats = send(
             Method::GET,
@@ -366,23 +386,103 @@ async fn prefix_predictions_match_vllm_cached_tokens() {
     })
     .await;
     assert!(learned, "block size not learned from vLLM");
-    // Token ids vLLM has never seen in this process: seeded by the clock.
+    proxy
+}
+
+/// A xorshift stream seeded by the clock: content vLLM has not cached yet.
+fn fresh_numbers() -> impl FnMut() -> u64 {
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64;
     let mut state = seed | 1;
-    let mut ids = |n: usize| -> Vec<u32> {
-        (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                10 + (state % 4000) as u32
-            })
-            .collect()
-    };
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
+}
+
+/// The prefix tracker against vLLM's own truth. Token-id prompts make the
+/// tracker's blocks exactly vLLM's without a tokenizer, the block size is
+/// learned from vLLM's /metrics, and every request runs alone so its blocks
+/// are known before the next one is predicted.
+#[tokio::test]
+#[ignore = "needs a real vLLM: run `just e2e`"]
+async fn prefix_predictions_match_vllm_cached_tokens() {
+    let upstream = vllm();
+    let proxy = proxy_with_learned_block_size(&upstream, &[]).await;
+    let mut next = fresh_numbers();
+    let mut ids = |n: usize| -> Vec<u32> { (0..n).map(|_| 10 + (next() % 4000) as u32).collect() };
     let rubric = ids(330); // ~10 blocks shared by most requests
+    let prompts = (0..40)
+        .map(|i| {
+            let prompt: Vec<u32> = if i % 4 == 3 {
+                ids(200) // unrelated prompts, no shared prefix
+            } else {
+                rubric.iter().copied().chain(ids(70)).collect()
+            };
+            json!(prompt)
+        })
+        .collect();
+    check_predictions(&upstream, &proxy, prompts).await;
+}
+
+/// The same with text prompts, cut into vLLM's own tokens by `--tokenizer`
+/// (the tiny model's tokenizer.json, `SLUICE_VLLM_TOKENIZER`).
+#[tokio::test]
+#[ignore = "needs a real vLLM: run `just e2e`"]
+async fn text_prefix_predictions_match_vllm_with_its_tokenizer() {
+    let upstream = vllm();
+    let tokenizer = std::env::var("SLUICE_VLLM_TOKENIZER")
+        .expect("set SLUICE_VLLM_TOKENIZER to the model's tokenizer.json (`just e2e` does)");
+    let proxy = proxy_with_learned_block_size(&upstream, &["--tokenizer", &tokenizer]).await;
+    const WORDS: [&str; 16] = [
+        "candidate",
+        "rubric",
+        "score",
+        "python",
+        "rust",
+        "latency",
+        "design",
+        "review",
+        "senior",
+        "team",
+        "tests",
+        "cache",
+        "queue",
+        "policy",
+        "engine",
+        "token",
+    ];
+    let mut next = fresh_numbers();
+    let mut text = |words: usize| -> String {
+        let mut out = String::new();
+        for i in 0..words {
+            out.push_str(WORDS[(next() % 16) as usize]);
+            out.push(if i % 12 == 11 { '\n' } else { ' ' });
+        }
+        out.push('\n');
+        out
+    };
+    let rubric = format!("You grade candidates. Rubric:\n{}", text(300));
+    let prompts = (0..40)
+        .map(|i| {
+            if i % 4 == 3 {
+                json!(text(180))
+            } else {
+                json!(format!("{rubric}Candidate:\n{}", text(60)))
+            }
+        })
+        .collect();
+    check_predictions(&upstream, &proxy, prompts).await;
+}
+
+/// Sends each prompt alone and compares the tracker's prediction in the log
+/// line with vLLM's `cached_tokens`, per request (≥ 90% to the block) and in
+/// aggregate (hit rate within 5 points of vLLM's counters).
+async fn check_predictions(upstream: &str, proxy: &ProxyProcess, prompts: Vec<Value>) {
     let before = send(
         Method::GET,
         &format!("{upstream}/metrics"),
@@ -393,12 +493,8 @@ async fn prefix_predictions_match_vllm_cached_tokens() {
     .text();
     let (mut agree, mut total) = (0, 0);
     let (mut predicted_sum, mut actual_sum, mut prompt_sum) = (0u64, 0u64, 0u64);
-    for i in 0..40 {
-        let prompt: Vec<u32> = if i % 4 == 3 {
-            ids(200) // unrelated prompts, no shared prefix
-        } else {
-            rubric.iter().copied().chain(ids(70)).collect()
-        };
+    let requests = prompts.len();
+    for prompt in prompts {
         let body = json!({"model": "tiny-llama", "prompt": prompt, "max_tokens": 1});
         let reply = post_json(&format!("{}/v1/completions", proxy.url()), &body).await;
         assert_eq!(reply.status, 200, "{}", reply.text());
@@ -429,7 +525,7 @@ async fn prefix_predictions_match_vllm_cached_tokens() {
         }
         predicted_sum += predicted;
         actual_sum += actual;
-        prompt_sum += prompt.len() as u64;
+        prompt_sum += reply.json()["usage"]["prompt_tokens"].as_u64().unwrap();
     }
     let after = send(
         Method::GET,
@@ -456,5 +552,8 @@ async fn prefix_predictions_match_vllm_cached_tokens() {
         (ours - vllm_rate).abs() <= 0.05,
         "tracker {ours:.3} vs vLLM {vllm_rate:.3}"
     );
-    assert_eq!(proxy.metric("sluice_prefix_predictions_total").await, 40.0);
+    assert_eq!(
+        proxy.metric("sluice_prefix_predictions_total").await,
+        requests as f64
+    );
 }

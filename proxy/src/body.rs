@@ -2,7 +2,9 @@
 //! [`ObservedBody`], the streaming pass-through that watches an upstream
 //! response on its way to the client.
 //!
-//! `ObservedBody` never buffers: each frame is handed on as it arrives. On the
+//! `ObservedBody` never buffers: each frame is handed on as it arrives (when
+//! the proxy asked for a stream's usage on the client's behalf, only an
+//! unfinished SSE event waits for its end; see [`crate::stream_usage`]). On the
 //! way it notes the first byte (time to first token), counts bytes, enforces
 //! an idle timeout between frames, and turns a failure mid-stream into a final
 //! SSE `error` event so a streaming client never mistakes a truncated answer
@@ -20,6 +22,7 @@ use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use tokio::time::{Instant, Sleep};
 
 use crate::exchange::{Exchange, Outcome};
+use crate::stream_usage::UsageStripper;
 
 /// Errors carried by proxied bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -57,6 +60,8 @@ pin_project_lite::pin_project! {
         sse: bool,
         // The final SSE error event has been sent: the stream is over.
         done: bool,
+        // Removes the usage event the client did not ask for.
+        stripper: Option<UsageStripper>,
         // Finished (and taken) exactly once: on end, on error, or on drop.
         exchange: Option<Exchange>,
     }
@@ -87,8 +92,28 @@ impl<B: Body> ObservedBody<B> {
             idle_limit,
             sse,
             done: false,
+            stripper: None,
             exchange: Some(exchange),
         }
+    }
+
+    /// Removes the usage event from this SSE stream (the proxy asked for
+    /// it; the client did not). No effect on a body that is not SSE.
+    pub fn strip_usage(mut self) -> Self {
+        if self.sse {
+            self.stripper = Some(UsageStripper::default());
+        }
+        self
+    }
+}
+
+fn concat(head: Bytes, tail: Bytes) -> Bytes {
+    if tail.is_empty() {
+        head
+    } else if head.is_empty() {
+        tail
+    } else {
+        [head, tail].concat().into()
     }
 }
 
@@ -114,31 +139,69 @@ where
         if *this.done {
             return Poll::Ready(None);
         }
-        let failure: BoxError = match this.inner.as_mut().poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(data), Some(exchange)) = (frame.data_ref(), this.exchange.as_mut()) {
-                    exchange.on_data(data);
+        let failure: BoxError = loop {
+            match this.inner.as_mut().poll_frame(cx) {
+                Poll::Ready(Some(Ok(mut frame))) => {
+                    if let (Some(data), Some(exchange)) = (frame.data_ref(), this.exchange.as_mut())
+                    {
+                        exchange.on_data(data);
+                    }
+                    let ended = this.inner.is_end_stream();
+                    if let Some(stripper) = this.stripper.as_mut()
+                        && let Some(data) = frame.data_ref()
+                    {
+                        let removed = stripper.removed();
+                        let mut out = stripper.filter(data);
+                        if ended {
+                            out = concat(out, stripper.finish());
+                        }
+                        if let Some(exchange) = this.exchange.as_mut() {
+                            exchange.bytes -= stripper.removed() - removed;
+                        }
+                        if out.is_empty() && !ended {
+                            // All held back or removed: nothing to send yet.
+                            let next = Instant::now() + *this.idle_limit;
+                            this.idle.as_mut().reset(next);
+                            continue;
+                        }
+                        frame = Frame::data(out);
+                    }
+                    if ended {
+                        if let Some(exchange) = this.exchange.take() {
+                            exchange.finish(Outcome::Complete);
+                        }
+                        if frame.data_ref().is_some_and(Bytes::is_empty) {
+                            return Poll::Ready(None);
+                        }
+                    } else {
+                        let next = Instant::now() + *this.idle_limit;
+                        this.idle.as_mut().reset(next);
+                    }
+                    return Poll::Ready(Some(Ok(frame)));
                 }
-                if this.inner.is_end_stream() {
+                Poll::Ready(None) => {
+                    let mut rest = Bytes::new();
+                    if let Some(stripper) = this.stripper.as_mut() {
+                        let removed = stripper.removed();
+                        rest = stripper.finish();
+                        if let Some(exchange) = this.exchange.as_mut() {
+                            exchange.bytes -= stripper.removed() - removed;
+                        }
+                    }
                     if let Some(exchange) = this.exchange.take() {
                         exchange.finish(Outcome::Complete);
                     }
-                } else {
-                    let next = Instant::now() + *this.idle_limit;
-                    this.idle.as_mut().reset(next);
+                    if rest.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    *this.done = true;
+                    return Poll::Ready(Some(Ok(Frame::data(rest))));
                 }
-                return Poll::Ready(Some(Ok(frame)));
-            }
-            Poll::Ready(None) => {
-                if let Some(exchange) = this.exchange.take() {
-                    exchange.finish(Outcome::Complete);
+                Poll::Ready(Some(Err(err))) => break err.into(),
+                Poll::Pending => {
+                    ready!(this.idle.as_mut().poll(cx));
+                    break Box::new(IdleTimeout(*this.idle_limit));
                 }
-                return Poll::Ready(None);
-            }
-            Poll::Ready(Some(Err(err))) => err.into(),
-            Poll::Pending => {
-                ready!(this.idle.as_mut().poll(cx));
-                Box::new(IdleTimeout(*this.idle_limit))
             }
         };
         let message = format!("upstream stream interrupted: {failure}");

@@ -108,6 +108,10 @@ pub struct Cli {
     /// Concurrency cap of the built-in fallback used while a faulty policy awaits reload [default: 10]
     #[arg(long, env = "SLUICE_FALLBACK_LIMIT", value_name = "N")]
     fallback_limit: Option<u32>,
+
+    /// The model's HF tokenizer.json: text prompts are cut into the engine's exact token blocks (default: 4 bytes per token)
+    #[arg(long, env = "SLUICE_TOKENIZER", value_name = "FILE")]
+    tokenizer: Option<PathBuf>,
 }
 
 /// The `--config` TOML file: every key optional, names as the flags'.
@@ -134,6 +138,7 @@ struct FileConfig {
     scrape_interval: Option<String>,
     block_size: Option<u32>,
     prefix_cache_blocks: Option<usize>,
+    tokenizer: Option<PathBuf>,
 }
 
 /// A per-tenant rate limit.
@@ -188,6 +193,8 @@ pub struct Config {
     pub block_size: u32,
     /// Prefix-tracker capacity (blocks).
     pub prefix_cache_blocks: usize,
+    /// HF `tokenizer.json` for exact text blocks.
+    pub tokenizer: Option<PathBuf>,
 }
 
 /// Why a configuration was refused.
@@ -324,6 +331,7 @@ impl Cli {
                 .filter(|d| !d.is_zero()),
             block_size,
             prefix_cache_blocks,
+            tokenizer: self.tokenizer.or(file.tokenizer),
         })
     }
 }

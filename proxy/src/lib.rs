@@ -21,7 +21,8 @@
 //! - [`scrape`]: the upstream's own `/metrics`, mirrored as `sluice_upstream_...`.
 //! - [`stats`]: exact percentiles (HDR) per route and policy for `/stats`.
 //! - [`prefix`]: shared-prompt prefix tracking: chained block hashes in an LRU → predicted cached tokens.
-//! - [`tokens`]: prompt-length estimates.
+//! - [`stream_usage`]: asks the upstream for a stream's `usage` and strips that event before the client sees it.
+//! - [`tokens`]: prompt-length estimates and the HF tokenizer for exact blocks (`--tokenizer`).
 //! - [`usage`]: the engine's token counts, read from the response as it passes.
 //! - [`error`]: the one mapping from failure to status code and OpenAI error body.
 #![deny(missing_docs)]
@@ -40,6 +41,7 @@ pub mod proxy;
 pub mod scrape;
 pub mod server;
 pub mod stats;
+pub mod stream_usage;
 pub mod telemetry;
 pub mod tokens;
 pub mod upstream;
@@ -90,6 +92,9 @@ pub enum StartError {
         /// Why.
         source: LoadError,
     },
+    /// `--tokenizer` could not be loaded.
+    #[error("--tokenizer: {0}")]
+    Tokenizer(#[from] tokens::TokenizerError),
 }
 
 impl App {
@@ -147,9 +152,18 @@ impl App {
             );
         }
         let (config_upstream, scrape_interval) = (config.upstream.clone(), config.scrape_interval);
-        let prefix = Arc::new(prefix::PrefixTracker::new(
+        let unit = match &config.tokenizer {
+            None => prefix::BlockUnit::Bytes,
+            Some(path) => {
+                let tokenizer = tokens::HfTokenizer::from_file(path)?;
+                tracing::info!(tokenizer = %path.display(), vocab = tokenizer.vocab_size(), "prefix tracking in exact token blocks");
+                prefix::BlockUnit::Tokenizer(Arc::new(tokenizer))
+            }
+        };
+        let prefix = Arc::new(prefix::PrefixTracker::with_unit(
             config.prefix_cache_blocks,
             config.block_size,
+            unit,
         ));
         let proxy = Arc::new(proxy::Proxy::new(
             upstream,

@@ -19,6 +19,7 @@ use crate::error::ProxyError;
 use crate::exchange::{Exchange, Inference};
 use crate::headers;
 use crate::prefix::{Prediction, PrefixTracker};
+use crate::stream_usage;
 use crate::telemetry::{self, RequestRecord};
 use crate::upstream::Upstream;
 
@@ -120,9 +121,21 @@ impl Proxy {
 
         let mut permit: Option<Permit> = None;
         let mut prediction: Option<Prediction> = None;
+        let mut strip_usage = false;
         let body = if route.is_inference() {
-            let bytes = self.read_body(body).await?;
+            let mut bytes = self.read_body(body).await?;
             let parsed = InferenceRequest::parse(route, &bytes)?;
+            if parsed.stream
+                && !parsed.include_usage
+                && let Some(asking) = stream_usage::ask_for_usage(&bytes)
+            {
+                // Measure every stream: ask for usage, strip it on the way back.
+                bytes = asking;
+                strip_usage = true;
+                parts
+                    .headers
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+            }
             let predicted = self.prefix.lookup(&parsed.prompt);
             metrics::counter!(telemetry::PREFIX_QUERY_TOKENS)
                 .increment(u64::from(predicted.prompt_tokens));
@@ -181,7 +194,10 @@ impl Proxy {
             inference: prediction
                 .map(|prediction| Inference::new(Arc::clone(&self.prefix), prediction, sse)),
         };
-        let body = ObservedBody::new(body, self.upstream.idle_timeout(), sse, exchange);
+        let mut body = ObservedBody::new(body, self.upstream.idle_timeout(), sse, exchange);
+        if strip_usage {
+            body = body.strip_usage();
+        }
         Ok(Response::from_parts(parts, body.boxed_unsync()))
     }
 

@@ -140,6 +140,9 @@ async fn echo(seen: Arc<Seen>, req: Request<Incoming>) -> Result<Response<BoxBod
     let parsed: serde_json::Value =
         serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
     let stream = parsed["stream"].as_bool().unwrap_or(false);
+    // Like vLLM: every chunk says `"usage":null`; a last event with empty
+    // `choices` carries the counts only when the request asked for it.
+    let include_usage = parsed["stream_options"]["include_usage"] == true;
 
     if stream {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
@@ -147,7 +150,7 @@ async fn echo(seen: Arc<Seen>, req: Request<Incoming>) -> Result<Response<BoxBod
             let _guard = guard;
             for i in 0..3 {
                 tokio::time::sleep(delay).await;
-                let chunk = serde_json::json!({"id":"cmpl-echo","object":"text_completion","choices":[{"index":0,"text":format!("tok{i} ")}]});
+                let chunk = serde_json::json!({"id":"cmpl-echo","object":"text_completion","choices":[{"index":0,"text":format!("tok{i} ")}],"usage":null});
                 if tx
                     .send(Ok(Frame::data(Bytes::from(format!("data: {chunk}\n\n")))))
                     .await
@@ -155,6 +158,13 @@ async fn echo(seen: Arc<Seen>, req: Request<Incoming>) -> Result<Response<BoxBod
                 {
                     return;
                 }
+            }
+            if include_usage {
+                let usage = serde_json::json!({"id":"cmpl-echo","object":"text_completion","choices":[],
+                    "usage":{"prompt_tokens":3,"completion_tokens":3,"total_tokens":6}});
+                let _ = tx
+                    .send(Ok(Frame::data(Bytes::from(format!("data: {usage}\n\n")))))
+                    .await;
             }
             let _ = tx
                 .send(Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n"))))
