@@ -73,7 +73,7 @@ pub(crate) struct Args {
     /// Where the proxy runs.
     #[arg(long, value_enum, default_value_t = ProxyMode::Auto)]
     pub(crate) proxy_mode: ProxyMode,
-    /// Directory of the JSON result.
+    /// Directory of the results (JSON, Markdown, SVG plot).
     #[arg(long, default_value = "bench/results")]
     pub(crate) out_dir: PathBuf,
     #[command(flatten)]
@@ -103,16 +103,21 @@ async fn start_sim(
             let svc = hyper::service::service_fn(move |req: hyper::Request<_>| {
                 let (app, gauge) = (app.clone(), Arc::clone(&gauge));
                 async move {
-                    let counted = req.method() == hyper::Method::POST;
-                    if counted {
+                    let leave = (req.method() == hyper::Method::POST).then(|| {
                         gauge.enter();
-                    }
-                    // Non-streaming answers are whole when `handle` returns.
+                        Leave(gauge)
+                    });
                     let response = app.handle(req).await;
-                    if counted {
-                        gauge.leave();
-                    }
-                    Ok::<_, Infallible>(response)
+                    // A whole answer is done when `handle` returns; a stream
+                    // stays in flight until its body ends or is dropped
+                    // (client gone), which can be an instant after the
+                    // client has read its last event.
+                    let streamed = response
+                        .headers()
+                        .get(hyper::header::CONTENT_TYPE)
+                        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+                    let leave = if streamed { leave } else { None };
+                    Ok::<_, Infallible>(response.map(|body| Counted { body, leave }))
                 }
             });
             tokio::spawn(async move {
@@ -123,6 +128,45 @@ async fn start_sim(
         }
     });
     Ok(addr)
+}
+
+/// Leaves the in-flight gauge when dropped.
+struct Leave(Arc<InFlight>);
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        self.0.leave();
+    }
+}
+
+/// A simulator answer that holds its request in flight until it is dropped.
+struct Counted {
+    body: sluice_bench::sim::api::SimBody,
+    leave: Option<Leave>,
+}
+
+impl hyper::body::Body for Counted {
+    type Data = bytes::Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Infallible>>> {
+        let frame = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(frame, std::task::Poll::Ready(None)) {
+            self.leave = None;
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// A proxy for one configuration: its client and admin addresses.
@@ -227,16 +271,15 @@ fn policy_flags(spec: &str) -> (Vec<String>, String) {
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let mut report = compare(&args).await?;
     let table = report.comparison();
-    let path = report.write(&args.out_dir)?;
-    print!("{table}");
-    println!("\nper run:\n");
     let details = report.markdown();
     // The engine/workload header is already printed above.
-    print!(
-        "{}",
+    let markdown = format!(
+        "{table}\nper run:\n\n{}",
         details.split_once("\n\n").map_or(&*details, |(_, t)| t)
     );
-    println!("\nresults: {}", path.display());
+    let path = report.write_all(&args.out_dir, &markdown)?;
+    print!("{markdown}");
+    println!("\nresults: {} (and .md, .svg)", path.display());
     Ok(())
 }
 
@@ -255,6 +298,11 @@ async fn compare(args: &Args) -> anyhow::Result<Report> {
     eprintln!("bench compare: {engine}");
     let model = run::model_of(upstream).await;
     let workload = Arc::new(args.workload.build(model.as_deref())?);
+    if let Some(offset) = workload.candidate_offset {
+        eprintln!(
+            "bench compare: candidate offset {offset} (repeat with --candidate-offset {offset})"
+        );
+    }
 
     // Every run (warm-ups included) evaluates its own candidates: only the
     // rubric is shared, as in the reference workload.

@@ -6,9 +6,11 @@
 //!   workload through the proxy with each policy, and the two client modes
 //!   direct to the engine, in one table with a winner per row.
 //! - [`run`]: `bench run` — one client mode (batched waves, inngest
-//!   semaphore, open-loop Poisson rate, naive) against any target.
+//!   semaphore, open-loop Poisson rate, naive, a rate sweep to saturation)
+//!   against any target.
 //! - [`workload`]: the synthetic candidate-evaluation prompts (or a JSONL file).
 //! - [`report`]: the `benchmark_*.json` schema and the Markdown tables.
+//! - [`plot`]: the report's SVG plot (latency CDF, throughput bars).
 //! - `sluice_bench::sim`: the simulated vLLM (`bench sim`, `bench calibrate`,
 //!   `bench sim-vs-real`).
 //! - [`overhead`]: `bench overhead` — what the proxy adds over talking to an
@@ -19,6 +21,7 @@
 //! - [`suite`]: `bench suite` — batching, cache resume and memory, each
 //!   against its target, in one report.
 //! - [`load`]: the HTTP load loops and their HDR statistics.
+//! - [`progress`]: a progress bar on a terminal, plain lines otherwise.
 //! - [`fast_upstream`]: a minimal upstream that answers at once.
 //! - [`procs`]: starting and stopping the proxy and nginx as child processes.
 
@@ -26,8 +29,10 @@ mod compare;
 mod fast_upstream;
 mod load;
 mod overhead;
+mod plot;
 mod policy_cost;
 mod procs;
+mod progress;
 mod report;
 mod run;
 mod suite;

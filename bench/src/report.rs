@@ -1,27 +1,36 @@
 //! Benchmark results: what one configuration measured, the JSON file and
 //! the Markdown summaries.
 //!
-//! # `bench/results/benchmark_YYYYMMDD_HHMMSS.json` (schema `sluice-bench/1`)
+//! # `bench/results/benchmark_YYYYMMDD_HHMMSS.json` (schema `sluice-bench/2`)
+//!
+//! Beside it, with the same stem: `.md` (the Markdown printed at the end of
+//! the run) and `.svg` (latency CDF per configuration, throughput bars; see
+//! [`crate::plot`]).
 //!
 //! ```text
 //! {
-//!   "schema": "sluice-bench/1",
+//!   "schema": "sluice-bench/2",
 //!   "created_utc": "2026-11-23T12:00:00Z",
 //!   "engine": "simulated vLLM (profile rtx4080)" | "real vLLM at URL" | ...,
 //!   "profile": "rtx4080" | null,          // simulator profile, when simulated
 //!   "model": "tiny-llama" | null,         // the engine's /v1/models id
 //!   "workload": "synthetic candidate evaluation (seed 42, ...)",
+//!   "candidate_offset": 1795437296000000 | null,  // candidate of request 0 (synthetic set)
+//!   "stream": false,                      // answers streamed (SSE)
 //!   "runs": [{
 //!     "label": "proxy + concurrency.wasm",  // one column of the table
 //!     "target": "http://127.0.0.1:PORT",    // where the clients sent
-//!     "plan": {"mode": "batched"|"inngest"|"rate"|"naive", "requests", "duration_s",
-//!              "wave", "limit", "clients", "rate", "seed"},
+//!     "plan": {"mode": "batched"|"inngest"|"rate"|"naive"|"sweep", "requests", "duration_s",
+//!              "wave", "limit", "clients", "rate", "seed",
+//!              "offset"},                    // request i is candidate candidate_offset + offset + i
 //!     "client": {                            // as the client saw it
 //!       "sent", "ok", "failed",              // ok + failed == sent
-//!       "errors": {"http_429": n, "timeout": n, ...},
+//!       "errors": {"http_429": n, "timeout": n, "stream_truncated": n, ...},
 //!       "success_rate", "elapsed_s", "throughput_rps",
 //!       "output_tokens", "output_tokens_per_s",   // from each answer's usage
-//!       "latency_ms": {"count", "p50", "p95", "p99", "mean", "max"}
+//!       "latency_ms": {"count", "p50", "p95", "p99", "mean", "max"},
+//!       "ttft_ms": null | {"count", "p50", "p95", "p99", "mean", "max"},  // streamed runs
+//!       "latency_cdf_ms": [[quantile, ms], ...]   // every 2%, then 0.99, 0.995, 0.999, 1
 //!     },
 //!     "proxy": null | {                      // the proxy's GET /stats, when proxied
 //!       "policy", "outcomes": {...},
@@ -29,12 +38,24 @@
 //!     },
 //!     "prefix_cache": null | {"hit_tokens", "query_tokens", "hit_rate"},  // engine /metrics deltas
 //!     "upstream_max_in_flight": null | n,    // in-process simulator only: exact peak
-//!     "gpu": "n/a (no NVIDIA driver)" | "MiB used / MiB total, util %" per GPU
+//!     "gpu": "n/a (no NVIDIA driver)" | "MiB used / MiB total, util %" per GPU,
+//!     "gpu_memory_mib": null | n             // summed over GPUs, after the run
 //!   }],
-//!   "winners": {"throughput (req/s)": "label", ...}  // bench compare only: per
+//!   "winners": {"throughput (req/s)": "label", ...},  // bench compare only: per
 //!                                          // table row, labels within 1% of the best joined by " = "
+//!   "sweep": null | {                      // bench run --mode sweep (runs: one per step)
+//!     "steps": [{"rate_rps", "offered_rps", "achieved_rps", "sent", "failed",
+//!                "p50_ms", "p99_ms", "saturated": null | "throughput" | "errors" | "p99"}],
+//!     "max_p99_ms", "sustained_rps", "saturated_rps", "reason", "max_achieved_rps"
+//!   }
 //! }
 //! ```
+//!
+//! Changes from `sluice-bench/1`: added `candidate_offset`, `stream`,
+//! `client.ttft_ms`, `client.latency_cdf_ms`, `gpu_memory_mib`, `sweep`,
+//! the `sweep` mode and the stream error kinds. Every `/1` field is still
+//! there with the same meaning, except that candidates now start at
+//! `candidate_offset` instead of 0.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -45,9 +66,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::progress::Progress;
 use crate::run::stats::{PrefixCache, Summary, prefix_counters};
-use crate::run::{Plan, client, drive, metrics_of};
+use crate::run::sweep::Sweep;
+use crate::run::{Plan, client, drive_with, metrics_of};
 use crate::workload::Workload;
+
+/// The `schema` of every report.
+pub(crate) const SCHEMA: &str = "sluice-bench/2";
 
 /// An exact in-flight gauge with its peak (the in-process simulator's view).
 #[derive(Debug, Default)]
@@ -96,6 +122,7 @@ pub(crate) struct RunResult {
     pub(crate) prefix_cache: Option<PrefixCache>,
     pub(crate) upstream_max_in_flight: Option<u64>,
     pub(crate) gpu: String,
+    pub(crate) gpu_memory_mib: Option<f64>,
 }
 
 /// "simulated vLLM (profile P)", "simulated vLLM at URL" or "real vLLM at URL".
@@ -110,8 +137,9 @@ pub(crate) async fn engine_name(engine: SocketAddr, url: &str, profile: Option<&
     }
 }
 
-/// GPU memory and utilisation from `nvidia-smi`, or "n/a".
-pub(crate) async fn gpu_reading() -> String {
+/// GPU memory and utilisation from `nvidia-smi`, or "n/a"; and the memory
+/// used, in MiB, summed over GPUs.
+pub(crate) async fn gpu_reading() -> (String, Option<f64>) {
     let out = tokio::task::spawn_blocking(|| {
         std::process::Command::new("nvidia-smi")
             .args([
@@ -122,16 +150,28 @@ pub(crate) async fn gpu_reading() -> String {
     })
     .await;
     match out {
-        Ok(Ok(o)) if o.status.success() => String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split(',').map(str::trim).collect();
-                (f.len() == 3).then(|| format!("{} / {} MiB, {}% util", f[0], f[1], f[2]))
-            })
-            .collect::<Vec<_>>()
-            .join("; "),
-        _ => "n/a (no NVIDIA driver)".into(),
+        Ok(Ok(o)) if o.status.success() => gpu_lines(&String::from_utf8_lossy(&o.stdout)),
+        _ => ("n/a (no NVIDIA driver)".into(), None),
     }
+}
+
+/// `nvidia-smi --query-gpu=memory.used,memory.total,utilization.gpu` lines.
+fn gpu_lines(text: &str) -> (String, Option<f64>) {
+    let gpus: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.split(',').map(str::trim).collect::<Vec<_>>())
+        .filter(|f| f.len() == 3)
+        .collect();
+    if gpus.is_empty() {
+        return ("n/a (no GPU)".into(), None);
+    }
+    let reading = gpus
+        .iter()
+        .map(|f| format!("{} / {} MiB, {}% util", f[0], f[1], f[2]))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let used: Option<f64> = gpus.iter().map(|f| f[0].parse::<f64>().ok()).sum();
+    (reading, used)
 }
 
 async fn proxy_stats(admin: SocketAddr, reset: bool) -> Option<Value> {
@@ -164,7 +204,9 @@ pub(crate) async fn measure(
     if let Some(g) = in_flight {
         g.take_max();
     }
-    let outcomes = drive(target, workload, plan).await;
+    let progress = Progress::start(label, plan.requests as u64);
+    let outcomes = drive_with(target, workload, plan, progress.tick()).await;
+    progress.finish();
     let upstream_max_in_flight = in_flight.map(|g| g.take_max());
     let after = match engine {
         Some(e) => metrics_of(e).await.as_deref().and_then(prefix_counters),
@@ -190,6 +232,7 @@ pub(crate) async fn measure(
         }),
         None => None,
     };
+    let (gpu, gpu_memory_mib) = gpu_reading().await;
     RunResult {
         label: label.to_string(),
         target: url.to_string(),
@@ -198,7 +241,8 @@ pub(crate) async fn measure(
         proxy,
         prefix_cache: before.zip(after).map(|(b, a)| PrefixCache::between(b, a)),
         upstream_max_in_flight,
-        gpu: gpu_reading().await,
+        gpu,
+        gpu_memory_mib,
     }
 }
 
@@ -211,8 +255,11 @@ pub(crate) struct Report {
     pub(crate) profile: Option<String>,
     pub(crate) model: Option<String>,
     pub(crate) workload: String,
+    pub(crate) candidate_offset: Option<u64>,
+    pub(crate) stream: bool,
     pub(crate) runs: Vec<RunResult>,
     pub(crate) winners: BTreeMap<String, String>,
+    pub(crate) sweep: Option<Sweep>,
 }
 
 /// `(year, month, day, hour, minute, second)` of a Unix time, UTC.
@@ -257,15 +304,27 @@ impl Report {
     ) -> Self {
         let (y, mo, d, h, mi, s) = utc(now_secs());
         Self {
-            schema: "sluice-bench/1",
+            schema: SCHEMA,
             created_utc: format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z"),
             engine,
             profile,
             model,
             workload: workload.description.clone(),
+            candidate_offset: workload.candidate_offset,
+            stream: workload.stream,
             runs,
             winners: BTreeMap::new(),
+            sweep: None,
         }
+    }
+
+    /// Writes `dir/benchmark_YYYYMMDD_HHMMSS.json`, and beside it `.md`
+    /// (`markdown`) and `.svg` (the plot); returns the JSON's path.
+    pub(crate) fn write_all(&self, dir: &Path, markdown: &str) -> anyhow::Result<PathBuf> {
+        let json = self.write(dir)?;
+        std::fs::write(json.with_extension("md"), markdown)?;
+        crate::plot::write_svg(self, &json.with_extension("svg"))?;
+        Ok(json)
     }
 
     /// Writes `dir/benchmark_YYYYMMDD_HHMMSS.json`; returns its path.
@@ -293,7 +352,7 @@ impl Report {
     /// A Markdown summary: one line per run, every measure.
     pub(crate) fn markdown(&self) -> String {
         let mut s = format!(
-            "engine: {}\nworkload: {}\n\n| run | sent | ok | errors | req/s | out tok/s | p50 ms | p95 ms | p99 ms | proxy service p50 ms | queue wait p50 ms | cache hit | upstream max in flight | GPU |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+            "engine: {}\nworkload: {}\n\n| run | sent | ok | errors | req/s | out tok/s | p50 ms | p95 ms | p99 ms | TTFT p50/p95/p99 ms | proxy service p50 ms | queue wait p50 ms | cache hit | upstream max in flight | GPU |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
             self.engine, self.workload
         );
         for r in &self.runs {
@@ -312,7 +371,7 @@ impl Report {
                     .map_or("–".into(), |x| format!("{x:.2}"))
             };
             s += &format!(
-                "| {} | {} | {} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 r.label,
                 c.sent,
                 c.ok,
@@ -322,6 +381,12 @@ impl Report {
                 ms(c.latency_ms.p50),
                 ms(c.latency_ms.p95),
                 ms(c.latency_ms.p99),
+                c.ttft_ms.as_ref().map_or("–".into(), |t| format!(
+                    "{} / {} / {}",
+                    ms(t.p50),
+                    ms(t.p95),
+                    ms(t.p99)
+                )),
                 pv(r.proxy.as_ref().map(|p| &p.service_ms)),
                 pv(r.proxy.as_ref().map(|p| &p.queue_wait_ms)),
                 hit(r),
@@ -330,16 +395,23 @@ impl Report {
                 r.gpu,
             );
         }
+        if let Some(sweep) = &self.sweep {
+            s += "\nsweep (open-loop Poisson steps):\n\n";
+            s += &sweep.markdown();
+        }
         s
     }
 
     /// The comparison table in the reference's shape: one row per measure,
     /// one column per configuration, a winner per row. Fills `winners`.
+    /// TTFT rows appear when the answers were streamed.
     pub(crate) fn comparison(&mut self) -> String {
         type Pick = fn(&RunResult) -> Option<f64>;
         type Fmt = fn(f64) -> String;
+        let ms2: Fmt = |v| format!("{v:.2}");
+        let pct: Fmt = |v| format!("{:.1}%", v * 100.0);
         // (row, value, higher is better, format)
-        let rows: [(&str, Pick, bool, Fmt); 7] = [
+        let mut rows: Vec<(&str, Pick, bool, Fmt)> = vec![
             (
                 "throughput (req/s)",
                 |r| Some(r.client.throughput_rps),
@@ -347,37 +419,58 @@ impl Report {
                 |v| format!("{v:.0}"),
             ),
             (
-                "p50 latency (ms)",
-                |r| r.client.latency_ms.p50,
-                false,
-                |v| format!("{v:.2}"),
+                "output tokens/s",
+                |r| Some(r.client.output_tokens_per_s),
+                true,
+                |v| format!("{v:.0}"),
             ),
-            (
-                "p95 latency (ms)",
-                |r| r.client.latency_ms.p95,
-                false,
-                |v| format!("{v:.2}"),
-            ),
+            ("p50 latency (ms)", |r| r.client.latency_ms.p50, false, ms2),
+            ("p95 latency (ms)", |r| r.client.latency_ms.p95, false, ms2),
+            ("p99 latency (ms)", |r| r.client.latency_ms.p99, false, ms2),
+        ];
+        if self.runs.iter().any(|r| r.client.ttft_ms.is_some()) {
+            rows.extend([
+                (
+                    "TTFT p50 (ms)",
+                    (|r| r.client.ttft_ms.as_ref().and_then(|t| t.p50)) as Pick,
+                    false,
+                    ms2,
+                ),
+                (
+                    "TTFT p95 (ms)",
+                    |r| r.client.ttft_ms.as_ref().and_then(|t| t.p95),
+                    false,
+                    ms2,
+                ),
+                (
+                    "TTFT p99 (ms)",
+                    |r| r.client.ttft_ms.as_ref().and_then(|t| t.p99),
+                    false,
+                    ms2,
+                ),
+            ]);
+        }
+        rows.extend([
             (
                 "total time (s)",
-                |r| Some(r.client.elapsed_s),
+                (|r| Some(r.client.elapsed_s)) as Pick,
                 false,
-                |v| format!("{v:.2}"),
+                ms2,
             ),
-            ("GPU memory", |_| None, false, |_| String::new()),
             (
-                "success rate",
-                |r| Some(r.client.success_rate),
-                true,
-                |v| format!("{:.1}%", v * 100.0),
+                "GPU memory",
+                |r| r.gpu_memory_mib,
+                false,
+                |v| format!("{v:.0} MiB"),
             ),
+            ("success rate", |r| Some(r.client.success_rate), true, pct),
             (
                 "cache benefit (hit rate)",
                 |r| r.prefix_cache.as_ref().and_then(|p| p.hit_rate),
                 true,
-                |v| format!("{:.1}%", v * 100.0),
+                pct,
             ),
-        ];
+        ]);
         let mut s = format!(
             "engine: {}\nworkload: {}\n\n| metric |",
             self.engine, self.workload
@@ -392,19 +485,14 @@ impl Report {
         s += "---|\n";
         for (name, pick, higher, fmt) in rows {
             s += &format!("| {name} |");
-            if name == "GPU memory" {
-                for r in &self.runs {
-                    s += &format!(" {} |", r.gpu);
-                }
-                s += " – |\n";
-                continue;
-            }
             let values: Vec<Option<f64>> = self.runs.iter().map(pick).collect();
             for v in &values {
                 s += &format!(" {} |", v.map_or("n/a".into(), fmt));
             }
             let best = winner(&values, higher);
-            let label = if best.is_empty() {
+            let label = if values.iter().all(Option::is_none) {
+                "–".to_string()
+            } else if best.is_empty() {
                 "– (all within 1%)".to_string()
             } else {
                 let names: Vec<&str> = best.iter().map(|&i| self.runs[i].label.as_str()).collect();
@@ -480,6 +568,17 @@ mod tests {
         assert!(winner(&[Some(1.0), Some(1.005)], true).is_empty());
         assert_eq!(winner(&[Some(2.0)], true), [0]);
         assert_eq!(winner(&[Some(100.0), Some(99.5), Some(50.0)], true), [0, 1]);
+    }
+
+    #[test]
+    fn gpu_readings_sum_memory() {
+        let (text, mib) = gpu_lines("1024, 16376, 37\n2048, 16376, 5\n");
+        assert_eq!(
+            text,
+            "1024 / 16376 MiB, 37% util; 2048 / 16376 MiB, 5% util"
+        );
+        assert_eq!(mib, Some(3072.0));
+        assert_eq!(gpu_lines("").1, None);
     }
 
     #[test]

@@ -3,8 +3,18 @@
 //!
 //! The synthetic set is the reference benchmark's shape: one shared rubric
 //! system prompt (about 1,000 tokens) followed by a distinct candidate
-//! profile per request (about 200 tokens), generated deterministically from
-//! a seed, so every configuration of a comparison sends the same bytes.
+//! profile per request (about 200 tokens), generated deterministically.
+//!
+//! Determinism: request `i` of a run evaluates candidate
+//! `candidate_offset + i` (modulo `--candidates` when that is given), and
+//! its bytes are a function of that index, `--seed` and the shaping flags
+//! alone. The rubric depends on the seed only, so it is the one prefix
+//! every request shares. The offset defaults to the current Unix time in
+//! microseconds: a run started later never re-sends an earlier run's
+//! candidates (which a warm engine would still have cached, inflating the
+//! hit rate) unless it sends more than a million requests per second. The
+//! offset is printed and recorded in the report; `--candidate-offset N`
+//! with the same seed and flags repeats a run byte for byte.
 //! Token counts use the simulator's documented tokenizer (about 1.3 tokens
 //! per English word, close to real BPE vocabularies).
 //!
@@ -54,6 +64,15 @@ pub(crate) struct WorkloadArgs {
     /// Completions or chat.
     #[arg(long, value_enum, default_value_t = Api::Completions)]
     pub(crate) api: Api,
+    /// Stream the answers (SSE, with `stream_options.include_usage`): the
+    /// client then measures time to first token.
+    #[arg(long)]
+    pub(crate) stream: bool,
+    /// Candidate index of the run's first request (default: the Unix time
+    /// in microseconds, so repeated runs send new candidates; printed and
+    /// recorded so a run can be repeated).
+    #[arg(long)]
+    pub(crate) candidate_offset: Option<u64>,
     /// JSONL file of request bodies instead of the synthetic set.
     #[arg(long)]
     pub(crate) prompt_file: Option<std::path::PathBuf>,
@@ -74,6 +93,10 @@ pub(crate) struct Workload {
     source: Source,
     /// A short description for reports.
     pub(crate) description: String,
+    /// The candidate index of request 0 (synthetic set).
+    pub(crate) candidate_offset: Option<u64>,
+    /// Whether the bodies ask for a stream.
+    pub(crate) stream: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -82,11 +105,14 @@ enum Source {
     Synthetic {
         rubric: Arc<str>,
         seed: u64,
-        candidates: usize,
+        /// `None`: a new candidate per request.
+        candidates: Option<u64>,
+        candidate_offset: u64,
         profile_tokens: usize,
         max_tokens: u32,
         api: Api,
         model: Option<String>,
+        stream: bool,
     },
     /// Bodies from a file, cycled.
     File(Vec<Item>),
@@ -101,12 +127,16 @@ impl Workload {
                 rubric,
                 seed,
                 candidates,
+                candidate_offset,
                 profile_tokens,
                 max_tokens,
                 api,
                 model,
+                stream,
             } => {
-                let profile = profile(*seed, i % candidates, *profile_tokens);
+                let n = candidate_offset.wrapping_add(i as u64);
+                let candidate = candidates.map_or(n, |c| n % c) as usize;
+                let profile = profile(*seed, candidate, *profile_tokens);
                 let mut body = match api {
                     Api::Completions => json!({
                         "prompt": format!("{rubric}\n\n### Candidate\n{profile}\n\n### Evaluation\n"),
@@ -118,7 +148,7 @@ impl Workload {
                         ],
                     }),
                 };
-                fill(&mut body, model.as_deref(), *max_tokens);
+                fill(&mut body, model.as_deref(), *max_tokens, *stream);
                 Item {
                     path: path_for(&body),
                     body: Bytes::from(body.to_string()),
@@ -237,45 +267,66 @@ impl WorkloadArgs {
     /// Builds the workload; `model` is put in each body when known.
     pub(crate) fn build(&self, model: Option<&str>) -> anyhow::Result<Workload> {
         if let Some(path) = &self.prompt_file {
-            return from_file(path, model, self.max_tokens);
+            return from_file(path, model, self.max_tokens, self.stream);
         }
-        let candidates = self.candidates.max(1);
+        let candidates =
+            (self.candidates < NEW_EVERY_TIME).then_some(self.candidates.max(1) as u64);
+        let candidate_offset = self.candidate_offset.unwrap_or_else(clock_offset);
         let source = Source::Synthetic {
             rubric: rubric(self.seed, self.rubric_tokens).into(),
             seed: self.seed,
             candidates,
+            candidate_offset,
             profile_tokens: self.profile_tokens,
             max_tokens: self.max_tokens,
             api: self.api,
             model: model.map(str::to_string),
+            stream: self.stream,
         };
         Ok(Workload {
             source,
             description: format!(
-                "synthetic candidate evaluation (seed {}, {}, rubric ~{} tokens, profile ~{} tokens, max_tokens {}, {:?})",
+                "synthetic candidate evaluation (seed {}, {}, candidate offset {candidate_offset}, rubric ~{} tokens, profile ~{} tokens, max_tokens {}, {:?}{})",
                 self.seed,
-                if candidates >= 1_000_000_000 {
-                    "a new candidate per request".to_string()
-                } else {
-                    format!("{candidates} distinct candidates")
+                match candidates {
+                    None => "a new candidate per request".to_string(),
+                    Some(c) => format!("{c} distinct candidates"),
                 },
                 self.rubric_tokens,
                 self.profile_tokens,
                 self.max_tokens,
-                self.api
+                self.api,
+                if self.stream { ", streamed" } else { "" },
             )
             .to_lowercase(),
+            candidate_offset: Some(candidate_offset),
+            stream: self.stream,
         })
     }
 }
 
-fn fill(body: &mut Value, model: Option<&str>, max_tokens: u32) {
+/// `--candidates` at or above this (its default) means a new candidate per request.
+const NEW_EVERY_TIME: usize = 1_000_000_000;
+
+/// The default candidate offset: the Unix time in microseconds.
+fn clock_offset() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+fn fill(body: &mut Value, model: Option<&str>, max_tokens: u32, stream: bool) {
     if let Some(obj) = body.as_object_mut() {
         if let Some(m) = model {
             obj.entry("model").or_insert_with(|| m.into());
         }
         obj.entry("max_tokens").or_insert_with(|| max_tokens.into());
         obj.entry("temperature").or_insert_with(|| 0.into());
+        if stream {
+            obj.entry("stream").or_insert_with(|| true.into());
+            obj.entry("stream_options")
+                .or_insert_with(|| json!({"include_usage": true}));
+        }
     }
 }
 
@@ -287,7 +338,12 @@ fn path_for(body: &Value) -> &'static str {
     }
 }
 
-fn from_file(path: &Path, model: Option<&str>, max_tokens: u32) -> anyhow::Result<Workload> {
+fn from_file(
+    path: &Path,
+    model: Option<&str>,
+    max_tokens: u32,
+    stream: bool,
+) -> anyhow::Result<Workload> {
     let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
     let mut items = Vec::new();
     for (n, line) in text.lines().enumerate() {
@@ -302,7 +358,7 @@ fn from_file(path: &Path, model: Option<&str>, max_tokens: u32) -> anyhow::Resul
             path.display(),
             n + 1
         );
-        fill(&mut body, model, max_tokens);
+        fill(&mut body, model, max_tokens, stream);
         items.push(Item {
             path: path_for(&body),
             body: Bytes::from(body.to_string()),
@@ -312,6 +368,8 @@ fn from_file(path: &Path, model: Option<&str>, max_tokens: u32) -> anyhow::Resul
     Ok(Workload {
         description: format!("prompt file {} ({} requests)", path.display(), items.len()),
         source: Source::File(items),
+        candidate_offset: None,
+        stream,
     })
 }
 
@@ -341,6 +399,8 @@ mod tests {
             rubric_tokens: 100,
             profile_tokens: 20,
             api: Api::Completions,
+            stream: false,
+            candidate_offset: Some(0),
             prompt_file: None,
         };
         let w = args.build(Some("m")).unwrap();
@@ -355,5 +415,52 @@ mod tests {
         assert_eq!(a["model"], "m");
         assert_eq!(a["max_tokens"], 4);
         assert_eq!(w.item(0).path, "/v1/completions");
+        assert_eq!(a.get("stream"), None);
+    }
+
+    fn args(candidate_offset: Option<u64>) -> WorkloadArgs {
+        WorkloadArgs {
+            seed: 1,
+            candidates: NEW_EVERY_TIME,
+            max_tokens: 4,
+            rubric_tokens: 50,
+            profile_tokens: 20,
+            api: Api::Chat,
+            stream: true,
+            candidate_offset,
+            prompt_file: None,
+        }
+    }
+
+    #[test]
+    fn the_candidate_offset_shifts_candidates_and_repeats_runs() {
+        let w = args(Some(1000)).build(None).unwrap();
+        assert_eq!(w.candidate_offset, Some(1000));
+        assert!(
+            w.description.contains("candidate offset 1000"),
+            "{}",
+            w.description
+        );
+        // Byte for byte: same offset, same requests.
+        let again = args(Some(1000)).build(None).unwrap();
+        assert_eq!(w.item(5).body, again.item(5).body);
+        // Request 5 of a run at offset 995 is request 10 of this one.
+        let earlier = args(Some(995)).build(None).unwrap();
+        assert_eq!(earlier.item(10).body, w.item(5).body);
+        assert_ne!(earlier.item(5).body, w.item(5).body);
+        // By default the offset comes from the clock and is recorded.
+        let by_clock = args(None).build(None).unwrap();
+        assert!(by_clock.candidate_offset.unwrap() > 1_700_000_000_000_000);
+    }
+
+    #[test]
+    fn streamed_chat_bodies_ask_for_usage() {
+        let w = args(Some(0)).build(Some("m")).unwrap();
+        let item = w.item(0);
+        assert_eq!(item.path, "/v1/chat/completions");
+        let body: Value = serde_json::from_slice(&item.body).unwrap();
+        assert_eq!(body["stream"], true);
+        assert_eq!(body["stream_options"]["include_usage"], true);
+        assert_eq!(body["messages"][0]["role"], "system");
     }
 }

@@ -1,35 +1,117 @@
 //! `bench compare` end to end on the in-process simulator (fast tier): the
 //! report's structure and invariants.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
 
-#[test]
-fn compare_accounts_for_every_request_and_the_policy_caps_the_upstream() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out_dir = std::env::temp_dir().join(format!("sluice-bench-compare-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out_dir);
-    let requests = 200;
+/// The one `benchmark_*.json` in `dir`, after checking that its Markdown
+/// summary and SVG plot were written beside it.
+fn only_report(dir: &Path) -> PathBuf {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 3, "{files:?}");
+    let json = files[0].clone();
+    let name = json.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        name.starts_with("benchmark_") && name.ends_with(".json") && name.len() == 30,
+        "{name}"
+    );
+    assert_eq!(files[1], json.with_extension("md"));
+    assert_eq!(files[2], json.with_extension("svg"));
+    let md = std::fs::read_to_string(&files[1]).unwrap();
+    assert!(md.contains("| throughput (req/s) |"), "{md}");
+    let svg = std::fs::read_to_string(&files[2]).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("latency CDF"),
+        "{svg:.200}"
+    );
+    json
+}
+
+fn bench_compare(out_dir: &Path, args: &[&str]) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let _ = std::fs::remove_dir_all(out_dir);
     let out = Command::new(env!("CARGO_BIN_EXE_bench"))
-        .args([
-            "compare",
-            "--requests",
-            &requests.to_string(),
-            "--warmup",
-            "20",
-        ])
+        .arg("compare")
+        .args(args)
         .args(["--proxy-mode", "in-process", "--plugins"])
         .arg(root.join("plugins/dist"))
         .arg("--out-dir")
-        .arg(&out_dir)
+        .arg(out_dir)
         .output()
         .expect("run bench compare");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "bench compare failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn streamed_chat_compare_measures_time_to_first_token() {
+    let out_dir = std::env::temp_dir().join(format!("sluice-bench-stream-{}", std::process::id()));
+    let requests = 60;
+    let stdout = bench_compare(
+        &out_dir,
+        &[
+            "--requests",
+            &requests.to_string(),
+            "--warmup",
+            "10",
+            "--stream",
+            "--api",
+            "chat",
+            "--max-tokens",
+            "16",
+            "--candidate-offset",
+            "7",
+        ],
+    );
+    for row in [
+        "| TTFT p50 (ms) |",
+        "| TTFT p95 (ms) |",
+        "| TTFT p99 (ms) |",
+    ] {
+        assert!(stdout.contains(row), "no row {row:?} in\n{stdout}");
+    }
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(only_report(&out_dir)).unwrap()).unwrap();
+    assert_eq!(report["stream"], true);
+    assert_eq!(report["candidate_offset"], 7);
+    for run in report["runs"].as_array().unwrap() {
+        let c = &run["client"];
+        assert_eq!(c["ok"].as_u64(), Some(requests), "{run}");
+        // Usage came from the stream's last event: 16 tokens each.
+        assert_eq!(c["output_tokens"].as_u64(), Some(16 * requests), "{run}");
+        let ttft = &c["ttft_ms"];
+        assert_eq!(ttft["count"].as_u64(), Some(requests), "{run}");
+        // The first token comes before the whole answer, request by request,
+        // so every quantile of TTFT is at most the same quantile of latency.
+        for q in ["p50", "p95", "p99"] {
+            let (t, l) = (
+                ttft[q].as_f64().unwrap(),
+                c["latency_ms"][q].as_f64().unwrap(),
+            );
+            assert!(0.0 < t && t <= l, "{q}: ttft {t} > latency {l}: {run}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&out_dir);
+}
+
+#[test]
+fn compare_accounts_for_every_request_and_the_policy_caps_the_upstream() {
+    let out_dir = std::env::temp_dir().join(format!("sluice-bench-compare-{}", std::process::id()));
+    let requests = 200;
+    let stdout = bench_compare(
+        &out_dir,
+        &["--requests", &requests.to_string(), "--warmup", "20"],
     );
     assert_eq!(
         stdout.lines().next(),
@@ -48,18 +130,11 @@ fn compare_accounts_for_every_request_and_the_policy_caps_the_upstream() {
         assert!(stdout.contains(row), "no row {row:?} in\n{stdout}");
     }
 
-    let files: Vec<_> = std::fs::read_dir(&out_dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    assert_eq!(files.len(), 1, "{files:?}");
-    let name = files[0].file_name().unwrap().to_string_lossy().into_owned();
-    assert!(
-        name.starts_with("benchmark_") && name.ends_with(".json") && name.len() == 30,
-        "{name}"
-    );
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&files[0]).unwrap()).unwrap();
-    assert_eq!(report["schema"], "sluice-bench/1");
+    let json = only_report(&out_dir);
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["schema"], "sluice-bench/2");
+    assert!(report["candidate_offset"].as_u64().is_some(), "recorded");
+    assert_eq!(report["stream"], false);
     assert_eq!(report["profile"], "rtx4080");
     let runs = report["runs"].as_array().unwrap();
     let labels: Vec<&str> = runs.iter().map(|r| r["label"].as_str().unwrap()).collect();
@@ -103,6 +178,9 @@ fn compare_accounts_for_every_request_and_the_policy_caps_the_upstream() {
         let hit = run["prefix_cache"]["hit_rate"].as_f64().unwrap();
         assert!((0.5..0.95).contains(&hit), "hit rate {hit}: {run}");
         assert!(run["gpu"].as_str().is_some());
+        assert!(c["ttft_ms"].is_null(), "not streamed: {run}");
+        let cdf = c["latency_cdf_ms"].as_array().unwrap();
+        assert_eq!(cdf.last().unwrap()[0].as_f64(), Some(1.0));
     }
     let peak = |i: usize| runs[i]["upstream_max_in_flight"].as_u64().unwrap();
     assert!(peak(0) <= 50, "batched waves of 50");

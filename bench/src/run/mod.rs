@@ -11,11 +11,17 @@
 //! - `naive`: `--clients` (100) independent clients, each sending its next
 //!   request when its last returns, with no coordination: what a fleet of
 //!   naive workers does. Through the proxy, the policy alone decides.
+//! - `sweep`: `rate` steps of rising rate until the target saturates
+//!   (see [`sweep`]).
 //!
-//! A run ends after `--requests` or `--duration`, whichever comes first.
+//! A run ends after `--requests` or `--duration`, whichever comes first
+//! (a sweep's steps are sized by `--step-duration` instead). With
+//! `--stream` every answer is an SSE stream and the client also records the
+//! time to its first token, from the same origin as its latency.
 
 pub(crate) mod client;
 pub(crate) mod stats;
+pub(crate) mod sweep;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,10 +32,11 @@ use serde_json::Value;
 use sluice_bench::sim::engine::splitmix64;
 use tokio::time::Instant;
 
+use crate::progress::{Progress, Tick};
 use crate::report;
 use crate::workload::{Workload, WorkloadArgs};
 use client::Conn;
-use stats::Outcomes;
+use stats::{Outcomes, Sample};
 
 /// A client mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -43,6 +50,9 @@ pub(crate) enum Mode {
     Rate,
     /// Many independent clients, back to back.
     Naive,
+    /// Open-loop Poisson rates stepped up until the target saturates
+    /// (`bench run` only; one step of it is a `rate` run).
+    Sweep,
 }
 
 /// How a run sends.
@@ -67,8 +77,19 @@ pub(crate) struct Plan {
     pub(crate) offset: usize,
 }
 
-/// Sends the workload to `addr` as `plan` says.
+/// Sends the workload to `addr` as `plan` says, showing no progress.
 pub(crate) async fn drive(addr: SocketAddr, workload: &Arc<Workload>, plan: &Plan) -> Outcomes {
+    drive_with(addr, workload, plan, Progress::hidden().tick()).await
+}
+
+/// Sends the workload to `addr` as `plan` says, counting each finished
+/// request on `tick`.
+pub(crate) async fn drive_with(
+    addr: SocketAddr,
+    workload: &Arc<Workload>,
+    plan: &Plan,
+    tick: &Tick,
+) -> Outcomes {
     let deadline = plan
         .duration_s
         .map(|s| Instant::now() + Duration::from_secs_f64(s));
@@ -87,22 +108,23 @@ pub(crate) async fn drive(addr: SocketAddr, workload: &Arc<Workload>, plan: &Pla
                     .drain(..n)
                     .enumerate()
                     .map(|(k, mut conn)| {
-                        let workload = Arc::clone(workload);
+                        let (workload, tick) = (Arc::clone(workload), tick.clone());
                         tokio::spawn(async move {
-                            let r = conn.send(&workload.item(offset + next + k)).await;
-                            (conn, r, wave_start.elapsed())
+                            let r = conn.send_timed(&workload.item(offset + next + k)).await;
+                            tick.record(r.is_ok());
+                            (conn, Sample::new(r, wave_start))
                         })
                     })
                     .collect();
                 for task in tasks {
                     match task.await {
-                        Ok((conn, r, latency)) => {
+                        Ok((conn, sample)) => {
                             conns.push(conn);
-                            out.record(r, latency);
+                            out.record(sample);
                         }
                         Err(_) => {
                             conns.push(Conn::new(addr));
-                            out.record(Err("client_panic".into()), Duration::ZERO);
+                            out.record(Sample::failed("client_panic"));
                         }
                     }
                 }
@@ -118,8 +140,12 @@ pub(crate) async fn drive(addr: SocketAddr, workload: &Arc<Workload>, plan: &Pla
             let counter = Arc::new(AtomicUsize::new(0));
             let tasks: Vec<_> = (0..workers.max(1))
                 .map(|_| {
-                    let (counter, workload, requests) =
-                        (Arc::clone(&counter), Arc::clone(workload), plan.requests);
+                    let (counter, workload, requests, tick) = (
+                        Arc::clone(&counter),
+                        Arc::clone(workload),
+                        plan.requests,
+                        tick.clone(),
+                    );
                     tokio::spawn(async move {
                         let mut conn = Conn::new(addr);
                         let mut mine = Outcomes::default();
@@ -132,8 +158,9 @@ pub(crate) async fn drive(addr: SocketAddr, workload: &Arc<Workload>, plan: &Pla
                                 break;
                             }
                             let sent = Instant::now();
-                            let r = conn.send(&workload.item(offset + i)).await;
-                            mine.record(r, sent.elapsed());
+                            let r = conn.send_timed(&workload.item(offset + i)).await;
+                            tick.record(r.is_ok());
+                            mine.record(Sample::new(r, sent));
                         }
                         mine
                     })
@@ -145,7 +172,7 @@ pub(crate) async fn drive(addr: SocketAddr, workload: &Arc<Workload>, plan: &Pla
                 }
             }
         }
-        Mode::Rate => out = open_loop(addr, workload, plan, deadline).await,
+        Mode::Rate | Mode::Sweep => out = open_loop(addr, workload, plan, deadline, tick).await,
     }
     out.elapsed = start.elapsed();
     out
@@ -171,6 +198,7 @@ async fn open_loop(
     workload: &Arc<Workload>,
     plan: &Plan,
     deadline: Option<Instant>,
+    tick: &Tick,
 ) -> Outcomes {
     let offsets = poisson_offsets(plan.rate, plan.requests, plan.seed);
     let pool = Arc::new(std::sync::Mutex::new(Vec::<Conn>::new()));
@@ -194,23 +222,29 @@ async fn open_loop(
     });
     let mut tasks = Vec::with_capacity(plan.requests);
     while let Some((i, intended)) = rx.recv().await {
-        let (pool, workload, offset) = (Arc::clone(&pool), Arc::clone(workload), plan.offset);
+        let (pool, workload, offset, tick) = (
+            Arc::clone(&pool),
+            Arc::clone(workload),
+            plan.offset,
+            tick.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let conn = pool.lock().ok().and_then(|mut p| p.pop());
             let mut conn = conn.unwrap_or_else(|| Conn::new(addr));
-            let r = conn.send(&workload.item(offset + i)).await;
-            let latency = intended.elapsed();
+            let r = conn.send_timed(&workload.item(offset + i)).await;
+            tick.record(r.is_ok());
+            let sample = Sample::new(r, intended);
             if let Ok(mut p) = pool.lock() {
                 p.push(conn);
             }
-            (r, latency)
+            sample
         }));
     }
     let mut out = Outcomes::default();
     for task in tasks {
         match task.await {
-            Ok((r, latency)) => out.record(r, latency),
-            Err(_) => out.record(Err("client_panic".into()), Duration::ZERO),
+            Ok(sample) => out.record(sample),
+            Err(_) => out.record(Sample::failed("client_panic")),
         }
     }
     out
@@ -289,9 +323,11 @@ pub(crate) struct Args {
     /// (prefix-cache hit rate); defaults to `--target`.
     #[arg(long)]
     pub(crate) engine: Option<String>,
-    /// Directory of the JSON result.
+    /// Directory of the results (JSON, Markdown, SVG plot).
     #[arg(long, default_value = "bench/results")]
     pub(crate) out_dir: std::path::PathBuf,
+    #[command(flatten)]
+    pub(crate) sweep: sweep::SweepArgs,
     #[command(flatten)]
     pub(crate) workload: WorkloadArgs,
 }
@@ -307,35 +343,133 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     };
     let model = model_of(engine).await;
     let workload = Arc::new(args.workload.build(model.as_deref())?);
-    let plan = Plan {
-        mode: args.mode,
-        requests: args.requests,
-        duration_s: args.duration,
-        wave: args.wave,
-        limit: args.limit,
-        clients: args.clients,
-        rate: args.rate,
-        seed: args.workload.seed,
-        offset: 0,
-    };
+    if let Some(offset) = workload.candidate_offset {
+        eprintln!("bench run: candidate offset {offset} (repeat with --candidate-offset {offset})");
+    }
     let engine_name = report::engine_name(engine, &engine_url, None).await;
-    let label = format!("{:?}", args.mode).to_lowercase();
-    let result = report::measure(
-        &label,
-        &args.target,
+    let view = View {
+        url: &args.target,
         target,
         admin,
-        Some(engine),
-        None,
-        &workload,
-        &plan,
-    )
-    .await;
-    let report = report::Report::new(engine_name, None, model, &workload, vec![result]);
-    let path = report.write(&args.out_dir)?;
-    print!("{}", report.markdown());
-    println!("\nresults: {}", path.display());
+        engine,
+    };
+    let report = if args.mode == Mode::Sweep {
+        sweep_run(&args, &view, engine_name, model, &workload).await
+    } else {
+        let plan = Plan {
+            mode: args.mode,
+            requests: args.requests,
+            duration_s: args.duration,
+            wave: args.wave,
+            limit: args.limit,
+            clients: args.clients,
+            rate: args.rate,
+            seed: args.workload.seed,
+            offset: 0,
+        };
+        let label = format!("{:?}", args.mode).to_lowercase();
+        let result = view.measure(&label, &workload, &plan).await;
+        report::Report::new(engine_name, None, model, &workload, vec![result])
+    };
+    let markdown = report.markdown();
+    let path = report.write_all(&args.out_dir, &markdown)?;
+    print!("{markdown}");
+    println!("\nresults: {} (and .md, .svg)", path.display());
     Ok(())
+}
+
+/// Where a `bench run` sends and what it reads around each measurement.
+struct View<'a> {
+    url: &'a str,
+    target: SocketAddr,
+    admin: Option<SocketAddr>,
+    engine: SocketAddr,
+}
+
+impl View<'_> {
+    async fn measure(
+        &self,
+        label: &str,
+        workload: &Arc<Workload>,
+        plan: &Plan,
+    ) -> report::RunResult {
+        report::measure(
+            label,
+            self.url,
+            self.target,
+            self.admin,
+            Some(self.engine),
+            None,
+            workload,
+            plan,
+        )
+        .await
+    }
+}
+
+/// `bench run --mode sweep`: one `rate` run per step, up to saturation.
+async fn sweep_run(
+    args: &Args,
+    view: &View<'_>,
+    engine_name: String,
+    model: Option<String>,
+    workload: &Arc<Workload>,
+) -> report::Report {
+    let mut bounds = sweep::Bounds {
+        min_achieved: args.sweep.min_achieved,
+        max_error_rate: args.sweep.max_error_rate,
+        max_p99_ms: args.sweep.max_p99.map(|s| s * 1000.0),
+    };
+    let (mut steps, mut runs, mut offset) = (Vec::new(), Vec::new(), 0usize);
+    for (k, rate) in args.sweep.rates(args.rate).into_iter().enumerate() {
+        let requests = args.sweep.step_requests(rate);
+        let plan = Plan {
+            mode: Mode::Rate,
+            requests,
+            duration_s: None,
+            wave: args.wave,
+            limit: args.limit,
+            clients: args.clients,
+            rate,
+            seed: args.workload.seed.wrapping_add(k as u64),
+            offset,
+        };
+        offset += requests;
+        let result = view
+            .measure(&format!("rate {rate:.0}/s"), workload, &plan)
+            .await;
+        if bounds.max_p99_ms.is_none() {
+            bounds.max_p99_ms = result.client.latency_ms.p99.map(|p| p * 10.0);
+        }
+        let step = sweep::Step::of(rate, send_span(&plan), &result.client, &bounds);
+        eprintln!(
+            "bench run: rate {rate:.0}/s: offered {:.1}, achieved {:.1} req/s, p99 {} ms, {} errors{}",
+            step.offered_rps,
+            step.achieved_rps,
+            step.p99_ms.map_or("–".into(), |v| format!("{v:.1}")),
+            step.failed,
+            step.saturated
+                .map_or(String::new(), |r| format!(": saturated ({r:?})")
+                    .to_lowercase()),
+        );
+        let saturated = step.saturated.is_some();
+        steps.push(step);
+        runs.push(result);
+        if saturated {
+            break;
+        }
+    }
+    let mut report = report::Report::new(engine_name, None, model, workload, runs);
+    report.sweep = Some(sweep::Sweep::of(steps, bounds.max_p99_ms));
+    report
+}
+
+/// The span over which an open-loop plan's requests are meant to be sent:
+/// the last intended send time plus one mean gap (so `n` requests over it
+/// are the rate actually offered).
+pub(crate) fn send_span(plan: &Plan) -> Duration {
+    let offsets = poisson_offsets(plan.rate, plan.requests, plan.seed);
+    offsets.last().copied().unwrap_or_default() + Duration::from_secs_f64(1.0 / plan.rate.max(1e-9))
 }
 
 #[cfg(test)]

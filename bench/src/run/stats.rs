@@ -5,12 +5,57 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
+use tokio::time::Instant;
+
+use super::client::Answer;
+
+/// One request's result, timed from its origin: its send, its wave's start,
+/// or its intended send time (open loop).
+#[derive(Debug, Clone)]
+pub(crate) struct Sample {
+    /// Output tokens, or the error's kind.
+    pub(crate) result: Result<u64, String>,
+    /// Origin to the whole answer.
+    pub(crate) latency: Duration,
+    /// Origin to the first text-bearing SSE event (streams only).
+    pub(crate) ttft: Option<Duration>,
+}
+
+impl Sample {
+    /// Times `result` from `origin`, now.
+    pub(crate) fn new(result: Result<Answer, String>, origin: Instant) -> Self {
+        let latency = origin.elapsed();
+        match result {
+            Ok(a) => Self {
+                result: Ok(a.output_tokens),
+                latency,
+                ttft: a.first_token.map(|t| t.saturating_duration_since(origin)),
+            },
+            Err(kind) => Self {
+                result: Err(kind),
+                latency,
+                ttft: None,
+            },
+        }
+    }
+
+    /// A failure with no timing (a client task that panicked).
+    pub(crate) fn failed(kind: &str) -> Self {
+        Self {
+            result: Err(kind.into()),
+            latency: Duration::ZERO,
+            ttft: None,
+        }
+    }
+}
 
 /// Raw outcomes of a run, merged from its workers.
 #[derive(Debug, Clone)]
 pub(crate) struct Outcomes {
     /// Latencies of successful requests, in microseconds.
     pub(crate) latency: Histogram<u64>,
+    /// Times to first token of successful streamed requests, in microseconds.
+    pub(crate) ttft: Histogram<u64>,
     /// Requests sent (every one ends as ok or as an error).
     pub(crate) sent: u64,
     /// Successful (2xx) requests.
@@ -27,6 +72,7 @@ impl Default for Outcomes {
     fn default() -> Self {
         Self {
             latency: Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds"),
+            ttft: Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds"),
             sent: 0,
             ok: 0,
             errors: BTreeMap::new(),
@@ -37,14 +83,17 @@ impl Default for Outcomes {
 }
 
 impl Outcomes {
-    /// Records one request's result and latency.
-    pub(crate) fn record(&mut self, result: Result<u64, String>, latency: Duration) {
+    /// Records one request.
+    pub(crate) fn record(&mut self, sample: Sample) {
         self.sent += 1;
-        match result {
+        match sample.result {
             Ok(tokens) => {
                 self.ok += 1;
                 self.output_tokens += tokens;
-                let _ = self.latency.record((latency.as_micros() as u64).max(1));
+                let _ = self.latency.record(micros(sample.latency));
+                if let Some(ttft) = sample.ttft {
+                    let _ = self.ttft.record(micros(ttft));
+                }
             }
             Err(kind) => *self.errors.entry(kind).or_default() += 1,
         }
@@ -59,6 +108,7 @@ impl Outcomes {
             *self.errors.entry(k).or_default() += v;
         }
         let _ = self.latency.add(other.latency);
+        let _ = self.ttft.add(other.ttft);
     }
 
     /// The reported summary.
@@ -80,8 +130,26 @@ impl Outcomes {
             output_tokens: self.output_tokens,
             output_tokens_per_s: self.output_tokens as f64 / secs,
             latency_ms: Quantiles::of(&self.latency),
+            ttft_ms: (!self.ttft.is_empty()).then(|| Quantiles::of(&self.ttft)),
+            latency_cdf_ms: cdf(&self.latency),
         }
     }
+}
+
+fn micros(d: Duration) -> u64 {
+    (d.as_micros() as u64).max(1)
+}
+
+/// `[quantile, ms]` points of a latency CDF: every 2%, then the tail.
+pub(crate) fn cdf(h: &Histogram<u64>) -> Vec<[f64; 2]> {
+    if h.is_empty() {
+        return Vec::new();
+    }
+    (0..50)
+        .map(|i| f64::from(i) / 50.0)
+        .chain([0.99, 0.995, 0.999, 1.0])
+        .map(|q| [q, h.value_at_quantile(q) as f64 / 1000.0])
+        .collect()
 }
 
 /// Latency quantiles in milliseconds (`null` fields when nothing succeeded).
@@ -124,6 +192,10 @@ pub(crate) struct Summary {
     pub(crate) output_tokens: u64,
     pub(crate) output_tokens_per_s: f64,
     pub(crate) latency_ms: Quantiles,
+    /// Time to first token, when the answers were streamed.
+    pub(crate) ttft_ms: Option<Quantiles>,
+    /// `[quantile, latency ms]` points (for plots).
+    pub(crate) latency_cdf_ms: Vec<[f64; 2]>,
 }
 
 /// The sum of every sample of metric `name` in Prometheus text (all label
@@ -188,12 +260,12 @@ mod tests {
     fn every_request_is_counted_once() {
         let mut a = Outcomes::default();
         for ms in 1..=100u64 {
-            a.record(Ok(2), Duration::from_millis(ms));
+            a.record(ok(2, ms, None));
         }
         let mut b = Outcomes::default();
-        b.record(Err("http_429".into()), Duration::from_millis(1));
-        b.record(Err("http_429".into()), Duration::from_millis(1));
-        b.record(Err("timeout".into()), Duration::from_millis(1));
+        b.record(Sample::failed("http_429"));
+        b.record(Sample::failed("http_429"));
+        b.record(Sample::failed("timeout"));
         a.merge(b);
         a.elapsed = Duration::from_secs(2);
         let s = a.summary();
@@ -211,6 +283,57 @@ mod tests {
         assert!((q.p95.unwrap() - 95.0).abs() < 0.1, "{q:?}");
         assert!((q.p99.unwrap() - 99.0).abs() < 0.1, "{q:?}");
         assert!((q.mean.unwrap() - 50.5).abs() < 0.1, "{q:?}");
+        assert_eq!(s.ttft_ms, None, "nothing was streamed");
+        let cdf = &s.latency_cdf_ms;
+        assert_eq!(cdf.first(), Some(&[0.0, 1.0]));
+        let last = cdf.last().unwrap();
+        assert_eq!(last[0], 1.0);
+        assert!((last[1] - 100.0).abs() < 0.1, "{last:?}: HDR's 3 digits");
+        assert!(
+            cdf.windows(2)
+                .all(|w| w[0][0] < w[1][0] && w[0][1] <= w[1][1])
+        );
+    }
+
+    fn ok(tokens: u64, latency_ms: u64, ttft_ms: Option<u64>) -> Sample {
+        Sample {
+            result: Ok(tokens),
+            latency: Duration::from_millis(latency_ms),
+            ttft: ttft_ms.map(Duration::from_millis),
+        }
+    }
+
+    #[test]
+    fn ttft_quantiles_come_from_streamed_requests() {
+        let mut a = Outcomes::default();
+        for ms in 1..=100u64 {
+            a.record(ok(1, 10 * ms, Some(ms)));
+        }
+        // A non-streamed answer counts in latency, not in TTFT.
+        a.record(ok(1, 5, None));
+        let s = a.summary();
+        let t = s.ttft_ms.expect("streamed");
+        assert_eq!((t.count, s.latency_ms.count), (100, 101));
+        assert!((t.p50.unwrap() - 50.0).abs() < 0.1, "{t:?}");
+        assert!((t.p99.unwrap() - 99.0).abs() < 0.1, "{t:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn samples_are_timed_from_their_origin() {
+        let origin = Instant::now();
+        tokio::time::advance(Duration::from_millis(30)).await;
+        let first_token = Some(Instant::now());
+        tokio::time::advance(Duration::from_millis(70)).await;
+        let s = Sample::new(
+            Ok(Answer {
+                output_tokens: 3,
+                first_token,
+            }),
+            origin,
+        );
+        assert_eq!(s.result, Ok(3));
+        assert_eq!(s.latency, Duration::from_millis(100));
+        assert_eq!(s.ttft, Some(Duration::from_millis(30)));
     }
 
     #[test]
