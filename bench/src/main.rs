@@ -13,6 +13,8 @@
 //! - [`plot`]: the report's SVG plot (latency CDF, throughput bars).
 //! - `sluice_bench::sim`: the simulated vLLM (`bench sim`, `bench calibrate`,
 //!   `bench sim-vs-real`).
+//! - [`sim_reference`]: `bench sim-vs-reference` — the simulator against
+//!   the reference GPU benchmark's two client modes.
 //! - [`overhead`]: `bench overhead` — what the proxy adds over talking to an
 //!   upstream directly (and over nginx, when installed): latency and
 //!   maximum throughput, measured in one run.
@@ -35,6 +37,7 @@ mod procs;
 mod progress;
 mod report;
 mod run;
+mod sim_reference;
 mod suite;
 mod workload;
 
@@ -66,6 +69,8 @@ enum Command {
     Calibrate(sluice_bench::sim::calibrate::CalibrateArgs),
     /// Held-out workloads on the real engine and the simulator, side by side.
     SimVsReal(sluice_bench::sim::calibrate::VersusArgs),
+    /// The simulator (rtx4080) vs the reference GPU benchmark, both client modes.
+    SimVsReference(sim_reference::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -82,5 +87,6 @@ fn main() -> anyhow::Result<()> {
         Command::Sim(args) => runtime.block_on(sluice_bench::sim::run(args)),
         Command::Calibrate(args) => runtime.block_on(sluice_bench::sim::calibrate::calibrate(args)),
         Command::SimVsReal(args) => runtime.block_on(sluice_bench::sim::calibrate::versus(args)),
+        Command::SimVsReference(args) => runtime.block_on(sim_reference::run(args)),
     }
 }

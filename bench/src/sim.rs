@@ -14,11 +14,18 @@
 //!   eviction of free cached blocks).
 //! - [`engine`]: the scheduler (continuous batching, token budget, chunked
 //!   prefill, preemption), a pure state machine driven by explicit time.
-//! - [`driver`]: the step loop in tokio time; submit, stream, abort.
+//! - [`timeline`]: the engine in time: the API server's serial work in
+//!   front of and behind it, and its steps, as a discrete-event model run
+//!   in virtual or real time.
+//! - [`driver`]: runs a timeline in real time (a dedicated thread) or on
+//!   tokio's timer; submit, stream, abort.
 //! - [`api`]: the HTTP routes, JSON and SSE shapes, errors; [`serve`].
 //! - [`profile`]: engine shapes and step-time models, as TOML.
-//! - [`tokenizer`]: the documented simple tokenizer.
+//! - [`tokenizer`]: the documented simple tokenizer, or a model's
+//!   `tokenizer.json`.
 //! - [`metrics`]: vLLM's metric names and buckets.
+//! - [`reference`]: the reference GPU benchmark's two client modes run in
+//!   virtual time, and the `rtx4080` fit to them.
 //! - [`calibrate`]: measuring a real engine, fitting a profile, and
 //!   comparing the simulator with the real engine on held-out workloads.
 
@@ -29,6 +36,8 @@ pub mod engine;
 pub mod kv;
 pub mod metrics;
 pub mod profile;
+pub mod reference;
+pub mod timeline;
 pub mod tokenizer;
 
 use std::net::SocketAddr;
@@ -45,18 +54,29 @@ pub struct Args {
     /// A built-in profile (vllm-cpu-tiny, rtx4080) or a profile TOML file.
     #[arg(long, default_value = "vllm-cpu-tiny", env = "SLUICE_SIM_PROFILE")]
     pub profile: String,
+    /// The model's HF `tokenizer.json`: token counts (usage, prefix-cache
+    /// blocks, context length) come from it instead of the simple tokenizer.
+    #[arg(long, env = "SLUICE_SIM_TOKENIZER")]
+    pub tokenizer: Option<std::path::PathBuf>,
 }
 
 /// Runs `bench sim` until Ctrl-C.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let profile = Profile::load(&args.profile)?;
+    let tokenizer = match &args.tokenizer {
+        Some(path) => Some(tokenizer::SimTokenizer::from_file(path)?),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
     eprintln!(
-        "simulated vLLM (profile {}) listening on {addr}",
-        profile.name
+        "simulated vLLM (profile {}, {} tokenizer) listening on {addr}",
+        profile.name,
+        args.tokenizer
+            .as_ref()
+            .map_or("simple".to_string(), |p| p.display().to_string())
     );
-    serve(listener, profile, async {
+    api::serve_with(listener, profile, tokenizer, async {
         let _ = tokio::signal::ctrl_c().await;
     })
     .await?;

@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use super::driver::{Sim, Submission};
 use super::engine::{NewSeq, TokenEvent, splitmix64};
 use super::profile::Profile;
-use super::tokenizer::Tokenizer;
+use super::tokenizer::{SimTokenizer, Tokenizer};
 
 /// Response bodies: whole JSON or a live SSE stream.
 pub type SimBody = UnsyncBoxBody<Bytes, Infallible>;
@@ -37,6 +37,20 @@ pub async fn serve(
     profile: Profile,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with(listener, profile, None, shutdown).await
+}
+
+/// [`serve`], counting tokens with `tokenizer` when given (whose
+/// vocabulary then replaces the profile's).
+pub async fn serve_with(
+    listener: TcpListener,
+    mut profile: Profile,
+    tokenizer: Option<SimTokenizer>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    if let Some(vocab) = tokenizer.as_ref().and_then(SimTokenizer::vocab_size) {
+        profile.engine.vocab_size = vocab;
+    }
     let sim = Sim::new(profile);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let engine = tokio::spawn(sim.clone().run({
@@ -45,7 +59,10 @@ pub async fn serve(
             let _ = rx.wait_for(|s| *s).await;
         }
     }));
-    let app = App::new(sim);
+    let app = match tokenizer {
+        Some(t) => App::with_tokenizer(sim, t),
+        None => App::new(sim),
+    };
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -85,7 +102,7 @@ pub async fn serve(
 #[derive(Debug, Clone)]
 pub struct App {
     sim: Sim,
-    tokenizer: Tokenizer,
+    tokenizer: SimTokenizer,
 }
 
 /// An OpenAI-shaped error, as vLLM writes it.
@@ -164,9 +181,14 @@ struct Gen {
 }
 
 impl App {
-    /// A handler for `sim`.
+    /// A handler for `sim`, counting with the simple tokenizer.
     pub fn new(sim: Sim) -> Self {
-        let tokenizer = Tokenizer::new(sim.profile().engine.vocab_size);
+        let tokenizer = SimTokenizer::Simple(Tokenizer::new(sim.profile().engine.vocab_size));
+        Self { sim, tokenizer }
+    }
+
+    /// A handler for `sim`, counting with `tokenizer`.
+    pub fn with_tokenizer(sim: Sim, tokenizer: SimTokenizer) -> Self {
         Self { sim, tokenizer }
     }
 
@@ -347,10 +369,6 @@ impl App {
     }
 
     async fn generate(&self, g: Gen) -> Response<SimBody> {
-        let overhead = self.sim.profile().request_overhead();
-        if !overhead.is_zero() {
-            tokio::time::sleep(overhead).await;
-        }
         let prompt_len = g.prompt_tokens.len();
         let sub = self.sim.submit(NewSeq {
             prompt: g.prompt_tokens,
@@ -504,7 +522,7 @@ fn sse(v: &Value) -> Bytes {
 struct SseBody {
     sub: Submission,
     meta: Meta,
-    tokenizer: Tokenizer,
+    tokenizer: SimTokenizer,
     include_usage: bool,
     pending: VecDeque<Bytes>,
     started: bool,

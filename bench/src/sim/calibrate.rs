@@ -9,8 +9,6 @@
 //!   (not used by the fit) against the real engine and against the
 //!   simulator served in-process over HTTP, and prints both side by side.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -20,8 +18,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use super::engine::{Engine, NewSeq};
-use super::profile::{Profile, StepClock};
+use super::engine::NewSeq;
+use super::profile::Profile;
+use super::timeline::Timeline;
 use super::tokenizer::Tokenizer;
 
 /// A closed-loop workload: `concurrency` clients, `requests` in all.
@@ -169,53 +168,38 @@ pub async fn measure(base: &str, model: &str, w: &Workload) -> anyhow::Result<Me
 /// the model the HTTP simulator follows, used to fit profiles.
 pub fn simulate(profile: &Profile, w: &Workload) -> Measurement {
     let tok = Tokenizer::new(profile.engine.vocab_size);
-    let overhead = profile.request_overhead();
-    let mut engine = Engine::new(profile.engine_config());
-    let mut clock = StepClock::new(profile.timing.clone());
-    let mut t = Duration::ZERO;
-    // (arrival at the engine, request index, client start)
-    let mut arrivals: BinaryHeap<Reverse<(Duration, usize, Duration)>> = BinaryHeap::new();
+    let mut tl = Timeline::new(profile);
     let mut issued = 0;
-    for _ in 0..w.concurrency.min(w.requests) {
-        arrivals.push(Reverse((overhead, issued, Duration::ZERO)));
-        issued += 1;
-    }
     let mut started = std::collections::HashMap::new();
+    let submit = |tl: &mut Timeline, issued: &mut usize, t: Duration| {
+        let id = tl.submit(
+            NewSeq {
+                prompt: tok.encode(&w.prompt(*issued)),
+                max_tokens: w.max_tokens,
+                seed: *issued as u64,
+            },
+            t,
+        );
+        *issued += 1;
+        (id, t)
+    };
+    for _ in 0..w.concurrency.min(w.requests) {
+        let (id, t) = submit(&mut tl, &mut issued, Duration::ZERO);
+        started.insert(id, t);
+    }
+    let mut t = Duration::ZERO;
     let mut lat = Vec::with_capacity(w.requests);
-    while lat.len() < w.requests {
-        while let Some(Reverse((at, i, start))) = arrivals.peek().copied() {
-            if at > t {
-                break;
-            }
-            arrivals.pop();
-            let id = engine.add(
-                NewSeq {
-                    prompt: tok.encode(&w.prompt(i)),
-                    max_tokens: w.max_tokens,
-                    seed: i as u64,
-                },
-                t,
-            );
-            started.insert(id, start);
-        }
-        match engine.schedule(t) {
-            Some(b) => {
-                t += clock.step(&b);
-                for ev in engine.complete(&b, t) {
-                    if ev.finished.is_some() {
-                        let start = started.remove(&ev.id).unwrap_or_default();
-                        lat.push((t - start).as_secs_f64() * 1e3);
-                        if issued < w.requests {
-                            arrivals.push(Reverse((t + overhead, issued, t)));
-                            issued += 1;
-                        }
-                    }
+    while let Some(due) = tl.next_due() {
+        t = due;
+        for ev in tl.advance(t) {
+            if ev.finished.is_some() {
+                let start = started.remove(&ev.id).unwrap_or_default();
+                lat.push((t - start).as_secs_f64() * 1e3);
+                if issued < w.requests {
+                    let (id, t) = submit(&mut tl, &mut issued, t);
+                    started.insert(id, t);
                 }
             }
-            None => match arrivals.peek() {
-                Some(Reverse((at, _, _))) => t = *at,
-                None => break,
-            },
         }
     }
     summarise(lat, t.as_secs_f64().max(1e-9))

@@ -1,16 +1,18 @@
-//! The step loop: runs the [`Engine`] in (tokio) time and delivers tokens
-//! to the requests waiting for them.
+//! The step loop: runs a [`Timeline`] in real time and delivers tokens to
+//! the requests waiting for them.
 //!
-//! One task owns the loop: schedule a batch, sleep the profile's step time,
-//! complete the batch, send each sampled token to its request's channel.
-//! Requests submit and abort through a [`Sim`] handle; the engine sits
-//! behind a mutex held only for those short, non-async calls. Under
-//! `tokio::time::pause` the loop runs in virtual time, so tests see exact
-//! step timings.
+//! [`Sim::run`] drives it from a dedicated thread that sleeps until the
+//! next event: tokio's timer ticks in whole milliseconds, too coarse for
+//! sub-millisecond GPU steps. [`Sim::run_on_tokio_timer`] drives it from a
+//! task instead, so tests under `tokio::time::pause` see exact virtual
+//! step times (whole milliseconds). Requests submit and abort through a
+//! [`Sim`] handle; the timeline sits behind a mutex held only for short,
+//! non-async calls.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc};
@@ -18,7 +20,8 @@ use tokio::time::Instant;
 
 use super::engine::{Engine, NewSeq, SeqId, TokenEvent};
 use super::metrics;
-use super::profile::{Profile, StepClock};
+use super::profile::Profile;
+use super::timeline::Timeline;
 
 /// A running simulated engine. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -31,15 +34,35 @@ struct Shared {
     profile: Profile,
     start: Instant,
     state: Mutex<State>,
-    /// Wakes the step loop when work arrives while it is idle.
+    /// Wakes a task-driven loop when work arrives.
     wake: Notify,
+    /// Wakes a thread-driven loop when work arrives or on shutdown.
+    wake_thread: Condvar,
+    /// Tells a thread-driven loop to stop.
+    stop: AtomicBool,
 }
 
 #[derive(Debug)]
 struct State {
-    engine: Engine,
+    timeline: Timeline,
     /// Where each live sequence's tokens go.
     streams: HashMap<SeqId, mpsc::UnboundedSender<TokenEvent>>,
+}
+
+impl State {
+    /// Processes what is due at `now` and hands the tokens out.
+    fn advance(&mut self, now: Duration) {
+        for ev in self.timeline.advance(now) {
+            let (id, finished) = (ev.id, ev.finished.is_some());
+            let delivered = self.streams.get(&id).is_some_and(|tx| tx.send(ev).is_ok());
+            if finished || !delivered {
+                self.streams.remove(&id);
+            }
+            if !delivered && !finished {
+                self.timeline.abort(id);
+            }
+        }
+    }
 }
 
 /// A submitted request: its tokens arrive on `tokens`; dropping it before
@@ -78,16 +101,18 @@ impl Drop for AbortOnDrop {
 impl Sim {
     /// An idle engine for `profile`; call [`Sim::run`] to drive it.
     pub fn new(profile: Profile) -> Self {
-        let engine = Engine::new(profile.engine_config());
+        let timeline = Timeline::new(&profile);
         Self {
             shared: Arc::new(Shared {
                 profile,
                 start: Instant::now(),
                 state: Mutex::new(State {
-                    engine,
+                    timeline,
                     streams: HashMap::new(),
                 }),
                 wake: Notify::new(),
+                wake_thread: Condvar::new(),
+                stop: AtomicBool::new(false),
             }),
         }
     }
@@ -114,11 +139,12 @@ impl Sim {
         let (tx, rx) = mpsc::unbounded_channel();
         let id = {
             let mut st = self.state();
-            let id = st.engine.add(req, self.now());
+            let id = st.timeline.submit(req, self.now());
             st.streams.insert(id, tx);
             id
         };
         self.shared.wake.notify_one();
+        self.shared.wake_thread.notify_one();
         Submission {
             id,
             tokens: rx,
@@ -134,52 +160,86 @@ impl Sim {
     pub fn abort(&self, id: SeqId) {
         let mut st = self.state();
         st.streams.remove(&id);
-        st.engine.abort(id);
+        st.timeline.abort(id);
     }
 
     /// Runs `f` on the engine (for inspection).
     pub fn with_engine<R>(&self, f: impl FnOnce(&Engine) -> R) -> R {
-        f(&self.state().engine)
+        f(self.state().timeline.engine())
     }
 
     /// The Prometheus text of `/metrics`.
     pub fn metrics_text(&self) -> String {
         let st = self.state();
-        metrics::render(
-            &self.shared.profile.model,
-            st.engine.stats(),
-            st.engine.gauges(),
-        )
+        let engine = st.timeline.engine();
+        metrics::render(&self.shared.profile.model, engine.stats(), engine.gauges())
     }
 
-    /// The step loop, until `shutdown` completes.
+    /// Drives the engine in real time from a dedicated thread, until
+    /// `shutdown` completes.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let mut clock = StepClock::new(self.shared.profile.timing.clone());
-        tokio::pin!(shutdown);
+        let sim = self.clone();
+        let thread = std::thread::Builder::new()
+            .name("sim-engine".into())
+            .spawn(move || sim.thread_loop());
+        if let Err(e) = thread {
+            // No thread to be had: the millisecond timer still works.
+            eprintln!("sim: no engine thread ({e}); stepping on tokio's timer");
+            return self.run_on_tokio_timer(shutdown).await;
+        }
+        shutdown.await;
+        self.shared.stop.store(true, Ordering::Release);
+        let _guard = self.state();
+        self.shared.wake_thread.notify_all();
+    }
+
+    fn thread_loop(&self) {
+        let mut st = self.state();
         loop {
-            let batch = self.state().engine.schedule(self.now());
-            let Some(batch) = batch else {
-                tokio::select! {
-                    () = self.shared.wake.notified() => continue,
-                    () = &mut shutdown => return,
-                }
-            };
-            tokio::select! {
-                () = tokio::time::sleep(clock.step(&batch)) => {}
-                () = &mut shutdown => return,
+            if self.shared.stop.load(Ordering::Acquire) {
+                return;
             }
             let now = self.now();
-            let mut st = self.state();
-            let events = st.engine.complete(&batch, now);
-            for ev in events {
-                let (id, finished) = (ev.id, ev.finished.is_some());
-                let delivered = st.streams.get(&id).is_some_and(|tx| tx.send(ev).is_ok());
-                if finished || !delivered {
-                    st.streams.remove(&id);
+            st.advance(now);
+            st = match st.timeline.next_due() {
+                None => self
+                    .shared
+                    .wake_thread
+                    .wait(st)
+                    .unwrap_or_else(|p| p.into_inner()),
+                Some(due) => {
+                    let wait = due.saturating_sub(self.now());
+                    self.shared
+                        .wake_thread
+                        .wait_timeout(st, wait)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
                 }
-                if !delivered && !finished {
-                    st.engine.abort(id);
-                }
+            };
+        }
+    }
+
+    /// Drives the engine from this task on tokio's timer (whole
+    /// milliseconds; exact under `tokio::time::pause`), until `shutdown`
+    /// completes.
+    pub async fn run_on_tokio_timer(self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            let due = {
+                let mut st = self.state();
+                st.advance(self.now());
+                st.timeline.next_due()
+            };
+            match due {
+                None => tokio::select! {
+                    () = self.shared.wake.notified() => {}
+                    () = &mut shutdown => return,
+                },
+                Some(due) => tokio::select! {
+                    () = tokio::time::sleep_until(self.shared.start + due) => {}
+                    () = self.shared.wake.notified() => {}
+                    () = &mut shutdown => return,
+                },
             }
         }
     }
@@ -196,6 +256,9 @@ mod tests {
         p.timing.prefill_token_ms = 1.0;
         p.timing.decode_seq_ms = 0.0;
         p.timing.context_token_ms = 0.0;
+        p.timing.request_overhead_ms = 0.0;
+        p.timing.api_in_ms = 0.0;
+        p.timing.api_out_ms = 0.0;
         p.timing.jitter = 0.0;
         p
     }
@@ -211,7 +274,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn tokens_arrive_at_the_profiles_step_times() {
         let sim = Sim::new(profile());
-        tokio::spawn(sim.clone().run(std::future::pending()));
+        tokio::spawn(sim.clone().run_on_tokio_timer(std::future::pending()));
         let t0 = Instant::now();
         let mut sub = sim.submit(seq(10, 3));
         // Prefill: 10 + 10 × 1 ms; then two decode steps of 10 ms.
@@ -228,7 +291,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_second_identical_prompt_prefills_less() {
         let sim = Sim::new(profile());
-        tokio::spawn(sim.clone().run(std::future::pending()));
+        tokio::spawn(sim.clone().run_on_tokio_timer(std::future::pending()));
         for expect_cached in [0, 8] {
             let t0 = Instant::now();
             let mut sub = sim.submit(seq(10, 1));
@@ -245,7 +308,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn dropping_a_submission_aborts_its_sequence() {
         let sim = Sim::new(profile());
-        tokio::spawn(sim.clone().run(std::future::pending()));
+        tokio::spawn(sim.clone().run_on_tokio_timer(std::future::pending()));
         let mut sub = sim.submit(seq(10, 1000));
         sub.tokens.recv().await.unwrap();
         assert_eq!(sim.with_engine(|e| e.running().len()), 1);
@@ -255,5 +318,32 @@ mod tests {
             "vllm:request_success_total{engine=\"0\",finished_reason=\"abort\",model_name=\"tiny-llama\"} 1.0"
         ));
         assert_eq!(sim.with_engine(|e| e.kv().usage()), 0.0);
+    }
+
+    #[tokio::test]
+    async fn the_real_time_loop_delivers_sub_millisecond_steps_on_time() {
+        // One 0.3 ms step per request. Tokio's timer would deliver at 1 ms
+        // at the earliest; the engine thread sleeps to the deadline itself.
+        // Best of ten, so a busy machine's scheduling delays don't count.
+        let mut p = profile();
+        p.timing.step_base_ms = 0.3;
+        p.timing.prefill_token_ms = 0.0;
+        let sim = Sim::new(p);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let engine = tokio::spawn(sim.clone().run(async {
+            let _ = stopped.await;
+        }));
+        let mut best = Duration::MAX;
+        for i in 0..10 {
+            let t0 = std::time::Instant::now();
+            let mut sub = sim.submit(seq(10 + i, 1));
+            let ev = sub.tokens.recv().await.unwrap();
+            assert!(ev.finished.is_some());
+            best = best.min(t0.elapsed());
+        }
+        assert!(best >= Duration::from_micros(300), "{best:?}");
+        assert!(best < Duration::from_micros(900), "{best:?}");
+        let _ = stop.send(());
+        engine.await.unwrap();
     }
 }

@@ -151,8 +151,22 @@ impl Engine {
 
     /// Queues a request arriving at `now`.
     pub fn add(&mut self, req: NewSeq, now: Duration) -> SeqId {
+        let id = self.reserve_id();
+        self.insert(id, req, now);
+        id
+    }
+
+    /// A fresh id for a request that will [`Engine::insert`] later (one
+    /// still on its way through the API server).
+    pub fn reserve_id(&mut self) -> SeqId {
         let id = self.next_id;
         self.next_id += 1;
+        id
+    }
+
+    /// Queues a request arriving at `now` under an id from
+    /// [`Engine::reserve_id`].
+    pub fn insert(&mut self, id: SeqId, req: NewSeq, now: Duration) {
         let prompt_len = req.prompt.len();
         self.stats.prompt_tokens += prompt_len as u64;
         self.seqs.insert(
@@ -173,7 +187,6 @@ impl Engine {
             },
         );
         self.waiting.push_back(id);
-        id
     }
 
     /// Removes a sequence (client gone), freeing its blocks. Unknown ids

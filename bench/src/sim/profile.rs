@@ -13,9 +13,14 @@
 //!      + context_token_ms × context tokens of the scheduled sequences
 //! ```
 //!
-//! times `1 ± jitter` (uniform, seeded). `request_overhead_ms` is added to
-//! every request outside the engine: the API server's parse, tokenize,
-//! detokenize and HTTP work, which does not occupy the engine.
+//! times `1 ± jitter` (uniform, seeded). Around the engine, each request
+//! also pays:
+//! - `api_in_ms` before the engine and `api_out_ms` after its last token,
+//!   on the API server's one thread (vLLM's frontend is a single asyncio
+//!   process: parsing and tokenizing, detokenizing and writing the
+//!   response), so a burst of requests queues there;
+//! - `request_overhead_ms` before the engine, which delays the request but
+//!   occupies nothing (network and HTTP time in parallel work).
 
 use std::path::Path;
 use std::time::Duration;
@@ -85,9 +90,15 @@ pub struct Timing {
     /// Per token of context (attention reads) of the scheduled sequences.
     #[serde(default)]
     pub context_token_ms: f64,
-    /// Per request, outside the engine (API server work).
+    /// Per request, before the engine, occupying nothing (latency only).
     #[serde(default)]
     pub request_overhead_ms: f64,
+    /// Per request, before the engine, on the API server's single thread.
+    #[serde(default)]
+    pub api_in_ms: f64,
+    /// Per request, after its last token, on the API server's single thread.
+    #[serde(default)]
+    pub api_out_ms: f64,
     /// Uniform jitter as a fraction of the step time (0 = none).
     #[serde(default)]
     pub jitter: f64,
@@ -157,6 +168,8 @@ impl Profile {
             ("decode_seq_ms", t.decode_seq_ms),
             ("context_token_ms", t.context_token_ms),
             ("request_overhead_ms", t.request_overhead_ms),
+            ("api_in_ms", t.api_in_ms),
+            ("api_out_ms", t.api_out_ms),
         ] {
             anyhow::ensure!(
                 v.is_finite() && v >= 0.0,
@@ -184,10 +197,19 @@ impl Profile {
         }
     }
 
-    /// The per-request overhead outside the engine.
+    /// The per-request latency outside the engine that occupies nothing.
     pub fn request_overhead(&self) -> Duration {
-        Duration::from_secs_f64(self.timing.request_overhead_ms / 1e3)
+        ms(self.timing.request_overhead_ms)
     }
+
+    /// The API server's serial work per request: before the engine, after it.
+    pub fn api_costs(&self) -> (Duration, Duration) {
+        (ms(self.timing.api_in_ms), ms(self.timing.api_out_ms))
+    }
+}
+
+fn ms(v: f64) -> Duration {
+    Duration::from_secs_f64(v.max(0.0) / 1e3)
 }
 
 impl Timing {
@@ -257,6 +279,8 @@ mod tests {
             decode_seq_ms: 0.1,
             context_token_ms: 0.001,
             request_overhead_ms: 0.0,
+            api_in_ms: 0.0,
+            api_out_ms: 0.0,
             jitter: 0.0,
             seed: 0,
         };

@@ -11,8 +11,62 @@
 //! vocabularies. A piece's id is a hash of its bytes modulo the vocabulary
 //! size. Decoding maps an id to a short pronounceable piece (`" ka"`,
 //! `"ron"`…), so output text is a deterministic function of the ids.
+//!
+//! With `bench sim --tokenizer tokenizer.json`, [`SimTokenizer::Hf`] counts
+//! with the model's own tokenizer instead (the proxy's
+//! [`sluice::tokens::HfTokenizer`], over the HF `tokenizers` crate): prompt
+//! ids, and so `usage`, prefix-cache blocks and context-length checks, are
+//! the real engine's. As vLLM does for a completions prompt, the file's
+//! special tokens (a BOS) are added. Chat messages are still rendered with
+//! the fixed template of [`Tokenizer::chat_prompt`], not the model's Jinja
+//! chat template.
 
 use std::hash::{Hash, Hasher};
+use std::path::Path;
+use std::sync::Arc;
+
+use sluice::prefix::Tokenizer as _;
+use sluice::tokens::HfTokenizer;
+
+/// What the simulator counts tokens with.
+#[derive(Debug, Clone)]
+pub enum SimTokenizer {
+    /// The documented simple tokenizer.
+    Simple(Tokenizer),
+    /// A model's `tokenizer.json`.
+    Hf(Arc<HfTokenizer>),
+}
+
+impl SimTokenizer {
+    /// Loads a `tokenizer.json`.
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        Ok(Self::Hf(Arc::new(HfTokenizer::from_file(path)?)))
+    }
+
+    /// Token ids of `text`.
+    pub fn encode(&self, text: &str) -> Vec<u32> {
+        match self {
+            Self::Simple(t) => t.encode(text),
+            Self::Hf(t) => t.encode(text),
+        }
+    }
+
+    /// The text of one output token.
+    pub fn decode_token(&self, id: u32) -> String {
+        match self {
+            Self::Simple(t) => t.decode_token(id),
+            Self::Hf(t) => t.decode(&[id]),
+        }
+    }
+
+    /// The vocabulary size a file fixes (output ids are drawn below it).
+    pub fn vocab_size(&self) -> Option<u32> {
+        match self {
+            Self::Simple(_) => None,
+            Self::Hf(t) => u32::try_from(t.vocab_size()).ok(),
+        }
+    }
+}
 
 /// Token ids: `0..vocab_size`.
 #[derive(Debug, Clone)]
