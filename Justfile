@@ -52,7 +52,7 @@ tools:
 
 # The real-vLLM tier: starts vLLM when needed, then runs the tests that use it.
 e2e: plugins vllm
-    SLUICE_VLLM_URL=http://127.0.0.1:{{vllm_port}} cargo test --workspace -- --ignored --test-threads 1
+    SLUICE_VLLM_URL=http://127.0.0.1:{{vllm_port}} SLUICE_VLLM_TOKENIZER=$SLUICE_CACHE/tiny-llama/tokenizer.json cargo test --workspace -- --ignored --test-threads 1
 
 # Install (first time, ~5 min) and start a real CPU vLLM with a tiny local model; waits for /health.
 vllm:
