@@ -516,6 +516,18 @@ async fn invalid_configuration_exits_64_before_binding() {
     let out = run(&["--policy", "no-such-policy.wasm"]);
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--policy"));
+    let out = run(&[
+        "--tokenizer",
+        "no-such-tokenizer.json",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--tokenizer") && err.contains("no-such-tokenizer.json"),
+        "{err}"
+    );
     let out = run(&["--no-such-flag"]);
     assert_eq!(out.status.code(), Some(64));
     let help = run(&["--help"]);
@@ -533,6 +545,7 @@ async fn invalid_configuration_exits_64_before_binding() {
         "--max-queue",
         "--queue-timeout",
         "--rate-limit",
+        "--tokenizer",
         "SLUICE_UPSTREAM",
     ] {
         assert!(help.contains(flag), "--help does not explain {flag}");

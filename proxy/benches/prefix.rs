@@ -3,13 +3,17 @@
 //! of a busy engine), for the text, token-id and chat cuts.
 //!
 //! `cargo bench -p sluice-proxy --bench prefix`; the target is a median
-//! under 5 µs.
+//! under 5 µs. With `SLUICE_BENCH_TOKENIZER=path/to/tokenizer.json` it also
+//! measures `--tokenizer`'s extra cost: encoding the 4,000-token text, and
+//! lookup + insert with the tokenizer cutting it (the encode dominates).
 
 use std::hint::black_box;
+use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use sluice::classify::{ChatMessage, Prompt};
-use sluice::prefix::PrefixTracker;
+use sluice::prefix::{BlockUnit, PrefixTracker, Tokenizer};
+use sluice::tokens::HfTokenizer;
 
 /// KV blocks of a mid-sized model on one 80 GB GPU.
 const CAPACITY: usize = 65_536;
@@ -95,5 +99,48 @@ fn lookup_and_insert(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, lookup_and_insert);
+/// `--tokenizer`: encoding a ~4,000-token text with the model's tokenizer.
+fn with_tokenizer(c: &mut Criterion) {
+    let Ok(path) = std::env::var("SLUICE_BENCH_TOKENIZER") else {
+        eprintln!("SLUICE_BENCH_TOKENIZER unset: skipping the tokenizer cases");
+        return;
+    };
+    let tokenizer = Arc::new(HfTokenizer::from_file(path.as_ref()).expect("tokenizer.json"));
+    // English-like words: BPE merges them, unlike the letter soup above.
+    let words = [
+        "candidate ",
+        "rubric ",
+        "score ",
+        "the ",
+        "engineer ",
+        "latency ",
+        "design\n",
+    ];
+    let mut text = String::new();
+    let mut i = 0usize;
+    while tokenizer.encode(&text).len() < 4_000 {
+        for _ in 0..100 {
+            text.push_str(words[(i * 7 + i / 3) % words.len()]);
+            i += 1;
+        }
+    }
+    let tokens = tokenizer.encode(&text).len();
+    let mut group = c.benchmark_group(format!("tokenizer {tokens} tokens"));
+    group.bench_function("encode", |b| {
+        b.iter(|| tokenizer.encode(black_box(&text)).len())
+    });
+    let tracker = PrefixTracker::with_unit(CAPACITY, 32, BlockUnit::Tokenizer(tokenizer.clone()));
+    let prompt = Prompt::Text(vec![text.clone()]);
+    tracker.insert(&tracker.lookup(&prompt));
+    group.bench_function("lookup+insert/text/32", |b| {
+        b.iter(|| {
+            let prediction = tracker.lookup(black_box(&prompt));
+            tracker.insert(&prediction);
+            prediction.cached_tokens
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, lookup_and_insert, with_tokenizer);
 criterion_main!(benches);

@@ -248,6 +248,12 @@ impl PrefixTracker {
         self.write().lru.set_capacity(capacity_blocks);
     }
 
+    /// Whether text is cut by a tokenizer: a lookup may then take
+    /// milliseconds (encoding), too long for an async worker.
+    pub fn tokenizes(&self) -> bool {
+        matches!(self.unit, BlockUnit::Tokenizer(_))
+    }
+
     /// The block size in tokens.
     pub fn block_size(&self) -> u32 {
         self.block_size.load(Ordering::Relaxed)

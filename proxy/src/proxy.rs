@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use crate::admission::{Admission, Permit, RequestInfo};
 use crate::body::{ObservedBody, ProxyBody, full};
-use crate::classify::{InferenceRequest, Route};
+use crate::classify::{InferenceRequest, Prompt, Route};
 use crate::error::ProxyError;
 use crate::exchange::{Exchange, Inference};
 use crate::headers;
@@ -136,7 +136,7 @@ impl Proxy {
                     .headers
                     .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
             }
-            let predicted = self.prefix.lookup(&parsed.prompt);
+            let (parsed, predicted) = self.predict(parsed).await?;
             metrics::counter!(telemetry::PREFIX_QUERY_TOKENS)
                 .increment(u64::from(predicted.prompt_tokens));
             metrics::counter!(telemetry::PREFIX_HIT_TOKENS)
@@ -199,6 +199,26 @@ impl Proxy {
             body = body.strip_usage();
         }
         Ok(Response::from_parts(parts, body.boxed_unsync()))
+    }
+
+    /// The prefix prediction for `parsed`. With `--tokenizer`, encoding a
+    /// long prompt takes milliseconds, so it runs on the blocking pool and
+    /// the async workers keep serving other connections meanwhile.
+    async fn predict(
+        &self,
+        parsed: InferenceRequest,
+    ) -> Result<(InferenceRequest, Prediction), ProxyError> {
+        if !self.prefix.tokenizes() || matches!(parsed.prompt, Prompt::Tokens(_)) {
+            let predicted = self.prefix.lookup(&parsed.prompt);
+            return Ok((parsed, predicted));
+        }
+        let prefix = Arc::clone(&self.prefix);
+        tokio::task::spawn_blocking(move || {
+            let predicted = prefix.lookup(&parsed.prompt);
+            (parsed, predicted)
+        })
+        .await
+        .map_err(|e| ProxyError::Internal(format!("prefix prediction failed: {e}")))
     }
 
     /// Reads a body that must be parsed, enforcing `--max-body`.
