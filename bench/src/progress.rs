@@ -67,11 +67,10 @@ impl Progress {
         let tick = Tick::default();
         let start = Instant::now();
         if std::io::stderr().is_terminal() {
-            let style = ProgressStyle::with_template(
-                "{prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> ");
+            let style =
+                ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> ");
             let bar = ProgressBar::new(total)
                 .with_style(style)
                 .with_prefix(label.to_string());
@@ -82,9 +81,7 @@ impl Progress {
                     every.tick().await;
                     let (done, failed) = t.read();
                     b.set_position(done);
-                    if failed > 0 {
-                        b.set_message(format!("{failed} errors"));
-                    }
+                    b.set_message(bar_message(done, failed, start.elapsed()));
                 }
             });
             return Self {
@@ -138,6 +135,17 @@ impl Drop for Progress {
     }
 }
 
+/// `30 req/s, 2 errors` (the errors only when there are some).
+fn bar_message(done: u64, failed: u64, elapsed: Duration) -> String {
+    let secs = elapsed.as_secs_f64();
+    let rate = if secs > 0.0 { done as f64 / secs } else { 0.0 };
+    if failed > 0 {
+        format!("{rate:.0} req/s, {failed} errors")
+    } else {
+        format!("{rate:.0} req/s")
+    }
+}
+
 /// `label: 300/1000 requests, 10.0 s, 30 req/s, 2 errors`.
 fn plain_line(label: &str, done: u64, failed: u64, total: u64, elapsed: Duration) -> String {
     let secs = elapsed.as_secs_f64();
@@ -160,6 +168,11 @@ mod tests {
         assert_eq!(
             plain_line("inngest", 3, 1, 10, Duration::from_secs(2)),
             "inngest: 3/10 requests, 2.0 s, 2 req/s, 1 errors"
+        );
+        assert_eq!(bar_message(30, 0, Duration::from_secs(2)), "15 req/s");
+        assert_eq!(
+            bar_message(30, 2, Duration::from_secs(2)),
+            "15 req/s, 2 errors"
         );
     }
 }
