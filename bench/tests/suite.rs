@@ -81,6 +81,8 @@ fn suite_reports_every_category_with_consistent_verdicts() {
     let out = Command::new(&bench)
         .args(["suite", "--agents", "1,3", "--agent-tokens"])
         .arg(agent_tokens.to_string())
+        .arg("--batching-repeats")
+        .arg(repeats.to_string())
         // rtx4080's max_model_len is 4096: 4096 is capped, 8192 skipped.
         .args(["--contexts", "512,4096,8192", "--cache-repeats"])
         .arg(repeats.to_string())
@@ -139,7 +141,9 @@ fn suite_reports_every_category_with_consistent_verdicts() {
         let mut tps = [0.0; 2];
         for (i, side) in ["concurrent", "sequential"].into_iter().enumerate() {
             let t = &row[side];
-            assert_eq!(t["ok"].as_u64(), Some(agents), "{row}");
+            assert_eq!(t["ok"].as_u64(), Some(agents * repeats as u64), "{row}");
+            let runs = t["elapsed_s_runs"].as_array().unwrap();
+            assert_eq!(runs.len(), repeats, "{row}");
             assert_eq!(t["failed"].as_u64(), Some(0), "{row}");
             assert_eq!(
                 t["output_tokens"].as_u64(),

@@ -85,11 +85,14 @@ pub(crate) struct Args {
     /// Batching: tokens each agent generates.
     #[arg(long, default_value_t = 500)]
     pub(crate) agent_tokens: u32,
+    /// Batching: runs of each side per agent count (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub(crate) batching_repeats: usize,
     /// Cache resume: context sizes in tokens.
     #[arg(long, value_delimiter = ',', default_value = "2048,4096,8192")]
     pub(crate) contexts: Vec<usize>,
     /// Cache resume: cold/resumed pairs per size (the median is reported).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     pub(crate) cache_repeats: usize,
     /// Memory: cumulative tracked-session counts at which RSS is read.
     #[arg(
