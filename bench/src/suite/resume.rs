@@ -124,6 +124,37 @@ impl CacheResume {
     }
 }
 
+/// How a context of some size fits the engine.
+#[derive(Debug, PartialEq, Eq)]
+enum Fit {
+    Whole,
+    /// Cut to `tokens`: at least [`MIN_CAP_SHARE`] of it fits.
+    Capped {
+        tokens: usize,
+        limit: usize,
+    },
+    /// Less than [`MIN_CAP_SHARE`] of it fits.
+    Skipped {
+        limit: usize,
+    },
+}
+
+/// Whether `size` tokens, plus [`HEADROOM`], fit `max_model_len`.
+fn fit(size: usize, max_model_len: Option<u64>) -> Fit {
+    let Some(limit) = max_model_len.map(|l| l as usize) else {
+        return Fit::Whole;
+    };
+    if size + HEADROOM <= limit {
+        return Fit::Whole;
+    }
+    let tokens = limit.saturating_sub(HEADROOM);
+    if tokens as f64 >= MIN_CAP_SHARE * size as f64 {
+        Fit::Capped { tokens, limit }
+    } else {
+        Fit::Skipped { limit }
+    }
+}
+
 /// A prompt: text, or token ids.
 #[derive(Debug, Clone)]
 enum Prompt {
@@ -284,22 +315,22 @@ pub(crate) async fn run(
             speedup: None,
             check: None,
         };
-        let mut tokens = size;
-        if let Some(limit) = engine.max_model_len.map(|l| l as usize)
-            && size + HEADROOM > limit
-        {
-            let fits = limit.saturating_sub(HEADROOM);
-            if fits as f64 >= MIN_CAP_SHARE * size as f64 {
-                row.capped = Some(format!("capped to {fits} tokens: max_model_len is {limit}"));
-                tokens = fits;
-            } else {
+        let tokens = match fit(size, engine.max_model_len) {
+            Fit::Whole => size,
+            Fit::Capped { tokens, limit } => {
+                row.capped = Some(format!(
+                    "capped to {tokens} tokens: max_model_len is {limit}"
+                ));
+                tokens
+            }
+            Fit::Skipped { limit } => {
                 row.skipped = Some(format!(
                     "does not fit: max_model_len is {limit} (with {HEADROOM} tokens for the new turn and the output)"
                 ));
                 rows.push(row);
                 continue;
             }
-        }
+        };
         eprintln!("bench suite: cache resume, {tokens}-token context");
         row.sent_tokens = Some(tokens);
         for r in 0..repeats {
@@ -336,4 +367,25 @@ pub(crate) async fn run(
         rows.push(row);
     }
     Ok(CacheResume { repeats, rows })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contexts_fit_are_capped_or_skipped() {
+        assert_eq!(fit(8192, None), Fit::Whole);
+        assert_eq!(fit(8192, Some(9000)), Fit::Whole);
+        assert_eq!(fit(2048, Some(4096)), Fit::Whole);
+        assert_eq!(
+            fit(4096, Some(4096)),
+            Fit::Capped {
+                tokens: 4096 - HEADROOM,
+                limit: 4096
+            }
+        );
+        assert_eq!(fit(8192, Some(4096)), Fit::Skipped { limit: 4096 });
+        assert_eq!(fit(100, Some(48)), Fit::Skipped { limit: 48 });
+    }
 }
