@@ -52,9 +52,12 @@ pub(crate) struct Args {
 }
 
 /// Runs the comparison and prints it.
-pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
+pub(crate) async fn run(mut args: Args) -> anyhow::Result<()> {
     let mut profile = Profile::load(&args.profile)?;
-    // Virtual and HTTP runs send the same items of one workload.
+    // The same candidates every time (each run has a fresh simulator, so
+    // nothing is cached from an earlier one): the virtual figures repeat
+    // exactly. Virtual and HTTP runs send the same items.
+    args.workload.candidate_offset.get_or_insert(0);
     let workload = Arc::new(args.workload.build(Some(&profile.model))?);
     let max_tokens = args.workload.max_tokens as usize;
     let tok = Tokenizer::new(profile.engine.vocab_size);

@@ -627,6 +627,20 @@ mod tests {
     }
 
     #[test]
+    fn a_reserved_id_waits_outside_the_engine_until_inserted() {
+        let mut e = Engine::new(cfg(8, 4096, 10));
+        let late = e.reserve_id();
+        let early = e.add(req(prompt(1, 8), 1), T);
+        assert!(early > late, "ids are unique whichever enters first");
+        assert_eq!(e.waiting().collect::<Vec<_>>(), vec![early]);
+        e.abort(late); // not in the engine yet: nothing to count
+        assert_eq!(e.stats().finished_abort, 0);
+        e.insert(late, req(prompt(2, 8), 1), T);
+        let b = e.schedule(T).unwrap();
+        assert_eq!(b.scheduled, vec![(early, 8), (late, 8)], "FIFO by entry");
+    }
+
+    #[test]
     fn outputs_are_a_function_of_seed_and_position() {
         let run = |seed| {
             let mut e = Engine::new(cfg(8, 4096, 10));
