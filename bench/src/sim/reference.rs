@@ -232,6 +232,30 @@ mod tests {
     }
 
     #[test]
+    fn the_rtx4080_profile_stays_within_15_percent_of_the_reference() {
+        // Guards the fit against changes to the engine model. The bench's
+        // own workload is checked by `bench sim-vs-reference`; these
+        // prompts only share its shape.
+        let p = Profile::load("rtx4080").unwrap();
+        let prompts = prompts(2000);
+        for (clients, want) in REFERENCE {
+            let got = simulate(&p, clients, 2000, &prompts, 8);
+            for (name, g, w) in [
+                ("req/s", got.req_s, want.req_s),
+                ("p50", got.p50_ms, want.p50_ms),
+                ("p95", got.p95_ms, want.p95_ms),
+            ] {
+                let err = error_pct(g, w);
+                assert!(
+                    err.abs() < 15.0,
+                    "{} {name}: {err:+.1}% ({got:?})",
+                    clients.label()
+                );
+            }
+        }
+    }
+
+    #[test]
     fn a_semaphore_of_one_measures_one_requests_latency() {
         let mut p = Profile::load("vllm-cpu-tiny").unwrap();
         p.engine.block_size = 4;
