@@ -135,6 +135,59 @@ pub(crate) async fn closed_loop(
     Ok(result)
 }
 
+/// `requests` requests in all, shared by `connections` workers sending back
+/// to back (for measurements that count work per request, not time).
+pub(crate) async fn fixed_count(
+    target: &Target,
+    connections: usize,
+    requests: u64,
+) -> anyhow::Result<LoadResult> {
+    let start = Instant::now();
+    let left = Arc::new(std::sync::atomic::AtomicU64::new(requests));
+    let mut workers = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        let (target, left) = (target.clone(), Arc::clone(&left));
+        let mut sender = connect(target.addr).await?;
+        workers.push(tokio::spawn(async move {
+            let mut hist = histogram();
+            let (mut ok, mut errors) = (0u64, 0u64);
+            let take = || {
+                left.fetch_update(
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                    |n| n.checked_sub(1),
+                )
+                .is_ok()
+            };
+            while take() {
+                let sent = Instant::now();
+                if one(&mut sender, &target).await {
+                    ok += 1;
+                    let _ = hist.record(sent.elapsed().as_micros() as u64);
+                } else {
+                    errors += 1;
+                    sender = connect(target.addr).await?;
+                }
+            }
+            anyhow::Ok((hist, ok, errors))
+        }));
+    }
+    let mut result = LoadResult {
+        latency: histogram(),
+        ok: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+    };
+    for worker in workers {
+        let (hist, ok, errors) = worker.await??;
+        result.latency.add(hist)?;
+        result.ok += ok;
+        result.errors += errors;
+    }
+    result.elapsed = start.elapsed();
+    Ok(result)
+}
+
 /// Requests scheduled at `rate` per second for `duration`, over a pool of
 /// `connections`; latency counted from each request's intended send time.
 pub(crate) async fn open_loop(

@@ -18,6 +18,8 @@
 //! - [`overhead`]: `bench overhead` — what the proxy adds over talking to an
 //!   upstream directly (and over nginx, when installed): latency and
 //!   maximum throughput, measured in one run.
+//! - [`telemetry_cost`]: `bench telemetry-cost` — what recording metrics
+//!   costs per request, in instructions counted by callgrind.
 //! - [`policy_cost`]: `bench policy-cost` — the cost of one policy event
 //!   including the wasm call.
 //! - [`suite`]: `bench suite` — batching, cache resume and memory, each
@@ -39,6 +41,7 @@ mod report;
 mod run;
 mod sim_reference;
 mod suite;
+mod telemetry_cost;
 mod workload;
 
 use clap::{Parser, Subcommand};
@@ -63,6 +66,8 @@ enum Command {
     PolicyCost(policy_cost::Args),
     /// The suite: batching, cache resume and memory, each against its target.
     Suite(suite::Args),
+    /// What recording metrics costs per request, in instructions (callgrind).
+    TelemetryCost(telemetry_cost::Args),
     /// Serve a simulated vLLM (same routes and metrics) from a profile.
     Sim(sluice_bench::sim::Args),
     /// Measure a real engine and fit a simulator profile to it (TOML).
@@ -84,6 +89,7 @@ fn main() -> anyhow::Result<()> {
         Command::Overhead(args) => runtime.block_on(overhead::run(args)),
         Command::PolicyCost(args) => policy_cost::run(args),
         Command::Suite(args) => runtime.block_on(suite::run(args)),
+        Command::TelemetryCost(args) => runtime.block_on(telemetry_cost::run(args)),
         Command::Sim(args) => runtime.block_on(sluice_bench::sim::run(args)),
         Command::Calibrate(args) => runtime.block_on(sluice_bench::sim::calibrate::calibrate(args)),
         Command::SimVsReal(args) => runtime.block_on(sluice_bench::sim::calibrate::versus(args)),

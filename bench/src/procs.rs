@@ -70,6 +70,21 @@ impl Proc {
     }
 }
 
+impl Proc {
+    /// Asks the process to stop (SIGTERM, through `kill(1)`: this crate has
+    /// no unsafe code for `libc::kill`) and waits for it to exit.
+    pub(crate) fn terminate(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .context("run kill")?;
+        if !status.success() {
+            bail!("kill -TERM {} failed", self.child.id());
+        }
+        Ok(self.child.wait()?)
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -101,7 +116,27 @@ pub(crate) fn start_proxy_with_env(
     extra: &[String],
     env: &[(&str, &str)],
 ) -> anyhow::Result<Proc> {
-    let mut child = Command::new(proxy_binary()?)
+    start_proxy_wrapped(&[], upstream, extra, env)
+}
+
+/// [`start_proxy_with_env`] run by a wrapper command (`valgrind
+/// --tool=callgrind ...`, say) that execs the proxy in its own process.
+pub(crate) fn start_proxy_wrapped(
+    wrapper: &[String],
+    upstream: SocketAddr,
+    extra: &[String],
+    env: &[(&str, &str)],
+) -> anyhow::Result<Proc> {
+    let proxy = proxy_binary()?;
+    let mut command = match wrapper.split_first() {
+        None => Command::new(&proxy),
+        Some((program, args)) => {
+            let mut command = Command::new(program);
+            command.args(args).arg(&proxy);
+            command
+        }
+    };
+    let mut child = command
         .args([
             "--upstream",
             &format!("http://{upstream}"),

@@ -24,6 +24,15 @@ pub enum Route {
 }
 
 impl Route {
+    /// Every route, in declaration order (`route as usize` indexes it).
+    pub const ALL: [Self; 5] = [
+        Self::Completions,
+        Self::ChatCompletions,
+        Self::Models,
+        Self::Embeddings,
+        Self::Other,
+    ];
+
     /// Classifies a request by method and path.
     pub fn of(method: &Method, path: &str) -> Self {
         match (method, path.trim_end_matches('/')) {

@@ -64,19 +64,20 @@ impl Inference {
             self.tracker.insert(&self.prediction);
         }
         if let Some(usage) = usage {
-            metrics::counter!(telemetry::PROMPT_TOKENS).increment(u64::from(usage.prompt_tokens));
-            metrics::counter!(telemetry::OUTPUT_TOKENS)
+            let hot = telemetry::hot();
+            hot.prompt_tokens.increment(u64::from(usage.prompt_tokens));
+            hot.output_tokens
                 .increment(u64::from(usage.completion_tokens));
             if let Some(actual) = usage.cached_tokens {
                 let block = self.prediction.block_size.max(1);
-                metrics::histogram!(telemetry::PREFIX_ERROR)
+                hot.prefix_error
                     .record(f64::from(predicted.abs_diff(actual)));
                 let result = match (predicted / block).cmp(&(actual / block)) {
-                    std::cmp::Ordering::Equal => "exact",
-                    std::cmp::Ordering::Greater => "over",
-                    std::cmp::Ordering::Less => "under",
+                    std::cmp::Ordering::Equal => 0,
+                    std::cmp::Ordering::Greater => 1,
+                    std::cmp::Ordering::Less => 2,
                 };
-                metrics::counter!(telemetry::PREFIX_CHECKS, "result" => result).increment(1);
+                hot.prefix_checks[result].increment(1);
             }
         }
         (usage, predicted)
@@ -132,10 +133,10 @@ impl Exchange {
                 let now = Instant::now();
                 match inference.last_token.replace(now) {
                     None => inference.first_token = Some(now),
-                    Some(previous) => {
-                        metrics::histogram!(telemetry::INTER_TOKEN, "route" => self.route.label())
-                            .record((now - previous).as_secs_f64())
-                    }
+                    Some(previous) => telemetry::hot()
+                        .route(self.route)
+                        .inter_token
+                        .record((now - previous).as_secs_f64()),
                 }
             }
         }

@@ -137,9 +137,10 @@ impl Proxy {
                     .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
             }
             let (parsed, predicted) = self.predict(parsed).await?;
-            metrics::counter!(telemetry::PREFIX_QUERY_TOKENS)
+            let hot = telemetry::hot();
+            hot.prefix_query_tokens
                 .increment(u64::from(predicted.prompt_tokens));
-            metrics::counter!(telemetry::PREFIX_HIT_TOKENS)
+            hot.prefix_hit_tokens
                 .increment(u64::from(predicted.cached_tokens));
             if let Some(admission) = &self.admission {
                 let info = request_info(&parts.headers, &parsed, &predicted);

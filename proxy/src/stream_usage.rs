@@ -240,7 +240,7 @@ fn blank_line_ends(bytes: &[u8]) -> impl Iterator<Item = usize> + '_ {
 }
 
 fn memchr(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+    memchr::memmem::find(haystack, needle)
 }
 
 #[cfg(test)]

@@ -372,8 +372,9 @@ impl Scheduler {
     }
 
     fn publish_gauges(&self) {
-        metrics::gauge!(telemetry::QUEUED).set(self.queue.len() as f64);
-        metrics::gauge!(telemetry::IN_FLIGHT).set(self.in_flight.len() as f64);
+        let hot = telemetry::hot();
+        hot.queued.set(self.queue.len() as f64);
+        hot.in_flight.set(self.in_flight.len() as f64);
     }
 }
 
