@@ -82,7 +82,15 @@ impl Workload {
             }
             s.push_str(".\n");
         }
-        s.push_str(&format!("Candidate {i}:"));
+        // The run's nonce and the workload's shape keep a real engine's
+        // prefix cache from serving prompts an earlier run, or another
+        // workload of this run, already sent.
+        s.push_str(&format!(
+            "Candidate {:09}-{}-{}-{i}:",
+            run_nonce(),
+            self.concurrency,
+            self.max_tokens
+        ));
         let mut x = i as u64 + 1;
         for _ in 0..self.words {
             x = super::engine::splitmix64(x);
@@ -91,6 +99,16 @@ impl Workload {
         }
         s
     }
+}
+
+/// Fixed for the process: different between runs, the same width always.
+fn run_nonce() -> u64 {
+    static NONCE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *NONCE.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::from(d.subsec_nanos()))
+    })
 }
 
 /// What a workload measured.
@@ -206,7 +224,10 @@ pub fn simulate(profile: &Profile, w: &Workload) -> Measurement {
 }
 
 /// The workloads `bench calibrate` fits on: concurrency 1 (short prompts
-/// with 16 and 1 output tokens, long prompts with 16) and concurrency 50.
+/// with 16 and 1 output tokens, long prompts with 16 and 1) and concurrency
+/// 50 (short and long prompts). Long prompts with one output token pin the
+/// prefill cost; long prompts decoding side by side pin the cost of
+/// attending to context, which the shared-prefix workload depends on.
 pub fn fit_workloads(scale: f64) -> Vec<Workload> {
     let n = |k: usize| ((k as f64 * scale) as usize).max(5);
     vec![
@@ -232,9 +253,23 @@ pub fn fit_workloads(scale: f64) -> Vec<Workload> {
             max_tokens: 16,
         },
         Workload {
+            concurrency: 1,
+            requests: n(20),
+            words: 600,
+            shared_prefix: false,
+            max_tokens: 1,
+        },
+        Workload {
             concurrency: 50,
             requests: n(300),
             words: 20,
+            shared_prefix: false,
+            max_tokens: 16,
+        },
+        Workload {
+            concurrency: 50,
+            requests: n(100),
+            words: 600,
             shared_prefix: false,
             max_tokens: 16,
         },
@@ -286,7 +321,7 @@ pub fn fit(base: &Profile, points: &[(Workload, Measurement)]) -> (Profile, f64)
             break;
         }
         let mut improved = false;
-        for k in 0..5 {
+        for k in 0..6 {
             for f in [factor, 1.0 / factor] {
                 let mut p = best.clone();
                 let t = &mut p.timing;
@@ -295,9 +330,12 @@ pub fn fit(base: &Profile, points: &[(Workload, Measurement)]) -> (Profile, f64)
                     1 => &mut t.decode_seq_ms,
                     2 => &mut t.prefill_token_ms,
                     3 => &mut t.context_token_ms,
-                    _ => &mut t.request_overhead_ms,
+                    4 => &mut t.request_overhead_ms,
+                    _ => &mut t.decode_exponent,
                 };
                 *slot = (*slot).max(1e-4) * f;
+                // Sublinear or linear batching, never superlinear.
+                t.decode_exponent = t.decode_exponent.clamp(0.2, 1.0);
                 let l = loss(&p, points);
                 if l < best_loss * (1.0 - 1e-3) {
                     (best, best_loss, improved) = (p, l, true);

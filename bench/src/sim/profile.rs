@@ -9,9 +9,14 @@
 //! ```text
 //! step = step_base_ms
 //!      + prefill_token_ms × prefill tokens
-//!      + decode_seq_ms    × decoding sequences
+//!      + decode_seq_ms    × decoding sequences ^ decode_exponent
 //!      + context_token_ms × context tokens of the scheduled sequences
 //! ```
+//!
+//! `decode_exponent` is 1 (linear) unless a profile says otherwise; below 1
+//! each extra sequence in a batch costs less than the one before, as on a
+//! CPU whose per-step work (weights read, Python overhead, the API server's
+//! share of the two cores) is amortised over the batch.
 //!
 //! times `1 ± jitter` (uniform, seeded). Around the engine, each request
 //! also pays:
@@ -87,6 +92,9 @@ pub struct Timing {
     pub prefill_token_ms: f64,
     /// Per decoding sequence in the step.
     pub decode_seq_ms: f64,
+    /// The power of the decoding-sequence count in the step time (1: linear).
+    #[serde(default = "linear")]
+    pub decode_exponent: f64,
     /// Per token of context (attention reads) of the scheduled sequences.
     #[serde(default)]
     pub context_token_ms: f64,
@@ -177,6 +185,10 @@ impl Profile {
             );
         }
         anyhow::ensure!(
+            t.decode_exponent > 0.0 && t.decode_exponent <= 2.0,
+            "timing.decode_exponent must be in (0, 2]"
+        );
+        anyhow::ensure!(
             (0.0..1.0).contains(&t.jitter),
             "timing.jitter must be in [0, 1)"
         );
@@ -208,6 +220,10 @@ impl Profile {
     }
 }
 
+fn linear() -> f64 {
+    1.0
+}
+
 fn ms(v: f64) -> Duration {
     Duration::from_secs_f64(v.max(0.0) / 1e3)
 }
@@ -217,7 +233,7 @@ impl Timing {
     pub fn step_ms(&self, batch: &Batch) -> f64 {
         self.step_base_ms
             + self.prefill_token_ms * batch.prefill_tokens as f64
-            + self.decode_seq_ms * batch.decode_seqs as f64
+            + self.decode_seq_ms * (batch.decode_seqs as f64).powf(self.decode_exponent)
             + self.context_token_ms * batch.context_tokens as f64
     }
 }
@@ -277,6 +293,7 @@ mod tests {
             step_base_ms: 1.0,
             prefill_token_ms: 0.01,
             decode_seq_ms: 0.1,
+            decode_exponent: 1.0,
             context_token_ms: 0.001,
             request_overhead_ms: 0.0,
             api_in_ms: 0.0,
@@ -300,6 +317,12 @@ mod tests {
             let mut c = StepClock::new(jittered.clone());
             (0..100).map(|_| c.step(&b)).collect::<Vec<_>>()
         };
+        // Below 1, the exponent makes each extra sequence cheaper.
+        let concave = Timing {
+            decode_exponent: 0.5,
+            ..t.clone()
+        };
+        assert!((concave.step_ms(&b) - (1.0 + 1.0 + 0.1 * 10f64.sqrt() + 1.0)).abs() < 1e-9);
         let a = run();
         assert_eq!(a, run());
         assert!(a.iter().any(|d| *d != a[0]));
