@@ -116,9 +116,20 @@ pub(crate) async fn closed_loop(
                     }
                 }
             }
-            (hist, ok, errors)
+            anyhow::Ok((hist, ok, errors))
         }));
     }
+    gather(workers, start).await
+}
+
+/// What a closed-loop worker returns: its latencies, successes and failures.
+type WorkerTally = anyhow::Result<(Histogram<u64>, u64, u64)>;
+
+/// Waits for every worker and merges their tallies, timed from `start`.
+async fn gather(
+    workers: Vec<tokio::task::JoinHandle<WorkerTally>>,
+    start: Instant,
+) -> anyhow::Result<LoadResult> {
     let mut result = LoadResult {
         latency: histogram(),
         ok: 0,
@@ -126,7 +137,7 @@ pub(crate) async fn closed_loop(
         elapsed: Duration::ZERO,
     };
     for worker in workers {
-        let (hist, ok, errors) = worker.await?;
+        let (hist, ok, errors) = worker.await??;
         result.latency.add(hist)?;
         result.ok += ok;
         result.errors += errors;
@@ -172,20 +183,7 @@ pub(crate) async fn fixed_count(
             anyhow::Ok((hist, ok, errors))
         }));
     }
-    let mut result = LoadResult {
-        latency: histogram(),
-        ok: 0,
-        errors: 0,
-        elapsed: Duration::ZERO,
-    };
-    for worker in workers {
-        let (hist, ok, errors) = worker.await??;
-        result.latency.add(hist)?;
-        result.ok += ok;
-        result.errors += errors;
-    }
-    result.elapsed = start.elapsed();
-    Ok(result)
+    gather(workers, start).await
 }
 
 /// Requests scheduled at `rate` per second for `duration`, over a pool of

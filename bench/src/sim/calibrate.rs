@@ -308,45 +308,22 @@ fn loss(p: &Profile, points: &[(Workload, Measurement)]) -> f64 {
         .sum()
 }
 
-/// Fits `base`'s timing to `points` by a multiplicative coordinate search.
+/// Fits `base`'s timing to `points` (see [`super::profile::fit`]).
 pub fn fit(base: &Profile, points: &[(Workload, Measurement)]) -> (Profile, f64) {
-    let mut best = base.clone();
-    best.timing.jitter = 0.0;
-    let mut best_loss = loss(&best, points);
-    let mut factor = 2.0_f64;
-    // Bounded: a parameter the points barely determine would otherwise
-    // creep for ever on negligible gains.
-    for _ in 0..40 {
-        if factor <= 1.01 {
-            break;
-        }
-        let mut improved = false;
-        for k in 0..6 {
-            for f in [factor, 1.0 / factor] {
-                let mut p = best.clone();
-                let t = &mut p.timing;
-                let slot = match k {
-                    0 => &mut t.step_base_ms,
-                    1 => &mut t.decode_seq_ms,
-                    2 => &mut t.prefill_token_ms,
-                    3 => &mut t.context_token_ms,
-                    4 => &mut t.request_overhead_ms,
-                    _ => &mut t.decode_exponent,
-                };
-                *slot = (*slot).max(1e-4) * f;
-                // Sublinear or linear batching, never superlinear.
-                t.decode_exponent = t.decode_exponent.clamp(0.2, 1.0);
-                let l = loss(&p, points);
-                if l < best_loss * (1.0 - 1e-3) {
-                    (best, best_loss, improved) = (p, l, true);
-                }
-            }
-        }
-        if !improved {
-            factor = factor.sqrt();
-        }
-    }
-    (best, best_loss)
+    let knobs: [super::profile::Knob; 6] = [
+        |t| &mut t.step_base_ms,
+        |t| &mut t.decode_seq_ms,
+        |t| &mut t.prefill_token_ms,
+        |t| &mut t.context_token_ms,
+        |t| &mut t.request_overhead_ms,
+        |t| &mut t.decode_exponent,
+    ];
+    let search = super::profile::Search {
+        min_factor: 1.01,
+        max_rounds: 40,
+        min_gain: 1e-3,
+    };
+    super::profile::fit(base, &knobs, search, |p| loss(p, points))
 }
 
 /// `bench calibrate`.

@@ -238,6 +238,60 @@ impl Timing {
     }
 }
 
+/// A timing parameter a fit may move.
+pub type Knob = fn(&mut Timing) -> &mut f64;
+
+/// How a [`fit`] searches.
+#[derive(Debug, Clone, Copy)]
+pub struct Search {
+    /// Stop once the step factor is this close to 1.
+    pub min_factor: f64,
+    /// Rounds at most (a parameter the data barely determines would
+    /// otherwise creep for ever on negligible gains).
+    pub max_rounds: usize,
+    /// A move is kept when it lowers the loss by at least this fraction.
+    pub min_gain: f64,
+}
+
+/// Fits `base`'s timing by a multiplicative coordinate search: each knob in
+/// turn is multiplied and divided by a factor (2 at first, then its square
+/// root whenever no move helps) and a move is kept when it lowers `loss`.
+/// `decode_exponent` is kept in [0.2, 1] (batching is never superlinear).
+/// Jitter is switched off. Returns the fitted profile and its loss.
+pub fn fit(
+    base: &Profile,
+    knobs: &[Knob],
+    search: Search,
+    loss: impl Fn(&Profile) -> f64,
+) -> (Profile, f64) {
+    let mut best = base.clone();
+    best.timing.jitter = 0.0;
+    let mut best_loss = loss(&best);
+    let mut factor = 2.0_f64;
+    for _ in 0..search.max_rounds {
+        if factor <= search.min_factor {
+            break;
+        }
+        let mut improved = false;
+        for knob in knobs {
+            for f in [factor, 1.0 / factor] {
+                let mut p = best.clone();
+                let slot = knob(&mut p.timing);
+                *slot = slot.max(1e-5) * f;
+                p.timing.decode_exponent = p.timing.decode_exponent.clamp(0.2, 1.0);
+                let l = loss(&p);
+                if l < best_loss * (1.0 - search.min_gain) {
+                    (best, best_loss, improved) = (p, l, true);
+                }
+            }
+        }
+        if !improved {
+            factor = factor.sqrt();
+        }
+    }
+    (best, best_loss)
+}
+
 /// Turns batches into durations, with the profile's seeded jitter.
 #[derive(Debug, Clone)]
 pub struct StepClock {

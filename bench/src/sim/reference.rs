@@ -170,39 +170,22 @@ pub fn fit(
     prompts: &[Vec<u32>],
     max_tokens: usize,
 ) -> (Profile, f64) {
-    let mut best = base.clone();
-    best.timing.jitter = 0.0;
-    let mut best_loss = loss(&best, requests, prompts, max_tokens);
-    let mut factor = 2.0_f64;
-    for _ in 0..60 {
-        if factor <= 1.005 {
-            break;
-        }
-        let mut improved = false;
-        for k in 0..6 {
-            for f in [factor, 1.0 / factor] {
-                let mut p = best.clone();
-                let t = &mut p.timing;
-                let slot = match k {
-                    0 => &mut t.step_base_ms,
-                    1 => &mut t.prefill_token_ms,
-                    2 => &mut t.decode_seq_ms,
-                    3 => &mut t.api_in_ms,
-                    4 => &mut t.api_out_ms,
-                    _ => &mut t.request_overhead_ms,
-                };
-                *slot = (*slot).max(1e-5) * f;
-                let l = loss(&p, requests, prompts, max_tokens);
-                if l < best_loss * (1.0 - 1e-4) {
-                    (best, best_loss, improved) = (p, l, true);
-                }
-            }
-        }
-        if !improved {
-            factor = factor.sqrt();
-        }
-    }
-    (best, best_loss)
+    let knobs: [super::profile::Knob; 6] = [
+        |t| &mut t.step_base_ms,
+        |t| &mut t.prefill_token_ms,
+        |t| &mut t.decode_seq_ms,
+        |t| &mut t.api_in_ms,
+        |t| &mut t.api_out_ms,
+        |t| &mut t.request_overhead_ms,
+    ];
+    let search = super::profile::Search {
+        min_factor: 1.005,
+        max_rounds: 60,
+        min_gain: 1e-4,
+    };
+    super::profile::fit(base, &knobs, search, |p| {
+        loss(p, requests, prompts, max_tokens)
+    })
 }
 
 #[cfg(test)]
