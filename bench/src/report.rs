@@ -155,6 +155,31 @@ pub(crate) async fn gpu_reading() -> (String, Option<f64>) {
     }
 }
 
+/// The proxy's `/stats` `gpus`: its NVML readings, or a string saying why there are none.
+fn gpus_from_stats(gpus: &Value) -> (String, Option<f64>) {
+    let Some(list) = gpus.as_array() else {
+        return (gpus.as_str().unwrap_or("n/a").to_owned(), None);
+    };
+    if list.is_empty() {
+        return ("n/a (no GPU)".into(), None);
+    }
+    let mib = |v: &Value| v.as_f64().map(|b| b / (1024.0 * 1024.0));
+    let reading = list
+        .iter()
+        .map(|g| {
+            format!(
+                "{:.0} / {:.0} MiB, {:.0}% util",
+                mib(&g["memory_used_bytes"]).unwrap_or(f64::NAN),
+                mib(&g["memory_total_bytes"]).unwrap_or(f64::NAN),
+                g["utilization"].as_f64().unwrap_or(f64::NAN) * 100.0
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    let used = list.iter().map(|g| mib(&g["memory_used_bytes"])).sum();
+    (reading, used)
+}
+
 /// `nvidia-smi --query-gpu=memory.used,memory.total,utilization.gpu` lines.
 fn gpu_lines(text: &str) -> (String, Option<f64>) {
     let gpus: Vec<Vec<&str>> = text
@@ -212,27 +237,32 @@ pub(crate) async fn measure(
         Some(e) => metrics_of(e).await.as_deref().and_then(prefix_counters),
         None => None,
     };
-    let proxy = match admin {
-        Some(admin) => proxy_stats(admin, false).await.map(|s| {
-            let series = s["series"]
-                .as_array()
-                .and_then(|a| {
-                    a.iter()
-                        .find(|x| x["outcomes"].as_object().is_some_and(|o| !o.is_empty()))
-                })
-                .cloned()
-                .unwrap_or(Value::Null);
-            ProxyView {
-                policy: series["policy"].clone(),
-                outcomes: series["outcomes"].clone(),
-                total_ms: series["latency"]["total"].clone(),
-                queue_wait_ms: series["latency"]["queue_wait"].clone(),
-                service_ms: series["latency"]["service"].clone(),
-            }
-        }),
+    let stats = match admin {
+        Some(admin) => proxy_stats(admin, false).await,
         None => None,
     };
-    let (gpu, gpu_memory_mib) = gpu_reading().await;
+    let proxy = stats.as_ref().map(|s| {
+        let series = s["series"]
+            .as_array()
+            .and_then(|a| {
+                a.iter()
+                    .find(|x| x["outcomes"].as_object().is_some_and(|o| !o.is_empty()))
+            })
+            .cloned()
+            .unwrap_or(Value::Null);
+        ProxyView {
+            policy: series["policy"].clone(),
+            outcomes: series["outcomes"].clone(),
+            total_ms: series["latency"]["total"].clone(),
+            queue_wait_ms: series["latency"]["queue_wait"].clone(),
+            service_ms: series["latency"]["service"].clone(),
+        }
+    });
+    // The proxy's own NVML readings when it ran; nvidia-smi for the direct baselines.
+    let (gpu, gpu_memory_mib) = match stats.as_ref().map(|s| &s["gpus"]) {
+        Some(gpus) if !gpus.is_null() => gpus_from_stats(gpus),
+        _ => gpu_reading().await,
+    };
     RunResult {
         label: label.to_string(),
         target: url.to_string(),
@@ -579,6 +609,27 @@ mod tests {
         );
         assert_eq!(mib, Some(3072.0));
         assert_eq!(gpu_lines("").1, None);
+    }
+
+    #[test]
+    fn gpu_readings_from_the_proxys_stats() {
+        let gpus = serde_json::json!([
+            {"index": 0, "name": "H100", "memory_used_bytes": 1073741824u64,
+             "memory_total_bytes": 85899345920u64, "utilization": 0.37},
+            {"index": 1, "name": "H100", "memory_used_bytes": 2147483648u64,
+             "memory_total_bytes": 85899345920u64, "utilization": 0.05},
+        ]);
+        let (text, mib) = gpus_from_stats(&gpus);
+        assert_eq!(
+            text,
+            "1024 / 81920 MiB, 37% util; 2048 / 81920 MiB, 5% util"
+        );
+        assert_eq!(mib, Some(3072.0));
+        let none = serde_json::json!("n/a (no NVIDIA driver)");
+        assert_eq!(
+            gpus_from_stats(&none),
+            ("n/a (no NVIDIA driver)".into(), None)
+        );
     }
 
     #[test]
