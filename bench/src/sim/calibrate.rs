@@ -36,6 +36,8 @@ pub struct Workload {
     pub shared_prefix: bool,
     /// Output tokens per request (`ignore_eos`).
     pub max_tokens: usize,
+    /// Which repetition of the workload this is: its prompts are new.
+    pub round: usize,
 }
 
 impl Workload {
@@ -86,10 +88,11 @@ impl Workload {
         // prefix cache from serving prompts an earlier run, or another
         // workload of this run, already sent.
         s.push_str(&format!(
-            "Candidate {:09}-{}-{}-{i}:",
+            "Candidate {:09}-{}-{}-{}-{i}:",
             run_nonce(),
             self.concurrency,
-            self.max_tokens
+            self.max_tokens,
+            self.round
         ));
         let mut x = i as u64 + 1;
         for _ in 0..self.words {
@@ -237,6 +240,7 @@ pub fn fit_workloads(scale: f64) -> Vec<Workload> {
             words: 20,
             shared_prefix: false,
             max_tokens: 16,
+            round: 0,
         },
         Workload {
             concurrency: 1,
@@ -244,6 +248,7 @@ pub fn fit_workloads(scale: f64) -> Vec<Workload> {
             words: 20,
             shared_prefix: false,
             max_tokens: 1,
+            round: 0,
         },
         Workload {
             concurrency: 1,
@@ -251,6 +256,7 @@ pub fn fit_workloads(scale: f64) -> Vec<Workload> {
             words: 600,
             shared_prefix: false,
             max_tokens: 16,
+            round: 0,
         },
         Workload {
             concurrency: 1,
@@ -258,6 +264,7 @@ pub fn fit_workloads(scale: f64) -> Vec<Workload> {
             words: 600,
             shared_prefix: false,
             max_tokens: 1,
+            round: 0,
         },
         Workload {
             concurrency: 50,
@@ -265,6 +272,7 @@ pub fn fit_workloads(scale: f64) -> Vec<Workload> {
             words: 20,
             shared_prefix: false,
             max_tokens: 16,
+            round: 0,
         },
         Workload {
             concurrency: 50,
@@ -272,6 +280,7 @@ pub fn fit_workloads(scale: f64) -> Vec<Workload> {
             words: 600,
             shared_prefix: false,
             max_tokens: 16,
+            round: 0,
         },
     ]
 }
@@ -287,6 +296,7 @@ pub fn held_out_workloads(scale: f64) -> Vec<Workload> {
             words: 20,
             shared_prefix: false,
             max_tokens: 16,
+            round: 0,
         },
         Workload {
             concurrency: 10,
@@ -294,6 +304,7 @@ pub fn held_out_workloads(scale: f64) -> Vec<Workload> {
             words: 20,
             shared_prefix: true,
             max_tokens: 16,
+            round: 0,
         },
     ]
 }
@@ -360,6 +371,7 @@ pub async fn calibrate(args: CalibrateArgs) -> anyhow::Result<()> {
         words: 20,
         shared_prefix: false,
         max_tokens: 4,
+        round: 0,
     };
     measure(&args.upstream, &args.model, &warm)
         .await
@@ -419,6 +431,43 @@ pub struct VersusArgs {
     /// Scales the request counts.
     #[arg(long, default_value_t = 1.0)]
     pub scale: f64,
+    /// Times each held-out workload runs on the real engine: one run of a
+    /// shared 2-core machine varies by ±15% on its own, so the simulator is
+    /// compared with the median.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+}
+
+/// The median and range of a few measurements.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(values: impl Iterator<Item = f64>) -> Self {
+        let mut v: Vec<f64> = values.collect();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Self {
+            median,
+            min: v[0],
+            max: v[n - 1],
+        }
+    }
+}
+
+impl std::fmt::Display for Spread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.1} ({:.1}–{:.1})", self.median, self.min, self.max)
+    }
 }
 
 /// Runs the held-out workloads on both and prints the comparison.
@@ -436,6 +485,7 @@ pub async fn versus(args: VersusArgs) -> anyhow::Result<()> {
         words: 20,
         shared_prefix: false,
         max_tokens: 4,
+        round: 0,
     };
     measure(&args.upstream, &args.model, &warm)
         .await
@@ -444,21 +494,32 @@ pub async fn versus(args: VersusArgs) -> anyhow::Result<()> {
         "simulated vLLM (profile {}) vs real vLLM at {}",
         profile.name, args.upstream
     );
-    println!("| workload | real req/s | sim req/s | Δ | real p50 ms | sim p50 ms | Δ |");
+    println!(
+        "the real engine measured {} times per workload (new prompts each time); Δ is the simulator against the real median",
+        args.repeats
+    );
+    println!(
+        "| workload | real req/s (median, range) | sim req/s | Δ | real p50 ms (median, range) | sim p50 ms | Δ |"
+    );
     println!("|---|---|---|---|---|---|---|");
     for w in held_out_workloads(args.scale) {
-        let real = measure(&args.upstream, &args.model, &w).await?;
+        let mut real = Vec::with_capacity(args.repeats);
+        for round in 0..args.repeats.max(1) {
+            real.push(measure(&args.upstream, &args.model, &Workload { round, ..w }).await?);
+        }
         let sim = measure(&sim_url, &profile.model, &w).await?;
+        let req_s = Spread::of(real.iter().map(|m| m.req_s));
+        let p50 = Spread::of(real.iter().map(|m| m.p50_ms));
         let d = |s: f64, r: f64| 100.0 * (s - r) / r;
         println!(
-            "| {} | {:.1} | {:.1} | {:+.1}% | {:.1} | {:.1} | {:+.1}% |",
+            "| {} | {} | {:.1} | {:+.1}% | {} | {:.1} | {:+.1}% |",
             w.label(),
-            real.req_s,
+            req_s,
             sim.req_s,
-            d(sim.req_s, real.req_s),
-            real.p50_ms,
+            d(sim.req_s, req_s.median),
+            p50,
             sim.p50_ms,
-            d(sim.p50_ms, real.p50_ms)
+            d(sim.p50_ms, p50.median)
         );
     }
     let _ = stop.send(());
@@ -471,6 +532,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn spread_takes_the_median_and_range() {
+        let s = Spread::of([70.9, 56.1, 74.4].into_iter());
+        assert_eq!((s.median, s.min, s.max), (70.9, 56.1, 74.4));
+        assert_eq!(Spread::of([2.0, 1.0].into_iter()).median, 1.5);
+        assert_eq!(s.to_string(), "70.9 (56.1–74.4)");
+    }
+
+    #[test]
+    fn every_round_and_workload_sends_new_prompts() {
+        let w = held_out_workloads(1.0)[0];
+        let again = Workload { round: 1, ..w };
+        let other = Workload { max_tokens: 1, ..w };
+        assert_ne!(w.prompt(0), again.prompt(0));
+        assert_ne!(w.prompt(0), other.prompt(0));
+        assert_eq!(w.prompt(3), w.prompt(3));
+    }
+
+    #[test]
     fn virtual_time_simulation_shows_batching_tradeoff() {
         let p = Profile::load("vllm-cpu-tiny").unwrap();
         let w = |c| Workload {
@@ -479,6 +558,7 @@ mod tests {
             words: 20,
             shared_prefix: false,
             max_tokens: 16,
+            round: 0,
         };
         let one = simulate(&p, &w(1));
         let fifty = simulate(&p, &w(50));
