@@ -389,6 +389,7 @@ async fn stream_usage_is_measured_but_reaches_only_clients_that_asked() {
         &completion(json!({"stream": true, "stream_options": {"include_usage": true}})),
     )
     .await;
+    assert_eq!(asked.status, 200);
     let text = asked.text();
     assert_eq!(text.matches("\"usage\":{").count(), 1, "{text}");
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");

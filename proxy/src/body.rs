@@ -62,6 +62,8 @@ pin_project_lite::pin_project! {
         done: bool,
         // Removes the usage event the client did not ask for.
         stripper: Option<UsageStripper>,
+        // A trailers frame that waits while held-back data goes out first.
+        stashed: Option<Frame<Bytes>>,
         // Finished (and taken) exactly once: on end, on error, or on drop.
         exchange: Option<Exchange>,
     }
@@ -93,6 +95,7 @@ impl<B: Body> ObservedBody<B> {
             sse,
             done: false,
             stripper: None,
+            stashed: None,
             exchange: Some(exchange),
         }
     }
@@ -136,6 +139,9 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
+        if let Some(trailers) = this.stashed.take() {
+            return Poll::Ready(Some(Ok(trailers)));
+        }
         if *this.done {
             return Poll::Ready(None);
         }
@@ -165,6 +171,18 @@ where
                             continue;
                         }
                         frame = Frame::data(out);
+                    } else if let Some(stripper) = this.stripper.as_mut()
+                        && frame.is_trailers()
+                        && stripper.is_holding()
+                    {
+                        // Nothing may follow trailers: send what was held first.
+                        let removed = stripper.removed();
+                        let held = stripper.finish();
+                        if let Some(exchange) = this.exchange.as_mut() {
+                            exchange.bytes -= stripper.removed() - removed;
+                        }
+                        *this.stashed = Some(frame);
+                        frame = Frame::data(held);
                     }
                     if ended {
                         if let Some(exchange) = this.exchange.take() {
@@ -209,9 +227,18 @@ where
             exchange.finish(Outcome::UpstreamFailed(message.clone()));
         }
         if *this.sse {
-            // End the stream with an explicit error event (and no `[DONE]`).
+            // End the stream with an explicit error event (and no `[DONE]`),
+            // after any complete event the usage stripper was holding.
             *this.done = true;
-            Poll::Ready(Some(Ok(Frame::data(sse_error_event(&message)))))
+            let held = this
+                .stripper
+                .as_mut()
+                .map(UsageStripper::abandon)
+                .unwrap_or_default();
+            Poll::Ready(Some(Ok(Frame::data(concat(
+                held,
+                sse_error_event(&message),
+            )))))
         } else {
             // A plain body cannot carry an error: abort the response so the
             // client sees a broken transfer, not a short but "complete" one.
@@ -230,5 +257,86 @@ where
         } else {
             self.inner.size_hint()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::Route;
+    use http::{HeaderMap, Method, StatusCode};
+    use http_body_util::StreamBody;
+
+    const CHUNK: &str =
+        "data: {\"choices\":[{\"index\":0,\"text\":\"Hi\",\"finish_reason\":null}]}\n\n";
+    const LAST: &str =
+        "data: {\"choices\":[{\"index\":0,\"text\":\"!\",\"finish_reason\":\"length\"}]";
+    const FINGERPRINT: &str = ",\"system_fingerprint\":\"fp\"";
+    const USAGE: &str = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2},\"system_fingerprint\":\"fp\"}\n\n";
+    const DONE: &str = "data: [DONE]\n\n";
+
+    fn exchange() -> Exchange {
+        Exchange {
+            id: 1,
+            route: Route::Completions,
+            method: Method::POST,
+            status: StatusCode::OK,
+            arrived: Instant::now(),
+            admitted: Instant::now(),
+            first_byte: None,
+            bytes: 0,
+            permit: None,
+            inference: None,
+        }
+    }
+
+    type Frames = Vec<Result<Frame<Bytes>, BoxError>>;
+    type Inner = StreamBody<futures_util::stream::Iter<<Frames as IntoIterator>::IntoIter>>;
+
+    /// An SSE body of `frames`, through an `ObservedBody` that strips usage.
+    fn stripped(frames: Frames) -> ObservedBody<Inner> {
+        let inner = StreamBody::new(futures_util::stream::iter(frames));
+        ObservedBody::new(inner, Duration::from_secs(5), true, exchange()).strip_usage()
+    }
+
+    fn data(text: &str) -> Result<Frame<Bytes>, BoxError> {
+        Ok(Frame::data(Bytes::copy_from_slice(text.as_bytes())))
+    }
+
+    #[tokio::test]
+    async fn the_client_gets_the_stream_it_would_have_got_without_usage() {
+        let last = format!("{LAST}}}\n\n");
+        let body = stripped(vec![data(CHUNK), data(&last), data(USAGE), data(DONE)]);
+        let out = body.collect().await.unwrap().to_bytes();
+        assert_eq!(out, format!("{CHUNK}{LAST}{FINGERPRINT}}}\n\n{DONE}"));
+    }
+
+    #[tokio::test]
+    async fn a_failure_after_the_last_chunk_still_delivers_it() {
+        let last = format!("{LAST}}}\n\n");
+        let body = stripped(vec![
+            data(CHUNK),
+            data(&last),
+            data("data: {\"cho"),
+            Err("connection reset".into()),
+        ]);
+        let out = String::from_utf8(body.collect().await.unwrap().to_bytes().to_vec()).unwrap();
+        let expected_start = format!("{CHUNK}{last}data: {{\"error\"");
+        assert!(out.starts_with(&expected_start), "{out}");
+        assert!(
+            out.contains("connection reset") && !out.contains("[DONE]"),
+            "{out}"
+        );
+    }
+
+    #[tokio::test]
+    async fn held_data_goes_out_before_trailers() {
+        let last = format!("{LAST}}}\n\n");
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-done", "1".parse().unwrap());
+        let body = stripped(vec![data(&last), Ok(Frame::trailers(trailers))]);
+        let collected = body.collect().await.unwrap();
+        assert_eq!(collected.trailers().unwrap()["x-done"], "1");
+        assert_eq!(collected.to_bytes(), last);
     }
 }

@@ -299,6 +299,13 @@ fn messages(obj: &Map<String, Value>) -> Result<Vec<ChatMessage>, ProxyError> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn route_all_is_indexed_by_the_discriminant() {
+        for (i, route) in Route::ALL.into_iter().enumerate() {
+            assert_eq!(route as usize, i, "{route:?}");
+        }
+    }
+
     fn parse(route: Route, body: &str) -> Result<InferenceRequest, String> {
         InferenceRequest::parse(route, body.as_bytes()).map_err(|e| e.to_string())
     }

@@ -196,8 +196,15 @@ impl Proxy {
                 .map(|prediction| Inference::new(Arc::clone(&self.prefix), prediction, sse)),
         };
         let mut body = ObservedBody::new(body, self.upstream.idle_timeout(), sse, exchange);
-        if strip_usage {
-            body = body.strip_usage();
+        if strip_usage && sse {
+            if parts.headers.contains_key(header::CONTENT_ENCODING) {
+                // Compressed events cannot be read; the client sees the extra event.
+                tracing::debug!(id, "compressed stream: usage event left in place");
+            } else {
+                // The body shrinks by the usage event: no length may be promised.
+                parts.headers.remove(header::CONTENT_LENGTH);
+                body = body.strip_usage();
+            }
         }
         Ok(Response::from_parts(parts, body.boxed_unsync()))
     }

@@ -52,6 +52,11 @@ pub fn ask_for_usage(body: &[u8]) -> Option<Bytes> {
     match object.get_mut("stream_options") {
         Some(Value::Object(options)) => {
             options.insert("include_usage".into(), Value::Bool(true));
+            // vLLM honours it only with include_usage: it was off for this
+            // client, and must stay off or every chunk would carry usage.
+            if options.contains_key("continuous_usage_stats") {
+                options.insert("continuous_usage_stats".into(), Value::Bool(false));
+            }
         }
         _ => {
             object.insert(
@@ -77,6 +82,9 @@ pub fn ask_for_usage(body: &[u8]) -> Option<Bytes> {
 pub struct UsageStripper {
     /// The start of an event whose end has not arrived yet.
     pending: BytesMut,
+    /// `pending` outgrew [`MAX_PENDING`] without an event end: this is not
+    /// SSE framing the stripper understands, so everything passes as is.
+    gave_up: bool,
     /// A complete event with a `finish_reason`, waiting for the next one.
     held: Option<Bytes>,
     /// Bytes removed so far, net of what was put back.
@@ -86,6 +94,9 @@ pub struct UsageStripper {
 impl UsageStripper {
     /// The part of `chunk` (with what was held back) to send on now.
     pub fn filter(&mut self, chunk: &Bytes) -> Bytes {
+        if self.gave_up {
+            return chunk.clone();
+        }
         if self.pending.is_empty()
             && self.held.is_none()
             && !mentions_non_null(chunk, USAGE)
@@ -97,6 +108,13 @@ impl UsageStripper {
         }
         self.pending.extend_from_slice(chunk);
         let Some(end) = last_event_end(&self.pending) else {
+            if self.pending.len() > MAX_PENDING {
+                // No event boundary in sight: stop holding anything back.
+                self.gave_up = true;
+                let mut out = BytesMut::from(&self.held.take().unwrap_or_default()[..]);
+                out.extend_from_slice(&std::mem::take(&mut self.pending));
+                return out.freeze();
+            }
             return Bytes::new();
         };
         let complete = self.pending.split_to(end).freeze();
@@ -123,6 +141,19 @@ impl UsageStripper {
             out.extend_from_slice(&self.held.take().unwrap_or_default());
         }
         out.freeze()
+    }
+
+    /// What can still be delivered when the upstream fails mid-stream: the
+    /// held complete event, if any. A half-received event is dropped (it
+    /// would corrupt the error event that follows).
+    pub fn abandon(&mut self) -> Bytes {
+        self.pending.clear();
+        self.held.take().unwrap_or_default()
+    }
+
+    /// Whether anything is held back.
+    pub fn is_holding(&self) -> bool {
+        self.held.is_some() || !self.pending.is_empty()
     }
 
     /// Bytes removed from the stream so far (net of a fingerprint put back).
@@ -155,6 +186,9 @@ impl UsageStripper {
         }
     }
 }
+
+/// The longest unfinished event held back before the stripper gives up.
+const MAX_PENDING: usize = 64 * 1024;
 
 const USAGE: &[u8] = b"\"usage\"";
 const FINISH_REASON: &[u8] = b"\"finish_reason\"";
@@ -281,6 +315,11 @@ mod tests {
         let out = as_json(&ask_for_usage(body).unwrap());
         assert_eq!(out["stream_options"]["include_usage"], true);
         assert_eq!(out["stream_options"]["continuous_usage_stats"], false);
+        // Without include_usage vLLM ignored it; with it, it must stay ignored.
+        let body =
+            br#"{"prompt":"hi","stream":true,"stream_options":{"continuous_usage_stats":true}}"#;
+        let out = as_json(&ask_for_usage(body).unwrap());
+        assert_eq!(out["stream_options"]["continuous_usage_stats"], false);
         assert_eq!(out["prompt"], "hi");
         let null_options = br#"{"prompt":"hi","stream_options":null}"#;
         assert_eq!(
@@ -364,6 +403,33 @@ mod tests {
         let mut stripper = UsageStripper::default();
         assert!(stripper.filter(&Bytes::from(last.clone())).is_empty());
         assert_eq!(stripper.finish(), last);
+    }
+
+    #[test]
+    fn a_stream_without_event_ends_is_passed_on_once_it_outgrows_the_hold() {
+        let mut stripper = UsageStripper::default();
+        let line = Bytes::from(vec![b'x'; 1000]);
+        let mut out = 0;
+        for _ in 0..100 {
+            out += stripper.filter(&line).len();
+        }
+        // Held until past 64 KiB, then everything so far and after goes out.
+        assert_eq!(out, 100 * 1000);
+        assert!(!stripper.is_holding());
+    }
+
+    #[test]
+    fn abandoning_keeps_the_held_event_and_drops_a_half_one() {
+        let last = format!("{LAST}}}\n\n");
+        let mut stripper = UsageStripper::default();
+        assert!(
+            stripper
+                .filter(&Bytes::from(format!("{last}data: {{\"cho")))
+                .is_empty()
+        );
+        assert!(stripper.is_holding());
+        assert_eq!(stripper.abandon(), last);
+        assert!(!stripper.is_holding());
     }
 
     #[test]

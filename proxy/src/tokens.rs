@@ -60,7 +60,12 @@ impl HfTokenizer {
             path: path.display().to_string(),
             reason,
         };
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| error(e.to_string()))?;
+        let mut inner = tokenizers::Tokenizer::from_file(path).map_err(|e| error(e.to_string()))?;
+        // A prompt's tokens as the engine counts them: never cut, never padded.
+        inner
+            .with_truncation(None)
+            .map_err(|e| error(e.to_string()))?;
+        inner.with_padding(None);
         inner
             .encode_fast("Sluice", true)
             .map_err(|e| error(format!("encoding a probe failed: {e}")))?;

@@ -105,10 +105,10 @@ struct Details {
 /// always a key.
 fn parse(json: &[u8]) -> Option<Usage> {
     const KEY: &[u8] = b"\"usage\"";
-    let at = memchr::memmem::rfind(json, KEY)?;
-    let value = json[at + KEY.len()..]
-        .trim_ascii_start()
-        .strip_prefix(b":")?;
+    // The last `"usage"` followed by a colon: a later string value that is
+    // just "usage" (a decoded token, say) is skipped.
+    let value = memchr::memmem::rfind_iter(json, KEY)
+        .find_map(|at| json[at + KEY.len()..].trim_ascii_start().strip_prefix(b":"))?;
     let usage: RawUsage = serde_json::Deserializer::from_slice(value)
         .into_iter::<Option<RawUsage>>()
         .next()?
@@ -189,6 +189,12 @@ mod tests {
                 cached_tokens: None
             })
         );
+        // A later string value "usage" is not the key.
+        let mut tap = UsageTap::new(false);
+        tap.push(&Bytes::from_static(
+            br#"{"usage":{"prompt_tokens":5},"prompt_logprobs":[{"1":{"decoded_token":"usage"}}]}"#,
+        ));
+        assert_eq!(tap.usage().map(|u| u.prompt_tokens), Some(5));
         for no_usage in [
             &br#"{"usage":null}"#[..],
             br#"{"usage":{"completion_tokens":2}}"#,
