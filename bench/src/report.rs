@@ -37,6 +37,7 @@
 //!       "service_ms", "queue_wait_ms", "total_ms": {"count","p50_ms","p95_ms","p99_ms",...}
 //!     },
 //!     "prefix_cache": null | {"hit_tokens", "query_tokens", "hit_rate"},  // engine /metrics deltas
+//!     "predicted_prefix_cache": null | {...the same},  // the proxy's tracker (proxied runs)
 //!     "upstream_max_in_flight": null | n,    // in-process simulator only: exact peak
 //!     "gpu": "n/a (no NVIDIA driver)" | "MiB used / MiB total, util %" per GPU,
 //!     "gpu_memory_mib": null | n             // summed over GPUs, after the run
@@ -52,7 +53,7 @@
 //! ```
 //!
 //! Changes from `sluice-bench/1`: added `candidate_offset`, `stream`,
-//! `client.ttft_ms`, `client.latency_cdf_ms`, `gpu_memory_mib`, `sweep`,
+//! `client.ttft_ms`, `client.latency_cdf_ms`, `predicted_prefix_cache`, `gpu_memory_mib`, `sweep`,
 //! the `sweep` mode and the stream error kinds. Every `/1` field is still
 //! there with the same meaning, except that candidates now start at
 //! `candidate_offset` instead of 0.
@@ -67,7 +68,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::progress::Progress;
-use crate::run::stats::{PrefixCache, Summary, prefix_counters};
+use crate::run::stats::{PrefixCache, Summary, predicted_prefix_counters, prefix_counters};
 use crate::run::sweep::Sweep;
 use crate::run::{Plan, client, drive_with, metrics_of};
 use crate::workload::Workload;
@@ -120,6 +121,8 @@ pub(crate) struct RunResult {
     pub(crate) client: Summary,
     pub(crate) proxy: Option<ProxyView>,
     pub(crate) prefix_cache: Option<PrefixCache>,
+    /// The proxy's prefix tracker over the run (proxied runs only).
+    pub(crate) predicted_prefix_cache: Option<PrefixCache>,
     pub(crate) upstream_max_in_flight: Option<u64>,
     pub(crate) gpu: String,
     pub(crate) gpu_memory_mib: Option<f64>,
@@ -153,6 +156,14 @@ pub(crate) async fn gpu_reading() -> (String, Option<f64>) {
         Ok(Ok(o)) if o.status.success() => gpu_lines(&String::from_utf8_lossy(&o.stdout)),
         _ => ("n/a (no NVIDIA driver)".into(), None),
     }
+}
+
+/// The proxy's predicted prefix-cache counters, when a proxy runs.
+async fn predicted(admin: Option<SocketAddr>) -> Option<(f64, f64)> {
+    metrics_of(admin?)
+        .await
+        .as_deref()
+        .and_then(predicted_prefix_counters)
 }
 
 /// The proxy's `/stats` `gpus`: its NVML readings, or a string saying why there are none.
@@ -222,6 +233,7 @@ pub(crate) async fn measure(
     if let Some(admin) = admin {
         proxy_stats(admin, true).await;
     }
+    let predicted_before = predicted(admin).await;
     let before = match engine {
         Some(e) => metrics_of(e).await.as_deref().and_then(prefix_counters),
         None => None,
@@ -237,6 +249,7 @@ pub(crate) async fn measure(
         Some(e) => metrics_of(e).await.as_deref().and_then(prefix_counters),
         None => None,
     };
+    let predicted_after = predicted(admin).await;
     let stats = match admin {
         Some(admin) => proxy_stats(admin, false).await,
         None => None,
@@ -270,6 +283,9 @@ pub(crate) async fn measure(
         client: outcomes.summary(),
         proxy,
         prefix_cache: before.zip(after).map(|(b, a)| PrefixCache::between(b, a)),
+        predicted_prefix_cache: predicted_before
+            .zip(predicted_after)
+            .map(|(b, a)| PrefixCache::between(b, a)),
         upstream_max_in_flight,
         gpu,
         gpu_memory_mib,
@@ -573,10 +589,18 @@ fn ms(v: Option<f64>) -> String {
 }
 
 fn hit(r: &RunResult) -> String {
-    r.prefix_cache
-        .as_ref()
-        .and_then(|p| p.hit_rate)
-        .map_or("n/a".into(), |h| format!("{:.1}%", h * 100.0))
+    let rate = |p: Option<&PrefixCache>| {
+        p.and_then(|p| p.hit_rate)
+            .map_or("n/a".into(), |h| format!("{:.1}%", h * 100.0))
+    };
+    match &r.predicted_prefix_cache {
+        None => rate(r.prefix_cache.as_ref()),
+        Some(predicted) => format!(
+            "{} (proxy predicted {})",
+            rate(r.prefix_cache.as_ref()),
+            rate(Some(predicted))
+        ),
+    }
 }
 
 #[cfg(test)]

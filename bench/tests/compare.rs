@@ -191,7 +191,16 @@ fn compare_accounts_for_every_request_and_the_policy_caps_the_upstream() {
     // … while without a policy they all reached it.
     assert!(peak(2) > 10, "no policy: peak {}", peak(2));
     // The proxy saw every request, and queued them under the policy.
+    for run in &runs[..2] {
+        assert!(run["predicted_prefix_cache"].is_null(), "direct: {run}");
+    }
     for run in &runs[2..] {
+        // The proxy's tracker predicts the shared rubric as cached too.
+        let predicted = run["predicted_prefix_cache"]["hit_rate"].as_f64().unwrap();
+        assert!(
+            (0.3..1.0).contains(&predicted),
+            "predicted {predicted}: {run}"
+        );
         let proxy = &run["proxy"];
         assert_eq!(proxy["outcomes"]["ok"].as_u64(), Some(requests), "{run}");
         assert!(

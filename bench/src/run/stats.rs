@@ -231,6 +231,14 @@ pub(crate) fn prefix_counters(text: &str) -> Option<(f64, f64)> {
     ))
 }
 
+/// The proxy's predicted prefix-cache (hits, queries) in tokens, from its `/metrics`.
+pub(crate) fn predicted_prefix_counters(text: &str) -> Option<(f64, f64)> {
+    Some((
+        prom_sum(text, "sluice_prefix_cache_hit_tokens_total")?,
+        prom_sum(text, "sluice_prefix_cache_query_tokens_total")?,
+    ))
+}
+
 /// Prefix-cache use over a run, from counter deltas.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct PrefixCache {
