@@ -95,15 +95,45 @@ pub(crate) async fn closed_loop(
     duration: Duration,
 ) -> anyhow::Result<LoadResult> {
     let deadline = Instant::now() + duration;
+    back_to_back(target, connections, move || Instant::now() < deadline).await
+}
+
+/// `requests` requests in all, shared by `connections` workers sending back
+/// to back (for measurements that count work per request, not time).
+pub(crate) async fn fixed_count(
+    target: &Target,
+    connections: usize,
+    requests: u64,
+) -> anyhow::Result<LoadResult> {
+    let left = Arc::new(std::sync::atomic::AtomicU64::new(requests));
+    back_to_back(target, connections, move || {
+        left.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |n| n.checked_sub(1),
+        )
+        .is_ok()
+    })
+    .await
+}
+
+/// `connections` workers, each on its own keep-alive connection, sending
+/// one request after another while `another()` says so. A failed request is
+/// counted and its connection replaced (after 10 ms if that fails too).
+async fn back_to_back(
+    target: &Target,
+    connections: usize,
+    another: impl Fn() -> bool + Clone + Send + 'static,
+) -> anyhow::Result<LoadResult> {
     let start = Instant::now();
     let mut workers = Vec::with_capacity(connections);
     for _ in 0..connections {
-        let target = target.clone();
+        let (target, another) = (target.clone(), another.clone());
         let mut sender = connect(target.addr).await?;
         workers.push(tokio::spawn(async move {
             let mut hist = histogram();
             let (mut ok, mut errors) = (0u64, 0u64);
-            while Instant::now() < deadline {
+            while another() {
                 let sent = Instant::now();
                 if one(&mut sender, &target).await {
                     ok += 1;
@@ -116,20 +146,9 @@ pub(crate) async fn closed_loop(
                     }
                 }
             }
-            anyhow::Ok((hist, ok, errors))
+            (hist, ok, errors)
         }));
     }
-    gather(workers, start).await
-}
-
-/// What a closed-loop worker returns: its latencies, successes and failures.
-type WorkerTally = anyhow::Result<(Histogram<u64>, u64, u64)>;
-
-/// Waits for every worker and merges their tallies, timed from `start`.
-async fn gather(
-    workers: Vec<tokio::task::JoinHandle<WorkerTally>>,
-    start: Instant,
-) -> anyhow::Result<LoadResult> {
     let mut result = LoadResult {
         latency: histogram(),
         ok: 0,
@@ -137,53 +156,13 @@ async fn gather(
         elapsed: Duration::ZERO,
     };
     for worker in workers {
-        let (hist, ok, errors) = worker.await??;
+        let (hist, ok, errors) = worker.await?;
         result.latency.add(hist)?;
         result.ok += ok;
         result.errors += errors;
     }
     result.elapsed = start.elapsed();
     Ok(result)
-}
-
-/// `requests` requests in all, shared by `connections` workers sending back
-/// to back (for measurements that count work per request, not time).
-pub(crate) async fn fixed_count(
-    target: &Target,
-    connections: usize,
-    requests: u64,
-) -> anyhow::Result<LoadResult> {
-    let start = Instant::now();
-    let left = Arc::new(std::sync::atomic::AtomicU64::new(requests));
-    let mut workers = Vec::with_capacity(connections);
-    for _ in 0..connections {
-        let (target, left) = (target.clone(), Arc::clone(&left));
-        let mut sender = connect(target.addr).await?;
-        workers.push(tokio::spawn(async move {
-            let mut hist = histogram();
-            let (mut ok, mut errors) = (0u64, 0u64);
-            let take = || {
-                left.fetch_update(
-                    std::sync::atomic::Ordering::Relaxed,
-                    std::sync::atomic::Ordering::Relaxed,
-                    |n| n.checked_sub(1),
-                )
-                .is_ok()
-            };
-            while take() {
-                let sent = Instant::now();
-                if one(&mut sender, &target).await {
-                    ok += 1;
-                    let _ = hist.record(sent.elapsed().as_micros() as u64);
-                } else {
-                    errors += 1;
-                    sender = connect(target.addr).await?;
-                }
-            }
-            anyhow::Ok((hist, ok, errors))
-        }));
-    }
-    gather(workers, start).await
 }
 
 /// Requests scheduled at `rate` per second for `duration`, over a pool of
