@@ -250,17 +250,7 @@ mod tests {
     use super::*;
 
     fn profile() -> Profile {
-        let mut p = Profile::load("vllm-cpu-tiny").unwrap();
-        p.engine.block_size = 4;
-        p.timing.step_base_ms = 10.0;
-        p.timing.prefill_token_ms = 1.0;
-        p.timing.decode_seq_ms = 0.0;
-        p.timing.context_token_ms = 0.0;
-        p.timing.request_overhead_ms = 0.0;
-        p.timing.api_in_ms = 0.0;
-        p.timing.api_out_ms = 0.0;
-        p.timing.jitter = 0.0;
-        p
+        super::super::profile::test_profile(0.0, 0.0, 0.0)
     }
 
     fn seq(len: u32, max_tokens: usize) -> NewSeq {

@@ -238,6 +238,24 @@ impl Timing {
     }
 }
 
+/// A profile for engine tests: 4-token blocks, 10 ms per step plus 1 ms
+/// per prefill token (decoding and context free), no jitter, and the given
+/// API-server and overhead costs.
+#[cfg(test)]
+pub(crate) fn test_profile(api_in_ms: f64, api_out_ms: f64, overhead_ms: f64) -> Profile {
+    let mut p = Profile::load("vllm-cpu-tiny").unwrap();
+    p.engine.block_size = 4;
+    p.timing.step_base_ms = 10.0;
+    p.timing.prefill_token_ms = 1.0;
+    p.timing.decode_seq_ms = 0.0;
+    p.timing.context_token_ms = 0.0;
+    p.timing.jitter = 0.0;
+    p.timing.request_overhead_ms = overhead_ms;
+    p.timing.api_in_ms = api_in_ms;
+    p.timing.api_out_ms = api_out_ms;
+    p
+}
+
 /// A timing parameter a fit may move.
 pub type Knob = fn(&mut Timing) -> &mut f64;
 

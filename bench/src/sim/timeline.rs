@@ -146,17 +146,7 @@ mod tests {
     use super::*;
 
     fn profile(api_in_ms: f64, api_out_ms: f64, overhead_ms: f64) -> Profile {
-        let mut p = Profile::load("vllm-cpu-tiny").unwrap();
-        p.engine.block_size = 4;
-        p.timing.step_base_ms = 10.0;
-        p.timing.prefill_token_ms = 1.0;
-        p.timing.decode_seq_ms = 0.0;
-        p.timing.context_token_ms = 0.0;
-        p.timing.jitter = 0.0;
-        p.timing.request_overhead_ms = overhead_ms;
-        p.timing.api_in_ms = api_in_ms;
-        p.timing.api_out_ms = api_out_ms;
-        p
+        super::super::profile::test_profile(api_in_ms, api_out_ms, overhead_ms)
     }
 
     fn seq(len: u32, max_tokens: usize) -> NewSeq {
