@@ -110,6 +110,21 @@ impl<B: Body> ObservedBody<B> {
     }
 }
 
+/// Runs `step` on the stripper and takes the bytes it removed off the
+/// exchange's count, which counts what the client receives.
+fn strip(
+    stripper: &mut UsageStripper,
+    exchange: &mut Option<Exchange>,
+    step: impl FnOnce(&mut UsageStripper) -> Bytes,
+) -> Bytes {
+    let removed = stripper.removed();
+    let out = step(stripper);
+    if let Some(exchange) = exchange {
+        exchange.bytes -= stripper.removed() - removed;
+    }
+    out
+}
+
 fn concat(head: Bytes, tail: Bytes) -> Bytes {
     if tail.is_empty() {
         head
@@ -156,14 +171,10 @@ where
                     if let Some(stripper) = this.stripper.as_mut()
                         && let Some(data) = frame.data_ref()
                     {
-                        let removed = stripper.removed();
-                        let mut out = stripper.filter(data);
-                        if ended {
-                            out = concat(out, stripper.finish());
-                        }
-                        if let Some(exchange) = this.exchange.as_mut() {
-                            exchange.bytes -= stripper.removed() - removed;
-                        }
+                        let out = strip(stripper, this.exchange, |s| {
+                            let out = s.filter(data);
+                            if ended { concat(out, s.finish()) } else { out }
+                        });
                         if out.is_empty() && !ended {
                             // All held back or removed: nothing to send yet.
                             let next = Instant::now() + *this.idle_limit;
@@ -176,11 +187,7 @@ where
                         && stripper.is_holding()
                     {
                         // Nothing may follow trailers: send what was held first.
-                        let removed = stripper.removed();
-                        let held = stripper.finish();
-                        if let Some(exchange) = this.exchange.as_mut() {
-                            exchange.bytes -= stripper.removed() - removed;
-                        }
+                        let held = strip(stripper, this.exchange, UsageStripper::finish);
                         *this.stashed = Some(frame);
                         frame = Frame::data(held);
                     }
@@ -198,14 +205,10 @@ where
                     return Poll::Ready(Some(Ok(frame)));
                 }
                 Poll::Ready(None) => {
-                    let mut rest = Bytes::new();
-                    if let Some(stripper) = this.stripper.as_mut() {
-                        let removed = stripper.removed();
-                        rest = stripper.finish();
-                        if let Some(exchange) = this.exchange.as_mut() {
-                            exchange.bytes -= stripper.removed() - removed;
-                        }
-                    }
+                    let rest = match this.stripper.as_mut() {
+                        Some(stripper) => strip(stripper, this.exchange, UsageStripper::finish),
+                        None => Bytes::new(),
+                    };
                     if let Some(exchange) = this.exchange.take() {
                         exchange.finish(Outcome::Complete);
                     }

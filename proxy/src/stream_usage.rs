@@ -30,7 +30,7 @@ const INCLUDE_USAGE: &[u8] = br#","stream_options":{"include_usage":true}"#;
 /// `stream_options` (without `include_usage: true`) is re-serialised with
 /// the one field changed.
 pub fn ask_for_usage(body: &[u8]) -> Option<Bytes> {
-    if memchr(body, b"\"stream_options\"").is_none() {
+    if memchr::memmem::find(body, b"\"stream_options\"").is_none() {
         let end = body.iter().rposition(|b| !b.is_ascii_whitespace())?;
         if body[end] != b'}' {
             return None;
@@ -196,7 +196,7 @@ const FINISH_REASON: &[u8] = b"\"finish_reason\"";
 /// Whether `bytes` may hold a non-null value under `key` (cheap; no parsing).
 fn mentions_non_null(bytes: &[u8], key: &[u8]) -> bool {
     let mut from = 0;
-    while let Some(at) = memchr(&bytes[from..], key) {
+    while let Some(at) = memchr::memmem::find(&bytes[from..], key) {
         let after = &bytes[from + at + key.len()..];
         let value = after
             .iter()
@@ -215,7 +215,7 @@ fn with_fingerprint(event: &[u8], fingerprint: &str) -> Bytes {
     let Some(close) = event.iter().rposition(|&b| b == b'}') else {
         return Bytes::copy_from_slice(event);
     };
-    if memchr(event, b"\"system_fingerprint\"").is_some() {
+    if memchr::memmem::find(event, b"\"system_fingerprint\"").is_some() {
         return Bytes::copy_from_slice(event);
     }
     let field = format!(
@@ -271,10 +271,6 @@ fn blank_line_ends(bytes: &[u8]) -> impl Iterator<Item = usize> + '_ {
             Some([b'\r', b'\n', ..]) => Some(i + 3),
             _ => None,
         })
-}
-
-fn memchr(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    memchr::memmem::find(haystack, needle)
 }
 
 #[cfg(test)]
