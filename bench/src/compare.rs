@@ -40,15 +40,60 @@ pub(crate) enum ProxyMode {
     InProcess,
 }
 
-/// `bench compare` options.
+/// Which engine a benchmark drives (`bench compare`, `bench suite`).
 #[derive(Debug, clap::Args)]
-pub(crate) struct Args {
+pub(crate) struct EngineArgs {
     /// A running engine (http://HOST:PORT) instead of the in-process simulator.
     #[arg(long)]
     pub(crate) upstream: Option<String>,
     /// Simulator profile (built-in name or TOML path) when no `--upstream`.
     #[arg(long, default_value = "rtx4080")]
     pub(crate) profile: String,
+}
+
+/// The engine a benchmark drives, started or resolved.
+pub(crate) struct Upstream {
+    /// Where it listens.
+    pub(crate) addr: SocketAddr,
+    /// Its URL as given (or the simulator's).
+    pub(crate) url: String,
+    /// The simulator's profile name; `None` for an external engine.
+    pub(crate) profile: Option<String>,
+    /// The simulator's exact in-flight count; `None` for an external engine.
+    pub(crate) in_flight: Option<Arc<InFlight>>,
+}
+
+impl EngineArgs {
+    /// Resolves `--upstream`, or starts the simulator in-process on 127.0.0.1:0.
+    pub(crate) async fn start(&self) -> anyhow::Result<Upstream> {
+        match &self.upstream {
+            Some(url) => Ok(Upstream {
+                addr: run::client::resolve(url).await?,
+                url: url.clone(),
+                profile: None,
+                in_flight: None,
+            }),
+            None => {
+                let profile = sluice_bench::sim::Profile::load(&self.profile)?;
+                let name = profile.name.clone();
+                let gauge = Arc::new(InFlight::default());
+                let addr = start_sim(profile, Arc::clone(&gauge)).await?;
+                Ok(Upstream {
+                    addr,
+                    url: format!("http://{addr}"),
+                    profile: Some(name),
+                    in_flight: Some(gauge),
+                })
+            }
+        }
+    }
+}
+
+/// `bench compare` options.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    #[command(flatten)]
+    pub(crate) engine: EngineArgs,
     /// Requests per configuration.
     #[arg(long, default_value_t = 1000)]
     pub(crate) requests: usize,
@@ -284,16 +329,12 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 async fn compare(args: &Args) -> anyhow::Result<Report> {
-    let gauge = Arc::new(InFlight::default());
-    let (upstream, url, engine_profile, gauge) = match &args.upstream {
-        Some(url) => (run::client::resolve(url).await?, url.clone(), None, None),
-        None => {
-            let profile = sluice_bench::sim::Profile::load(&args.profile)?;
-            let name = profile.name.clone();
-            let addr = start_sim(profile, Arc::clone(&gauge)).await?;
-            (addr, format!("http://{addr}"), Some(name), Some(gauge))
-        }
-    };
+    let Upstream {
+        addr: upstream,
+        url,
+        profile: engine_profile,
+        in_flight: gauge,
+    } = args.engine.start().await?;
     let engine = report::engine_name(upstream, &url, engine_profile.as_deref()).await;
     eprintln!("bench compare: {engine}");
     let model = run::model_of(upstream).await;

@@ -70,12 +70,8 @@ pub(crate) enum Category {
 /// `bench suite` options.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
-    /// A running engine (http://HOST:PORT) instead of the in-process simulator.
-    #[arg(long)]
-    pub(crate) upstream: Option<String>,
-    /// Simulator profile (built-in name or TOML path) when no `--upstream`.
-    #[arg(long, default_value = "rtx4080")]
-    pub(crate) profile: String,
+    #[command(flatten)]
+    pub(crate) engine: crate::compare::EngineArgs,
     /// Categories to run (comma-separated); all by default.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub(crate) only: Vec<Category>,
@@ -230,21 +226,12 @@ pub(crate) struct Engine {
 /// `bench suite`.
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let wants = |c: Category| args.only.is_empty() || args.only.contains(&c);
-    let (upstream, url, profile) = match &args.upstream {
-        Some(url) => (client::resolve(url).await?, url.clone(), None),
-        None => {
-            let profile = sluice_bench::sim::Profile::load(&args.profile)?;
-            let name = profile.name.clone();
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let addr = listener.local_addr()?;
-            tokio::spawn(sluice_bench::sim::serve(
-                listener,
-                profile,
-                std::future::pending::<()>(),
-            ));
-            (addr, format!("http://{addr}"), Some(name))
-        }
-    };
+    let crate::compare::Upstream {
+        addr: upstream,
+        url,
+        profile,
+        ..
+    } = args.engine.start().await?;
     let name = report::engine_name(upstream, &url, profile.as_deref()).await;
     let model = run::model_of(upstream).await;
     let max_model_len = max_model_len(upstream).await;
