@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::upstream::{EchoUpstream, hanging, refusing, scripted};
+use common::upstream::{EchoUpstream, hanging, one_request_per_connection, refusing, scripted};
 use common::{ProxyProcess, post_json, send, wait_until};
 use http::{Method, StatusCode};
 use serde_json::json;
@@ -352,6 +352,33 @@ async fn malformed_upstream_bytes_are_502() {
     )
     .await;
     assert_openai_error(&reply, 502, "upstream_bad_response");
+}
+
+#[tokio::test]
+async fn upstream_connections_are_reused_across_requests() {
+    let upstream = EchoUpstream::start().await;
+    let proxy = ProxyProcess::start(&upstream.url(), &[]);
+    let url = format!("{}/v1/completions", proxy.url());
+    for _ in 0..10 {
+        let reply = post_json(&url, &completion(json!({}))).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    // One after another: each request finds the previous one's connection idle.
+    assert_eq!(upstream.seen.total.load(Ordering::SeqCst), 10);
+    assert_eq!(upstream.seen.connections.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn upstream_that_closes_idle_connections_loses_no_request() {
+    // Each connection answers one request with a keep-alive response and is
+    // then closed by the upstream, as a server's keep-alive timeout does.
+    let addr = one_request_per_connection().await;
+    let proxy = ProxyProcess::start(&format!("http://{addr}"), &[]);
+    let url = format!("{}/v1/completions", proxy.url());
+    for i in 0..5 {
+        let reply = post_json(&url, &completion(json!({}))).await;
+        assert_eq!(reply.status, 200, "request {i}: {}", reply.text());
+    }
 }
 
 #[tokio::test]

@@ -289,6 +289,7 @@ mod tests {
             first_byte: None,
             bytes: 0,
             permit: None,
+            lease: None,
             inference: None,
         }
     }

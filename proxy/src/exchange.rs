@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 use crate::admission::Permit;
 use crate::classify::Route;
+use crate::pool::Lease;
 use crate::prefix::{Prediction, PrefixTracker};
 use crate::telemetry::{self, RequestRecord};
 use crate::usage::{Usage, UsageTap};
@@ -116,6 +117,8 @@ pub struct Exchange {
     pub bytes: u64,
     /// Held while in flight; reports the completion to the policy.
     pub permit: Option<Permit>,
+    /// The upstream connection, given back for reuse when the response completed.
+    pub lease: Option<Lease>,
     /// Completion/chat requests: prefix prediction and usage tap.
     pub inference: Option<Inference>,
 }
@@ -145,6 +148,11 @@ impl Exchange {
     /// Logs, measures and reports the end of the request.
     pub fn finish(self, outcome: Outcome) {
         let now = Instant::now();
+        if outcome == Outcome::Complete
+            && let Some(lease) = self.lease
+        {
+            lease.release();
+        }
         let ok = outcome == Outcome::Complete && self.status.is_success();
         let queue = self.admitted - self.arrived;
         let upstream = now - self.admitted;

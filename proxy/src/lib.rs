@@ -11,7 +11,8 @@
 //! - [`proxy`]: the client-facing request path: classify, admit, forward, stream back.
 //! - [`classify`]: route labels and the typed view of completion/chat bodies.
 //! - [`headers`]: hop-by-hop stripping, `X-Forwarded-For`, tenant keys.
-//! - [`upstream`]: the pooled client, deadlines, upstream health (502/503/504).
+//! - [`upstream`]: upstream connections, deadlines, upstream health (502/503/504).
+//! - [`pool`]: idle upstream connections, lent for one request at a time.
 //! - [`body`]: streaming pass-through with TTFT, idle timeout and SSE error events.
 //! - [`exchange`]: one request's timings; the single place it is logged and measured.
 //! - [`admission`]: the queue, the scheduler task, the wasm host, the fallback, rate limits.
@@ -36,6 +37,7 @@ pub mod error;
 pub mod exchange;
 pub mod gpu;
 pub mod headers;
+pub mod pool;
 pub mod prefix;
 pub mod proxy;
 pub mod scrape;

@@ -164,17 +164,16 @@ impl Proxy {
 
         headers::strip_hop_by_hop(&mut parts.headers);
         headers::append_forwarded_for(&mut parts.headers, client.ip());
-        parts.headers.remove(header::HOST);
-        let path = parts
+        // Origin-form for the upstream; `Upstream::send` sets its `Host`.
+        parts.uri = parts
             .uri
             .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        parts.uri = self.upstream.uri_for(path);
+            .cloned()
+            .map_or_else(|| http::Uri::from_static("/"), http::Uri::from);
         parts.version = Version::HTTP_11;
         let upstream_request = Request::from_parts(parts, body);
 
-        let response = self.upstream.send(upstream_request).await?;
+        let (response, lease) = self.upstream.send(upstream_request).await?;
         let (mut parts, body) = response.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
         let sse = parts
@@ -192,6 +191,7 @@ impl Proxy {
             first_byte: None,
             bytes: 0,
             permit,
+            lease: Some(lease),
             inference: prediction
                 .map(|prediction| Inference::new(Arc::clone(&self.prefix), prediction, sse)),
         };

@@ -1,5 +1,5 @@
-//! The upstream: a pooled hyper client, its deadlines, and what is known
-//! about the upstream's health.
+//! The upstream: its connections (HTTP/1.1, `TCP_NODELAY`, reused through
+//! [`crate::pool`]), its deadlines, and what is known about its health.
 //!
 //! A refused or failed connection answers 502 and marks the upstream down;
 //! while it is down, requests are answered 503 with `Retry-After` at once
@@ -11,24 +11,30 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use http::{Request, Response, Uri};
+use http::{HeaderValue, Request, Response, header};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::{Client, connect::HttpConnector};
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 
 use crate::body::ProxyBody;
 use crate::cli::Config;
 use crate::error::ProxyError;
+use crate::pool::{Lease, Pool, Sender};
 
 /// How often a down upstream is probed, and the `Retry-After` given meanwhile.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The upstream server and the client that reaches it.
+/// Idle upstream connections kept for reuse.
+const MAX_IDLE_CONNECTIONS: usize = 1024;
+
+/// The upstream server and the connections that reach it.
 #[derive(Debug)]
 pub struct Upstream {
-    base: Uri,
+    // `host:port` (port 80 when the URI gives none): what is dialled.
     authority: String,
-    client: Client<HttpConnector, ProxyBody>,
+    // The `Host` header of every forwarded request.
+    host: HeaderValue,
+    pool: Arc<Pool>,
     response_timeout: Duration,
     connect_timeout: Duration,
     // Set on a failed connect, cleared by the probe task; read on every request.
@@ -36,25 +42,22 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// A client for `config.upstream` with pooling and `TCP_NODELAY`.
+    /// The upstream of `config.upstream` (an `http://host[:port]` URI); no connection is opened yet.
     pub fn new(config: &Config) -> Arc<Self> {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(1024)
-            .build(connector);
-        let authority = config
-            .upstream
+        let uri = &config.upstream;
+        let authority = format!(
+            "{}:{}",
+            uri.host().unwrap_or_default(),
+            uri.port_u16().unwrap_or(80)
+        );
+        let host = uri
             .authority()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .unwrap_or_else(|| HeaderValue::from_static("localhost"));
         Arc::new(Self {
-            base: config.upstream.clone(),
             authority,
-            client,
+            host,
+            pool: Pool::new(MAX_IDLE_CONNECTIONS),
             response_timeout: config.upstream_timeout,
             connect_timeout: config.connect_timeout,
             down: AtomicBool::new(false),
@@ -66,11 +69,9 @@ impl Upstream {
         &self.authority
     }
 
-    /// The upstream URI for a client's path and query.
-    pub fn uri_for(&self, path_and_query: &str) -> Uri {
-        let mut parts = self.base.clone().into_parts();
-        parts.path_and_query = path_and_query.parse().ok();
-        Uri::from_parts(parts).unwrap_or_else(|_| self.base.clone())
+    /// Idle connections held for reuse.
+    pub fn idle_connections(&self) -> usize {
+        self.pool.idle()
     }
 
     /// Fails fast with 503 while the upstream is known to be down.
@@ -84,15 +85,39 @@ impl Upstream {
         Ok(())
     }
 
-    /// Sends a request and waits for the response headers, up to `--upstream-timeout`.
+    /// Sends a request (its URI in origin-form; the `Host` header is set
+    /// here) and waits for the response headers, up to `--upstream-timeout`.
+    /// The lease gives the connection back once the response has been passed
+    /// on whole.
     pub async fn send(
         self: &Arc<Self>,
-        request: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
+        mut request: Request<ProxyBody>,
+    ) -> Result<(Response<Incoming>, Lease), ProxyError> {
+        request
+            .headers_mut()
+            .insert(header::HOST, self.host.clone());
+        let exchange = async {
+            loop {
+                let (mut sender, reused) = match self.pool.take() {
+                    Some(sender) => (sender, true),
+                    None => (self.connect().await?, false),
+                };
+                match sender.try_send_request(request).await {
+                    Ok(response) => {
+                        return Ok((response, Lease::new(sender, Arc::clone(&self.pool))));
+                    }
+                    Err(mut failed) => match failed.take_message() {
+                        // An idle connection the upstream closed as it was
+                        // taken: the request never left, so it goes out on another.
+                        Some(unsent) if reused => request = unsent,
+                        _ => return Err(classify(failed.error())),
+                    },
+                }
+            }
+        };
+        match tokio::time::timeout(self.response_timeout, exchange).await {
             Err(_elapsed) => Err(ProxyError::UpstreamTimeout(self.response_timeout)),
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(err)) => Err(self.classify(err)),
+            Ok(result) => result,
         }
     }
 
@@ -101,23 +126,37 @@ impl Upstream {
         self.response_timeout
     }
 
-    fn classify(self: &Arc<Self>, err: hyper_util::client::legacy::Error) -> ProxyError {
-        let chain = error_chain(&err);
-        if err.is_connect() {
-            self.mark_down();
-            return ProxyError::UpstreamUnreachable {
-                upstream: self.authority.clone(),
-                cause: chain,
-            };
-        }
-        let mut source = err.source();
-        while let Some(cause) = source {
-            if let Some(limit) = cause.downcast_ref::<crate::proxy::BodyLimitExceeded>() {
-                return ProxyError::BodyTooLarge { limit: limit.0 };
+    /// Opens a connection within the connect timeout and starts its task.
+    async fn connect(self: &Arc<Self>) -> Result<Sender, ProxyError> {
+        let connect = TcpStream::connect(self.authority.as_str());
+        let stream = match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(err)) => return Err(self.unreachable(format!("connect: {err}"))),
+            Err(_elapsed) => {
+                return Err(self.unreachable(format!(
+                    "connect: no answer within {}",
+                    crate::cli::format_duration(self.connect_timeout)
+                )));
             }
-            source = cause.source();
+        };
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|err| classify(&err))?;
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(error = %error_chain(&err), "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    fn unreachable(self: &Arc<Self>, cause: String) -> ProxyError {
+        self.mark_down();
+        ProxyError::UpstreamUnreachable {
+            upstream: self.authority.clone(),
+            cause,
         }
-        ProxyError::UpstreamBadResponse(chain)
     }
 
     fn mark_down(self: &Arc<Self>) {
@@ -140,12 +179,25 @@ impl Upstream {
 
     /// Whether a TCP connection to the upstream opens within the connect timeout.
     pub async fn reachable(&self) -> bool {
-        let connect = tokio::net::TcpStream::connect(self.authority.as_str());
+        let connect = TcpStream::connect(self.authority.as_str());
         matches!(
             tokio::time::timeout(self.connect_timeout, connect).await,
             Ok(Ok(_))
         )
     }
+}
+
+/// A failed exchange on an open connection: a request body over `--max-body`
+/// is a 413, anything else a bad or missing response (502).
+fn classify(err: &hyper::Error) -> ProxyError {
+    let mut source = err.source();
+    while let Some(cause) = source {
+        if let Some(limit) = cause.downcast_ref::<crate::proxy::BodyLimitExceeded>() {
+            return ProxyError::BodyTooLarge { limit: limit.0 };
+        }
+        source = cause.source();
+    }
+    ProxyError::UpstreamBadResponse(error_chain(err))
 }
 
 /// `outer: inner: innermost`, for log lines and error messages.

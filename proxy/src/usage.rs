@@ -4,7 +4,10 @@
 //! of what passes — the whole body up to [`MAX_JSON_BYTES`] for JSON, the
 //! last [`SSE_TAIL_BYTES`] for streams — and parses it once, at the end.
 
+use std::sync::LazyLock;
+
 use bytes::Bytes;
+use memchr::memmem::FinderRev;
 use serde::Deserialize;
 
 /// Largest JSON response parsed for `usage`.
@@ -105,9 +108,12 @@ struct Details {
 /// always a key.
 fn parse(json: &[u8]) -> Option<Usage> {
     const KEY: &[u8] = b"\"usage\"";
+    // Built once: building the searcher cost more than a search of a small body.
+    static FINDER: LazyLock<FinderRev<'static>> = LazyLock::new(|| FinderRev::new(KEY));
     // The last `"usage"` followed by a colon: a later string value that is
     // just "usage" (a decoded token, say) is skipped.
-    let value = memchr::memmem::rfind_iter(json, KEY)
+    let value = FINDER
+        .rfind_iter(json)
         .find_map(|at| json[at + KEY.len()..].trim_ascii_start().strip_prefix(b":"))?;
     let usage: RawUsage = serde_json::Deserializer::from_slice(value)
         .into_iter::<Option<RawUsage>>()

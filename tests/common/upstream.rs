@@ -26,6 +26,8 @@ pub struct Seen {
     pub in_flight: AtomicUsize,
     pub max_in_flight: AtomicUsize,
     pub total: AtomicUsize,
+    /// TCP connections accepted.
+    pub connections: AtomicUsize,
     /// (arrival time, the request's `x-test-id` header or "").
     pub arrivals: Mutex<Vec<(Instant, String)>>,
 }
@@ -74,6 +76,7 @@ impl EchoUpstream {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
+                state.connections.fetch_add(1, Ordering::SeqCst);
                 let state = Arc::clone(&state);
                 tokio::spawn(async move {
                     let service = service_fn(move |req| echo(Arc::clone(&state), req));
@@ -269,6 +272,53 @@ pub async fn scripted(response: &'static [u8], then_wait: Duration) -> SocketAdd
                 let _ = stream.flush().await;
                 tokio::time::sleep(then_wait).await;
                 // dropped: the connection closes
+            });
+        }
+    });
+    addr
+}
+
+/// Serves one request per connection with a keep-alive `200 {}` and then
+/// closes the connection cleanly, as a server's keep-alive timeout does.
+pub async fn one_request_per_connection() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                // Read the whole request (headers, then Content-Length bytes),
+                // so the close is a FIN and not a reset over unread bytes.
+                let mut request = Vec::new();
+                let mut buf = [0u8; 8192];
+                loop {
+                    let Ok(n) = stream.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    request.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&request);
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let length = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                let (k, v) = l.split_once(':')?;
+                                k.eq_ignore_ascii_case("content-length")
+                                    .then(|| v.trim().parse::<usize>().ok())?
+                            })
+                            .unwrap_or(0);
+                        if request.len() >= end + 4 + length {
+                            break;
+                        }
+                    }
+                }
+                let reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+                let _ = stream.write_all(reply).await;
+                let _ = stream.shutdown().await;
             });
         }
     });

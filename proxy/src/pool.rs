@@ -1,0 +1,91 @@
+//! Idle HTTP/1.1 connections to the upstream, reused across requests.
+//!
+//! A connection is lent out for one request ([`Lease`]) and comes back when
+//! that request's response body has reached the client whole; a response
+//! that ends any other way (client gone, upstream failure) drops its lease,
+//! and hyper closes the connection. Compared with hyper-util's legacy client
+//! this does no per-request task spawn (the legacy pool spawns one to wait for
+//! the connection to become idle again), no hashing of pool keys and no
+//! `Authority` comparisons: there is one upstream, so the pool is one stack.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use hyper::client::conn::http1::SendRequest;
+
+use crate::body::ProxyBody;
+
+/// A connection's request side.
+pub type Sender = SendRequest<ProxyBody>;
+
+/// The idle connections, most recently used last.
+#[derive(Debug)]
+pub struct Pool {
+    // Short critical sections only (push, or a scan of flags); never held across an await.
+    idle: Mutex<Vec<Sender>>,
+    max_idle: usize,
+}
+
+impl Pool {
+    /// An empty pool that keeps at most `max_idle` idle connections.
+    pub fn new(max_idle: usize) -> Arc<Self> {
+        Arc::new(Self {
+            idle: Mutex::new(Vec::new()),
+            max_idle,
+        })
+    }
+
+    /// The most recently used connection that is ready for a request.
+    /// Closed connections found on the way are dropped; one still finishing
+    /// its previous response (returned a moment before hyper marked it
+    /// idle) is left for later.
+    pub fn take(&self) -> Option<Sender> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut i = idle.len();
+        while i > 0 {
+            i -= 1;
+            if idle[i].is_closed() {
+                idle.swap_remove(i);
+            } else if idle[i].is_ready() {
+                return Some(idle.swap_remove(i));
+            }
+        }
+        None
+    }
+
+    /// Returns a connection whose last response completed.
+    pub fn put(&self, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < self.max_idle {
+            idle.push(sender);
+        }
+    }
+
+    /// How many idle connections the pool holds (closed ones included until the next `take`).
+    pub fn idle(&self) -> usize {
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+/// One request's use of a connection.
+#[derive(Debug)]
+pub struct Lease {
+    sender: Sender,
+    pool: Arc<Pool>,
+}
+
+impl Lease {
+    pub(crate) fn new(sender: Sender, pool: Arc<Pool>) -> Self {
+        Self { sender, pool }
+    }
+
+    /// The response was passed on whole: the connection can serve another request.
+    pub fn release(self) {
+        self.pool.put(self.sender);
+    }
+}
