@@ -86,7 +86,20 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    /// SIGTERM first, SIGKILL after two seconds: a SIGKILLed nginx master
+    /// leaves its worker processes running (and listening).
     fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .stderr(Stdio::null())
+                .status();
+            let deadline = std::time::Instant::now() + Duration::from_secs(2);
+            while matches!(self.child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -148,7 +161,7 @@ pub(crate) fn start_proxy_wrapped(
         .args(extra)
         .env("SLUICE_LOG", "warn,proxy=info")
         .envs(env.iter().copied())
-        .envs(std::env::var("SLUICE_PROXY_WORKERS").map(|w| ("TOKIO_WORKER_THREADS", w)))
+        .envs(std::env::var("SLUICE_PROXY_WORKERS").map(|w| ("SLUICE_WORKERS", w)))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()

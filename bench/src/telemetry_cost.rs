@@ -107,12 +107,9 @@ async fn counted_run(
         &wrapper,
         upstream,
         &extra,
-        // One worker thread: two threads stealing work from each other make
-        // the count vary from run to run by more than the effect.
-        &[
-            ("SLUICE_TELEMETRY", telemetry),
-            ("TOKIO_WORKER_THREADS", "1"),
-        ],
+        // One serving thread: the count then does not depend on how
+        // connections were spread over threads.
+        &[("SLUICE_TELEMETRY", telemetry), ("SLUICE_WORKERS", "1")],
     )?;
     let target = Target {
         addr: proxy.addr,

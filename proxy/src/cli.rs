@@ -60,6 +60,12 @@ pub struct Cli {
     #[arg(long, env = "SLUICE_MAX_CONNECTIONS", value_name = "N")]
     max_connections: Option<usize>,
 
+    /// Threads that serve client connections, each with its own event loop
+    /// and its own upstream connections; a request never changes threads
+    /// [default: the number of CPUs]
+    #[arg(long, env = "SLUICE_WORKERS", value_name = "N")]
+    workers: Option<usize>,
+
     /// Admission policy: a wasm component path, or a bare name looked up in
     /// plugins/dist (e.g. batched.wasm). Without it requests pass straight through
     #[arg(long, env = "SLUICE_POLICY", value_name = "WASM")]
@@ -126,6 +132,7 @@ struct FileConfig {
     connect_timeout: Option<String>,
     drain_timeout: Option<String>,
     max_connections: Option<usize>,
+    workers: Option<usize>,
     policy: Option<String>,
     policy_config: Option<BTreeMap<String, toml::Value>>,
     max_queue: Option<usize>,
@@ -171,6 +178,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Concurrent client connections.
     pub max_connections: usize,
+    /// Serving threads (each a single-threaded runtime).
+    pub workers: usize,
     /// Resolved path of the policy component, if any.
     pub policy: Option<PathBuf>,
     /// `--policy-config` pairs, in key order.
@@ -291,6 +300,16 @@ impl Cli {
         if max_connections == 0 {
             return Err(invalid("--max-connections", "0", "must be at least 1"));
         }
+        let workers = self.workers.or(file.workers).unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        });
+        if !(1..=1024).contains(&workers) {
+            return Err(invalid(
+                "--workers",
+                &workers.to_string(),
+                "must be between 1 and 1024",
+            ));
+        }
         if max_queue == 0 {
             return Err(invalid("--max-queue", "0", "must be at least 1"));
         }
@@ -318,6 +337,7 @@ impl Cli {
             connect_timeout: parse_positive_duration("--connect-timeout", &connect_timeout)?,
             drain_timeout: parse_duration("--drain-timeout", &drain_timeout)?,
             max_connections,
+            workers,
             policy: policy.map(|p| resolve_policy(&p)).transpose()?,
             policy_config: policy_config.into_iter().collect(),
             max_queue,
@@ -525,6 +545,18 @@ mod tests {
         let mut argv = vec!["proxy"];
         argv.extend_from_slice(args);
         Cli::try_parse_from(argv).unwrap().into_config()
+    }
+
+    #[test]
+    fn workers_default_to_the_cpus_and_must_be_positive() {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(config(&[]).unwrap().workers, cpus);
+        assert_eq!(config(&["--workers", "3"]).unwrap().workers, 3);
+        let err = config(&["--workers", "0"]).unwrap_err().to_string();
+        assert!(
+            err.contains("--workers") && err.contains("between 1 and 1024"),
+            "{err}"
+        );
     }
 
     #[test]

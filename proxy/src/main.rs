@@ -46,8 +46,10 @@ fn main() -> ExitCode {
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .thread_name("sluice-worker")
+    // The control runtime: acceptor, admin listener, admission scheduler and
+    // background tasks. Client connections are served by `--workers` threads
+    // of their own (see `sluice::server`).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -78,12 +80,17 @@ fn main() -> ExitCode {
         let policy = app.config.policy.as_ref().map(|p| p.display().to_string());
         tracing::info!(
             listen = %addr(&listeners.main), admin = %addr(&listeners.admin),
-            upstream = %app.config.upstream, policy = policy.as_deref().unwrap_or("none (pass-through)"),
+            upstream = %app.config.upstream, workers = app.config.workers, policy = policy.as_deref().unwrap_or("none (pass-through)"),
             "sluice proxy listening"
         );
         spawn_reload_on_sighup(Arc::clone(&app));
-        server::run(app, listeners, shutdown_signal()).await;
-        ExitCode::SUCCESS
+        match server::run(app, listeners, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("proxy: cannot start the serving threads: {err}");
+                ExitCode::FAILURE
+            }
+        }
     })
 }
 

@@ -6,8 +6,14 @@
 //! and hyper closes the connection. Compared with hyper-util's legacy client
 //! this does no per-request task spawn (the legacy pool spawns one to wait for
 //! the connection to become idle again), no hashing of pool keys and no
-//! `Authority` comparisons: there is one upstream, so the pool is one stack.
+//! `Authority` comparisons: there is one upstream, so a pool is one stack.
+//!
+//! Each serving thread (see [`crate::server`]) has a pool of its own
+//! ([`Pools`]): a connection's task is spawned on the thread that opened it,
+//! so the client connection, the request and the upstream connection it
+//! uses are all polled by one thread and no wakeup crosses threads.
 
+use std::cell::Cell;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use hyper::client::conn::http1::SendRequest;
@@ -16,6 +22,38 @@ use crate::body::ProxyBody;
 
 /// A connection's request side.
 pub type Sender = SendRequest<ProxyBody>;
+
+thread_local! {
+    // The serving thread this is (0 outside them).
+    static WORKER: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Marks the calling thread as serving thread `index`: the requests it
+/// forwards use that thread's pool.
+pub fn enter_worker(index: usize) {
+    WORKER.with(|w| w.set(index));
+}
+
+/// One [`Pool`] per serving thread.
+#[derive(Debug)]
+pub struct Pools(Vec<Arc<Pool>>);
+
+impl Pools {
+    /// `workers` pools (at least one), each keeping at most `max_idle` idle connections.
+    pub fn new(workers: usize, max_idle: usize) -> Self {
+        Self((0..workers.max(1)).map(|_| Pool::new(max_idle)).collect())
+    }
+
+    /// The calling thread's pool.
+    pub fn local(&self) -> &Arc<Pool> {
+        &self.0[WORKER.with(Cell::get) % self.0.len()]
+    }
+
+    /// Idle connections over all pools.
+    pub fn idle(&self) -> usize {
+        self.0.iter().map(|p| p.idle()).sum()
+    }
+}
 
 /// The idle connections, most recently used last.
 #[derive(Debug)]

@@ -2,7 +2,6 @@
 //! back. Every route is forwarded; completions and chat are parsed first and
 //! go through admission when a policy is loaded.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -17,7 +16,7 @@ use crate::body::{ObservedBody, ProxyBody, full};
 use crate::classify::{InferenceRequest, Prompt, Route};
 use crate::error::ProxyError;
 use crate::exchange::{Exchange, Inference};
-use crate::headers;
+use crate::headers::{self, Peer};
 use crate::prefix::{Prediction, PrefixTracker};
 use crate::stream_usage;
 use crate::telemetry::{self, RequestRecord};
@@ -62,7 +61,7 @@ impl Proxy {
     pub async fn handle(
         self: Arc<Self>,
         request: Request<Incoming>,
-        client: SocketAddr,
+        client: &Peer,
     ) -> Response<ProxyBody> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let arrived = Instant::now();
@@ -103,7 +102,7 @@ impl Proxy {
         arrived: Instant,
         route: Route,
         request: Request<Incoming>,
-        client: SocketAddr,
+        client: &Peer,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         self.upstream.check_up()?;
         let (mut parts, body) = request.into_parts();
@@ -163,7 +162,7 @@ impl Proxy {
         let admitted = Instant::now();
 
         headers::strip_hop_by_hop(&mut parts.headers);
-        headers::append_forwarded_for(&mut parts.headers, client.ip());
+        headers::append_forwarded_for(&mut parts.headers, client);
         // Origin-form for the upstream; `Upstream::send` sets its `Host`.
         parts.uri = parts
             .uri

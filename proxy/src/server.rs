@@ -1,16 +1,28 @@
-//! Listeners, connections and graceful shutdown.
+//! Listeners, serving threads, connections and graceful shutdown.
 //!
 //! [`run`] takes already-bound listeners and a shutdown future (tests bind
 //! port 0 and stop the server cleanly). Each listener takes a permit before
 //! `accept`, so at most `--max-connections` clients are served at once; each
 //! connection speaks HTTP/1.1 with keep-alive or h2c (prior knowledge) with
-//! `TCP_NODELAY`. Shutdown runs in three steps: stop accepting, ask every
-//! connection to finish its in-flight requests, wait up to `--drain-timeout`.
+//! `TCP_NODELAY`.
+//!
+//! Client connections are served by `--workers` threads, each running a
+//! single-threaded tokio runtime (thread per core, as nginx runs a worker
+//! process per core). The acceptor hands each new connection to the next
+//! thread in turn; from then on the connection, every request on it and the
+//! upstream connections those requests use (one pool per thread, see
+//! [`crate::pool`]) are polled by that one thread, so a request costs no
+//! cross-thread wakeups. The admin listener, the admission scheduler and
+//! the background tasks stay on the runtime that called [`run`].
+//!
+//! Shutdown runs in three steps: stop accepting, ask every connection to
+//! finish its in-flight requests, wait up to `--drain-timeout`.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -18,12 +30,15 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use crate::App;
 use crate::body::ProxyBody;
+use crate::headers::Peer;
+use crate::pool;
+use crate::proxy::Proxy;
 
 /// The bound listeners.
 #[derive(Debug)]
@@ -34,32 +49,50 @@ pub struct Listeners {
     pub admin: TcpListener,
 }
 
-/// Serves both listeners until `shutdown` resolves, then drains.
-pub async fn run(app: Arc<App>, listeners: Listeners, shutdown: impl Future<Output = ()>) {
+/// Connections handed to one serving thread and not yet picked up.
+const HANDOFF_QUEUE: usize = 256;
+
+/// Serves both listeners until `shutdown` resolves, then drains. Fails only
+/// when the serving threads cannot be started.
+pub async fn run(
+    app: Arc<App>,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
     let graceful = GracefulShutdown::new();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let limit = Arc::new(Semaphore::new(app.config.max_connections));
-
-    let proxy = Arc::clone(&app.proxy);
+    let workers = Workers::start(app.config.workers, &app.proxy)?;
     let main = accept_loop(
         listeners.main,
-        Arc::clone(&limit),
+        Arc::new(Semaphore::new(app.config.max_connections)),
         stop_rx.clone(),
         &graceful,
-        move |req: Request<Incoming>, peer: SocketAddr| {
-            let proxy = Arc::clone(&proxy);
-            async move { proxy.handle(req, peer).await }
-        },
+        |accepted| workers.hand_off(accepted),
     );
     let admin_app = Arc::clone(&app);
+    let admin_builder = http_builder();
     let admin = accept_loop(
         listeners.admin,
         Arc::new(Semaphore::new(64)),
         stop_rx,
         &graceful,
-        move |req: Request<Incoming>, _peer: SocketAddr| {
+        move |accepted: Accepted| {
             let app = Arc::clone(&admin_app);
-            async move { crate::admin::handle(app, req).await }
+            let Accepted {
+                stream,
+                peer,
+                permit,
+                watcher,
+            } = accepted;
+            serve(
+                &admin_builder,
+                stream,
+                peer,
+                permit,
+                watcher,
+                move |req, _: &Peer| crate::admin::handle(Arc::clone(&app), req),
+            );
+            async {}
         },
     );
 
@@ -80,22 +113,191 @@ pub async fn run(app: Arc<App>, listeners: Listeners, shutdown: impl Future<Outp
         Ok(()) => tracing::info!("all connections drained"),
         Err(_) => tracing::warn!("drain timeout reached; closing remaining connections"),
     }
+    // Dropping `workers` closes the hand-off queues: each serving thread's
+    // runtime then stops, ending any connection still open.
+    drop(workers);
+    Ok(())
 }
 
+/// A connection just accepted, with what serving it needs.
+struct Accepted {
+    stream: TcpStream,
+    peer: SocketAddr,
+    // Released when the connection ends: the `--max-connections` bound.
+    permit: OwnedSemaphorePermit,
+    // Lets shutdown ask the connection to finish.
+    watcher: Watcher,
+}
+
+/// The serving threads and the queues that hand them connections.
+struct Workers {
+    queues: Vec<
+        mpsc::Sender<(
+            std::net::TcpStream,
+            SocketAddr,
+            OwnedSemaphorePermit,
+            Watcher,
+        )>,
+    >,
+    // Round-robin position.
+    next: AtomicUsize,
+}
+
+impl Workers {
+    /// Starts `count` threads, each serving `proxy` on its own runtime.
+    fn start(count: usize, proxy: &Arc<Proxy>) -> std::io::Result<Self> {
+        let mut queues = Vec::with_capacity(count);
+        for index in 0..count {
+            let (tx, mut rx) = mpsc::channel::<(
+                std::net::TcpStream,
+                SocketAddr,
+                OwnedSemaphorePermit,
+                Watcher,
+            )>(HANDOFF_QUEUE);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let proxy = Arc::clone(proxy);
+            std::thread::Builder::new()
+                .name(format!("sluice-worker-{index}"))
+                .spawn(move || {
+                    pool::enter_worker(index);
+                    runtime.block_on(async move {
+                        tokio::spawn(keep_timer_armed());
+                        let builder = http_builder();
+                        while let Some((stream, peer, permit, watcher)) = rx.recv().await {
+                            let stream = match TcpStream::from_std(stream) {
+                                Ok(stream) => stream,
+                                Err(err) => {
+                                    tracing::warn!(peer = %peer, error = %err, "cannot serve a connection");
+                                    continue;
+                                }
+                            };
+                            let proxy = Arc::clone(&proxy);
+                            serve(&builder, stream, peer, permit, watcher, move |req, client: &Peer| {
+                                let proxy = Arc::clone(&proxy);
+                                let client = client.clone();
+                                async move { proxy.handle(req, &client).await }
+                            });
+                        }
+                    });
+                })?;
+            queues.push(tx);
+        }
+        Ok(Self {
+            queues,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// Gives a connection to the next serving thread (waiting while that
+    /// thread's queue is full: backpressure on accepting).
+    async fn hand_off(&self, accepted: Accepted) {
+        let Accepted {
+            stream,
+            peer,
+            permit,
+            watcher,
+        } = accepted;
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(err) => {
+                tracing::warn!(peer = %peer, error = %err, "cannot hand a connection to a serving thread");
+                return;
+            }
+        };
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.queues.len();
+        if self.queues[index]
+            .send((stream, peer, permit, watcher))
+            .await
+            .is_err()
+        {
+            tracing::error!(worker = index, "serving thread is gone; connection dropped");
+        }
+    }
+}
+
+/// Keeps a timer due within a second on this thread's runtime, forever.
+///
+/// tokio's time driver wakes its own thread (an eventfd write, and an
+/// early return from `epoll_wait`) whenever a timer is registered that is due
+/// sooner than every pending one, or when none is pending. Each request
+/// registers timers (hyper's header-read timeout, the upstream deadline, the
+/// body idle limit), and at low concurrency none is pending in between, so
+/// every request paid that wakeup (strace: one `write` per request). With a
+/// one-second tick always pending, requests' timers (30 s and more) are
+/// never the soonest.
+async fn keep_timer_armed() {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+    }
+}
+
+/// HTTP/1.1 with keep-alive, or h2c with prior knowledge.
+fn http_builder() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    builder
+}
+
+/// Serves one connection on the current runtime with `handler`.
+fn serve<H, Fut>(
+    builder: &auto::Builder<TokioExecutor>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    watcher: Watcher,
+    handler: H,
+) where
+    H: HandlerFn<Fut>,
+    Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let client = Peer::new(peer);
+    let service = service_fn(move |req| {
+        let response = handler.call(req, &client);
+        async move { Ok::<_, Infallible>(response.await) }
+    });
+    let connection = watcher.watch(
+        builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned(),
+    );
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            tracing::debug!(peer = %peer, error = %err, "connection ended with an error");
+        }
+        drop(permit);
+    });
+}
+
+/// A request handler, given the request and the connection's peer.
+trait HandlerFn<Fut>: Send + Sync + 'static {
+    fn call(&self, req: Request<Incoming>, peer: &Peer) -> Fut;
+}
+
+impl<F, Fut> HandlerFn<Fut> for F
+where
+    F: Fn(Request<Incoming>, &Peer) -> Fut + Send + Sync + 'static,
+{
+    fn call(&self, req: Request<Incoming>, peer: &Peer) -> Fut {
+        self(req, peer)
+    }
+}
+
+/// Accepts until `stop`, taking a permit before each `accept`.
 async fn accept_loop<F, Fut>(
     listener: TcpListener,
     limit: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
     graceful: &GracefulShutdown,
-    handler: F,
+    mut on_accept: F,
 ) where
-    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
+    F: FnMut(Accepted) -> Fut,
+    Fut: Future<Output = ()>,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
-    let builder = Arc::new(builder);
     loop {
         let permit = tokio::select! {
             permit = Arc::clone(&limit).acquire_owned() => match permit {
@@ -117,20 +319,12 @@ async fn accept_loop<F, Fut>(
             _ = stop.changed() => return,
         };
         let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let service = service_fn(move |req| {
-            let handler = handler.clone();
-            async move { Ok::<_, Infallible>(handler(req, peer).await) }
-        });
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::debug!(peer = %peer, error = %err, "connection ended with an error");
-            }
-            drop(permit);
-        });
+        on_accept(Accepted {
+            stream,
+            peer,
+            permit,
+            watcher: graceful.watcher(),
+        })
+        .await;
     }
 }

@@ -19,12 +19,12 @@ use tokio::net::TcpStream;
 use crate::body::ProxyBody;
 use crate::cli::Config;
 use crate::error::ProxyError;
-use crate::pool::{Lease, Pool, Sender};
+use crate::pool::{Lease, Pools, Sender};
 
 /// How often a down upstream is probed, and the `Retry-After` given meanwhile.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Idle upstream connections kept for reuse.
+/// Idle upstream connections kept for reuse, per serving thread.
 const MAX_IDLE_CONNECTIONS: usize = 1024;
 
 /// The upstream server and the connections that reach it.
@@ -34,7 +34,7 @@ pub struct Upstream {
     authority: String,
     // The `Host` header of every forwarded request.
     host: HeaderValue,
-    pool: Arc<Pool>,
+    pools: Pools,
     response_timeout: Duration,
     connect_timeout: Duration,
     // Set on a failed connect, cleared by the probe task; read on every request.
@@ -57,7 +57,7 @@ impl Upstream {
         Arc::new(Self {
             authority,
             host,
-            pool: Pool::new(MAX_IDLE_CONNECTIONS),
+            pools: Pools::new(config.workers, MAX_IDLE_CONNECTIONS),
             response_timeout: config.upstream_timeout,
             connect_timeout: config.connect_timeout,
             down: AtomicBool::new(false),
@@ -71,7 +71,7 @@ impl Upstream {
 
     /// Idle connections held for reuse.
     pub fn idle_connections(&self) -> usize {
-        self.pool.idle()
+        self.pools.idle()
     }
 
     /// Fails fast with 503 while the upstream is known to be down.
@@ -96,15 +96,16 @@ impl Upstream {
         request
             .headers_mut()
             .insert(header::HOST, self.host.clone());
+        let pool = self.pools.local();
         let exchange = async {
             loop {
-                let (mut sender, reused) = match self.pool.take() {
+                let (mut sender, reused) = match pool.take() {
                     Some(sender) => (sender, true),
                     None => (self.connect().await?, false),
                 };
                 match sender.try_send_request(request).await {
                     Ok(response) => {
-                        return Ok((response, Lease::new(sender, Arc::clone(&self.pool))));
+                        return Ok((response, Lease::new(sender, Arc::clone(pool))));
                     }
                     Err(mut failed) => match failed.take_message() {
                         // An idle connection the upstream closed as it was
