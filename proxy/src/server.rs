@@ -78,20 +78,9 @@ pub async fn run(
         &graceful,
         move |accepted: Accepted| {
             let app = Arc::clone(&admin_app);
-            let Accepted {
-                stream,
-                peer,
-                permit,
-                watcher,
-            } = accepted;
-            serve(
-                &admin_builder,
-                stream,
-                peer,
-                permit,
-                watcher,
-                move |req, _: &Peer| crate::admin::handle(Arc::clone(&app), req),
-            );
+            serve(&admin_builder, accepted, move |req, _: &Peer| {
+                crate::admin::handle(Arc::clone(&app), req)
+            });
             async {}
         },
     );
@@ -119,9 +108,11 @@ pub async fn run(
     Ok(())
 }
 
-/// A connection just accepted, with what serving it needs.
-struct Accepted {
-    stream: TcpStream,
+/// A connection just accepted, with what serving it needs; `S` is the
+/// socket: tokio's while on a runtime, std's while handed between threads
+/// (a tokio socket belongs to the runtime that registered it).
+struct Connection<S> {
+    stream: S,
     peer: SocketAddr,
     // Released when the connection ends: the `--max-connections` bound.
     permit: OwnedSemaphorePermit,
@@ -129,16 +120,36 @@ struct Accepted {
     watcher: Watcher,
 }
 
+impl<S> Connection<S> {
+    /// The same connection over another form of its socket.
+    fn map_stream<T>(
+        self,
+        f: impl FnOnce(S) -> std::io::Result<T>,
+    ) -> std::io::Result<Connection<T>> {
+        let Self {
+            stream,
+            peer,
+            permit,
+            watcher,
+        } = self;
+        Ok(Connection {
+            stream: f(stream)?,
+            peer,
+            permit,
+            watcher,
+        })
+    }
+}
+
+/// A connection accepted on this runtime.
+type Accepted = Connection<TcpStream>;
+
+/// A connection on its way to a serving thread.
+type Handoff = Connection<std::net::TcpStream>;
+
 /// The serving threads and the queues that hand them connections.
 struct Workers {
-    queues: Vec<
-        mpsc::Sender<(
-            std::net::TcpStream,
-            SocketAddr,
-            OwnedSemaphorePermit,
-            Watcher,
-        )>,
-    >,
+    queues: Vec<mpsc::Sender<Handoff>>,
     // Round-robin position.
     next: AtomicUsize,
 }
@@ -148,12 +159,7 @@ impl Workers {
     fn start(count: usize, proxy: &Arc<Proxy>) -> std::io::Result<Self> {
         let mut queues = Vec::with_capacity(count);
         for index in 0..count {
-            let (tx, mut rx) = mpsc::channel::<(
-                std::net::TcpStream,
-                SocketAddr,
-                OwnedSemaphorePermit,
-                Watcher,
-            )>(HANDOFF_QUEUE);
+            let (tx, mut rx) = mpsc::channel::<Handoff>(HANDOFF_QUEUE);
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -165,16 +171,12 @@ impl Workers {
                     runtime.block_on(async move {
                         tokio::spawn(keep_timer_armed());
                         let builder = http_builder();
-                        while let Some((stream, peer, permit, watcher)) = rx.recv().await {
-                            let stream = match TcpStream::from_std(stream) {
-                                Ok(stream) => stream,
-                                Err(err) => {
-                                    tracing::warn!(peer = %peer, error = %err, "cannot serve a connection");
-                                    continue;
-                                }
+                        while let Some(handoff) = rx.recv().await {
+                            let Some(accepted) = handoff.register() else {
+                                continue;
                             };
                             let proxy = Arc::clone(&proxy);
-                            serve(&builder, stream, peer, permit, watcher, move |req, client: &Peer| {
+                            serve(&builder, accepted, move |req, client: &Peer| {
                                 let proxy = Arc::clone(&proxy);
                                 let client = client.clone();
                                 async move { proxy.handle(req, &client).await }
@@ -193,25 +195,16 @@ impl Workers {
     /// Gives a connection to the next serving thread (waiting while that
     /// thread's queue is full: backpressure on accepting).
     async fn hand_off(&self, accepted: Accepted) {
-        let Accepted {
-            stream,
-            peer,
-            permit,
-            watcher,
-        } = accepted;
-        let stream = match stream.into_std() {
-            Ok(stream) => stream,
+        let peer = accepted.peer;
+        let handoff = match accepted.map_stream(TcpStream::into_std) {
+            Ok(handoff) => handoff,
             Err(err) => {
                 tracing::warn!(peer = %peer, error = %err, "cannot hand a connection to a serving thread");
                 return;
             }
         };
         let index = self.next.fetch_add(1, Ordering::Relaxed) % self.queues.len();
-        if self.queues[index]
-            .send((stream, peer, permit, watcher))
-            .await
-            .is_err()
-        {
+        if self.queues[index].send(handoff).await.is_err() {
             tracing::error!(worker = index, "serving thread is gone; connection dropped");
         }
     }
@@ -235,6 +228,20 @@ async fn keep_timer_armed() {
     }
 }
 
+impl Handoff {
+    /// The connection registered with the calling thread's runtime.
+    fn register(self) -> Option<Accepted> {
+        let peer = self.peer;
+        match self.map_stream(TcpStream::from_std) {
+            Ok(accepted) => Some(accepted),
+            Err(err) => {
+                tracing::warn!(peer = %peer, error = %err, "cannot serve a connection");
+                None
+            }
+        }
+    }
+}
+
 /// HTTP/1.1 with keep-alive, or h2c with prior knowledge.
 fn http_builder() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -244,17 +251,17 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
 }
 
 /// Serves one connection on the current runtime with `handler`.
-fn serve<H, Fut>(
-    builder: &auto::Builder<TokioExecutor>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    permit: OwnedSemaphorePermit,
-    watcher: Watcher,
-    handler: H,
-) where
+fn serve<H, Fut>(builder: &auto::Builder<TokioExecutor>, accepted: Accepted, handler: H)
+where
     H: HandlerFn<Fut>,
     Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
+    let Connection {
+        stream,
+        peer,
+        permit,
+        watcher,
+    } = accepted;
     let client = Peer::new(peer);
     let service = service_fn(move |req| {
         let response = handler.call(req, &client);
