@@ -383,6 +383,29 @@ async fn upstream_that_closes_idle_connections_loses_no_request() {
     }
 }
 
+// Multi-threaded: `ProxyProcess::start` blocks its thread while the proxy
+// starts, and the proxy's first scrape needs this upstream to answer meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engines_block_size_is_learned_before_serving() {
+    // Every connection gets vLLM's cache config line, as its /metrics has it.
+    let addr = scripted(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 66\r\n\r\n\
+          vllm:cache_config_info{block_size=\"32\",num_gpu_blocks=\"1000\"} 1.0\n",
+        Duration::ZERO,
+    )
+    .await;
+    let proxy = ProxyProcess::start(&format!("http://{addr}"), &["--scrape-interval", "60s"]);
+    // A block size learned after traffic starts would forget every tracked
+    // block, so the first scrape comes before the proxy says it listens.
+    let logs = proxy.logs();
+    let line = |text: &str| logs.iter().position(|l| l.contains(text));
+    let learned = line("learned the engine's KV block size");
+    assert!(
+        learned.is_some() && learned < line("sluice proxy listening"),
+        "{logs:#?}"
+    );
+}
+
 #[tokio::test]
 async fn stream_usage_is_measured_but_reaches_only_clients_that_asked() {
     let upstream = EchoUpstream::start().await;

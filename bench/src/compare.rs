@@ -272,6 +272,9 @@ async fn start_proxy(
     let cli = sluice::cli::Cli::try_parse_from(argv)?;
     let config = cli.into_config().map_err(|e| anyhow::anyhow!("{e}"))?;
     let app = sluice::App::new(config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    app.upstream_metrics
+        .first_attempt(std::time::Duration::from_secs(2))
+        .await;
     let main = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let (addr, admin_addr) = (main.local_addr()?, admin.local_addr()?);

@@ -67,6 +67,11 @@ fn main() -> ExitCode {
                 return ExitCode::from(EXIT_CONFIG);
             }
         };
+        // Learn what the upstream's /metrics says (its KV block size) before
+        // the first request; bounded, so a hanging upstream delays start by 2 s at most.
+        app.upstream_metrics
+            .first_attempt(std::time::Duration::from_secs(2))
+            .await;
         let listeners = match bind(&app).await {
             Ok(listeners) => listeners,
             Err(err) => {

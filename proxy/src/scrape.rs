@@ -16,6 +16,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
+use tokio::sync::watch;
 
 /// vLLM series re-exported, and their Sluice names.
 pub const MIRRORED: [(&str, &str, Kind); 5] = [
@@ -67,17 +68,41 @@ pub struct UpstreamView {
 }
 
 /// Shared scrape results.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct UpstreamMetrics {
     view: Mutex<UpstreamView>,
     // 0 until the upstream reports it.
     block_size: AtomicU32,
+    // Becomes true once the first scrape has been tried (or when none will be).
+    first_attempt: watch::Sender<bool>,
+}
+
+impl Default for UpstreamMetrics {
+    fn default() -> Self {
+        Self {
+            view: Mutex::default(),
+            block_size: AtomicU32::new(0),
+            first_attempt: watch::Sender::new(false),
+        }
+    }
 }
 
 impl UpstreamMetrics {
     /// The last scrape.
     pub fn view(&self) -> UpstreamView {
         self.view.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Waits until the first scrape has been tried, at most `limit`.
+    ///
+    /// The proxy waits for it before serving: the scrape may teach the
+    /// prefix tracker the engine's block size, and a block size learned
+    /// after traffic has started forgets every block tracked so far (a
+    /// bench warm-up, say), so the next requests would all be predicted to
+    /// miss.
+    pub async fn first_attempt(&self, limit: Duration) {
+        let mut done = self.first_attempt.subscribe();
+        let _ = tokio::time::timeout(limit, done.wait_for(|tried| *tried)).await;
     }
 
     /// The engine's block size, once known.
@@ -121,6 +146,7 @@ pub fn start(
 ) -> Arc<UpstreamMetrics> {
     let shared = Arc::new(UpstreamMetrics::default());
     let Some(interval) = interval else {
+        shared.first_attempt.send_replace(true);
         return shared;
     };
     let state = Arc::clone(&shared);
@@ -136,6 +162,7 @@ pub fn start(
         loop {
             ticker.tick().await;
             let text = scrape_once(&client, &url, interval).await;
+            let _first = FirstAttempt(&state.first_attempt);
             let Some(text) = text else {
                 if let Ok(mut v) = state.view.lock() {
                     v.ok = false;
@@ -178,6 +205,17 @@ pub fn start(
         }
     });
     shared
+}
+
+/// Marks the first attempt done when dropped: after a failed scrape at
+/// once, after a successful one once its results are applied.
+struct FirstAttempt<'a>(&'a watch::Sender<bool>);
+
+impl Drop for FirstAttempt<'_> {
+    fn drop(&mut self) {
+        self.0
+            .send_if_modified(|tried| !std::mem::replace(tried, true));
+    }
 }
 
 /// `num_gpu_blocks` from `vllm:cache_config_info`: the engine's cache size in blocks.
