@@ -3,8 +3,12 @@
 //! admission policy, prefix tracking). The original bytes are forwarded
 //! unchanged; this view is only read.
 
+use std::borrow::Cow;
+use std::fmt;
+
 use http::Method;
 use serde::Deserialize;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
@@ -103,60 +107,118 @@ pub struct InferenceRequest {
 /// The fields Sluice reads, borrowed from the body as raw JSON: the body is
 /// scanned once, every other field is skipped without being built, and only
 /// these few are turned into values (callgrind: a `Value` of the whole body
-/// cost about 5,300 instructions for a 60-byte request).
-#[derive(Deserialize)]
+/// cost about 5,300 instructions for a 60-byte request). A field given as
+/// `null` is kept (`Some("null")`), and a repeated key keeps its last value,
+/// as a `Value` (and vLLM) would.
+#[derive(Default)]
 struct Fields<'a> {
-    #[serde(borrow)]
     model: Option<&'a RawValue>,
-    #[serde(borrow)]
     prompt: Option<&'a RawValue>,
-    #[serde(borrow)]
     messages: Option<&'a RawValue>,
-    #[serde(borrow)]
     max_tokens: Option<&'a RawValue>,
-    #[serde(borrow)]
     max_completion_tokens: Option<&'a RawValue>,
-    #[serde(borrow)]
     stream: Option<&'a RawValue>,
-    #[serde(borrow)]
     stream_options: Option<&'a RawValue>,
-    #[serde(borrow)]
     user: Option<&'a RawValue>,
 }
 
-/// A field's value (`Null` when absent). The raw text is valid JSON already.
-fn value(raw: Option<&RawValue>) -> Value {
-    raw.and_then(|r| serde_json::from_str(r.get()).ok())
-        .unwrap_or(Value::Null)
+impl<'de> Deserialize<'de> for Fields<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Object;
+        impl<'de> Visitor<'de> for Object {
+            type Value = Fields<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields<'de>, A::Error> {
+                let mut fields = Fields::default();
+                while let Some(Key(key)) = map.next_key()? {
+                    let slot = match &*key {
+                        "model" => &mut fields.model,
+                        "prompt" => &mut fields.prompt,
+                        "messages" => &mut fields.messages,
+                        "max_tokens" => &mut fields.max_tokens,
+                        "max_completion_tokens" => &mut fields.max_completion_tokens,
+                        "stream" => &mut fields.stream,
+                        "stream_options" => &mut fields.stream_options,
+                        "user" => &mut fields.user,
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    *slot = Some(map.next_value()?);
+                }
+                Ok(fields)
+            }
+        }
+        deserializer.deserialize_map(Object)
+    }
+}
+
+/// An object key, borrowed unless it had escapes.
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Name;
+        impl<'de> Visitor<'de> for Name {
+            type Value = Key<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a field name")
+            }
+
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(Name)
+    }
+}
+
+/// A field's value: `None` when absent. Skipping a value does not check its
+/// `\u` escapes, so a bad one is found here, as a whole-body parse found it.
+fn value(raw: Option<&RawValue>) -> Result<Option<Value>, ProxyError> {
+    raw.map(|r| serde_json::from_str(r.get()).map_err(not_json))
+        .transpose()
+}
+
+/// [`value`], with an absent field as `Null`.
+fn value_or_null(raw: Option<&RawValue>) -> Result<Value, ProxyError> {
+    Ok(value(raw)?.unwrap_or(Value::Null))
+}
+
+fn not_json(e: serde_json::Error) -> ProxyError {
+    bad(format!("request body is not valid JSON: {e}"))
 }
 
 impl InferenceRequest {
     /// Parses a body for `route` (completions or chat), naming the first problem found.
     pub fn parse(route: Route, body: &[u8]) -> Result<Self, ProxyError> {
-        let not_json = |e: serde_json::Error| bad(format!("request body is not valid JSON: {e}"));
         if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-            serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(not_json)?;
+            serde_json::from_slice::<IgnoredAny>(body).map_err(not_json)?;
             return Err(bad("request body must be a JSON object"));
         }
-        let fields: Fields<'_> = serde_json::from_slice(body).map_err(|e| {
-            if e.is_data() {
-                // Valid JSON that is not one object with distinct keys.
-                bad(format!(
-                    "request body must be a JSON object with each field once: {e}"
-                ))
-            } else {
-                not_json(e)
-            }
-        })?;
+        let fields: Fields<'_> = serde_json::from_slice(body).map_err(not_json)?;
         let prompt = match route {
-            Route::ChatCompletions => Prompt::Messages(messages(value(fields.messages))?),
-            _ => prompt(fields.prompt.map(|_| value(fields.prompt)))?,
+            Route::ChatCompletions => Prompt::Messages(messages(value(fields.messages)?)?),
+            _ => prompt(value(fields.prompt)?)?,
         };
-        let max_tokens = match opt_u32(value(fields.max_tokens), "max_tokens")? {
+        let max_tokens = match opt_u32(value_or_null(fields.max_tokens)?, "max_tokens")? {
             Some(n) => Some(n),
-            None => opt_u32(value(fields.max_completion_tokens), "max_completion_tokens")?,
+            None => opt_u32(
+                value_or_null(fields.max_completion_tokens)?,
+                "max_completion_tokens",
+            )?,
         };
-        let include_usage = match value(fields.stream_options) {
+        let include_usage = match value_or_null(fields.stream_options)? {
             Value::Null => false,
             Value::Object(mut o) => opt_bool(
                 o.remove("include_usage").unwrap_or(Value::Null),
@@ -166,12 +228,12 @@ impl InferenceRequest {
             _ => return Err(bad("`stream_options` must be an object")),
         };
         Ok(Self {
-            model: opt_str(value(fields.model), "model")?.unwrap_or_default(),
+            model: opt_str(value_or_null(fields.model)?, "model")?.unwrap_or_default(),
             prompt,
             max_tokens,
-            stream: opt_bool(value(fields.stream), "stream")?.unwrap_or(false),
+            stream: opt_bool(value_or_null(fields.stream)?, "stream")?.unwrap_or(false),
             include_usage,
-            user: opt_str(value(fields.user), "user")?,
+            user: opt_str(value_or_null(fields.user)?, "user")?,
         })
     }
 
@@ -287,12 +349,12 @@ fn token_ids(items: &[Value]) -> Option<Vec<u32>> {
         .collect()
 }
 
-fn messages(value: Value) -> Result<Vec<ChatMessage>, ProxyError> {
+fn messages(value: Option<Value>) -> Result<Vec<ChatMessage>, ProxyError> {
     let items = match value {
-        Value::Array(items) if !items.is_empty() => items,
-        Value::Array(_) => return Err(bad("`messages` must not be empty")),
-        Value::Null => return Err(bad("`messages` is required")),
-        other => {
+        Some(Value::Array(items)) if !items.is_empty() => items,
+        Some(Value::Array(_)) => return Err(bad("`messages` must not be empty")),
+        None => return Err(bad("`messages` is required")),
+        Some(other) => {
             return Err(bad(format!(
                 "`messages` must be an array, not {}",
                 type_name(&other)
@@ -443,5 +505,28 @@ mod tests {
         assert!(e.contains("messages[0].role"), "{e}");
         let e = parse(Route::ChatCompletions, r#"{"messages":{}}"#).unwrap_err();
         assert!(e.contains("must be an array"), "{e}");
+        let e = parse(Route::ChatCompletions, r#"{"messages":null}"#).unwrap_err();
+        assert!(e.contains("must be an array, not null"), "{e}");
+        let e = parse(Route::Completions, r#"{"prompt":null}"#).unwrap_err();
+        assert!(e.contains("`prompt` must be a string"), "{e}");
+        // Skipped values are not checked for escapes; the fields read are.
+        let e = parse(Route::Completions, r#"{"prompt":"x","model":"\ud800"}"#).unwrap_err();
+        assert!(e.contains("not valid JSON"), "{e}");
+    }
+
+    #[test]
+    fn a_repeated_key_keeps_its_last_value() {
+        let r = parse(
+            Route::Completions,
+            r#"{"model":"a","prompt":"x","model":"b"}"#,
+        )
+        .unwrap();
+        assert_eq!(r.model, "b");
+        let r = parse(
+            Route::Completions,
+            r#"{"\u006dodel":"escaped","prompt":"x"}"#,
+        )
+        .unwrap();
+        assert_eq!(r.model, "escaped");
     }
 }

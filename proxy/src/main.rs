@@ -47,9 +47,12 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     // The control runtime: acceptor, admin listener, admission scheduler and
-    // background tasks. Client connections are served by `--workers` threads
-    // of their own (see `sluice::server`).
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    // background tasks, on two threads so that a slow policy call never holds
+    // up accepting. Client connections are served by `--workers` threads of
+    // their own (see `sluice::server`).
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("sluice-control")
         .enable_all()
         .build()
     {
@@ -60,6 +63,9 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        // Handlers first: a SIGTERM during start-up (the first scrape may take
+        // seconds) is then a clean shutdown too.
+        let shutdown = shutdown_signal();
         let app = match App::new(config) {
             Ok(app) => app,
             Err(err) => {
@@ -89,7 +95,7 @@ fn main() -> ExitCode {
             "sluice proxy listening"
         );
         spawn_reload_on_sighup(Arc::clone(&app));
-        match server::run(app, listeners, shutdown_signal()).await {
+        match server::run(app, listeners, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("proxy: cannot start the serving threads: {err}");
@@ -109,18 +115,22 @@ async fn bind(app: &App) -> Result<Listeners, String> {
     Ok(Listeners { main, admin })
 }
 
-async fn shutdown_signal() {
+/// Installs the SIGTERM/SIGINT handlers now; the future resolves on either.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
     }
 }
 

@@ -1,9 +1,10 @@
 //! Idle HTTP/1.1 connections to the upstream, reused across requests.
 //!
-//! A connection is lent out for one request ([`Lease`]) and comes back when
-//! that request's response body has reached the client whole; a response
-//! that ends any other way (client gone, upstream failure) drops its lease,
-//! and hyper closes the connection. Compared with hyper-util's legacy client
+//! A connection is lent out for one request ([`Lease`]) and comes back once
+//! the upstream has sent that request's whole response body (its last frame
+//! read, on its way to the client); a response that ends any other way
+//! (client gone, upstream failure) drops its lease, and hyper closes the
+//! connection. Compared with hyper-util's legacy client
 //! this does no per-request task spawn (the legacy pool spawns one to wait for
 //! the connection to become idle again), no hashing of pool keys and no
 //! `Authority` comparisons: there is one upstream, so a pool is one stack.
@@ -122,7 +123,7 @@ impl Lease {
         Self { sender, pool }
     }
 
-    /// The response was passed on whole: the connection can serve another request.
+    /// The whole response was read: the connection can serve another request.
     pub fn release(self) {
         self.pool.put(self.sender);
     }

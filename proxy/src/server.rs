@@ -160,13 +160,27 @@ impl Workers {
         let mut queues = Vec::with_capacity(count);
         for index in 0..count {
             let (tx, mut rx) = mpsc::channel::<Handoff>(HANDOFF_QUEUE);
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
             let proxy = Arc::clone(proxy);
+            // The runtime is built on its own thread (a runtime must not be
+            // dropped inside another's async context, as a failed spawn
+            // would); the build's result comes back here.
+            let (started_tx, started_rx) = std::sync::mpsc::sync_channel(1);
             std::thread::Builder::new()
                 .name(format!("sluice-worker-{index}"))
                 .spawn(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(runtime) => {
+                            let _ = started_tx.send(Ok(()));
+                            runtime
+                        }
+                        Err(err) => {
+                            let _ = started_tx.send(Err(err));
+                            return;
+                        }
+                    };
                     pool::enter_worker(index);
                     runtime.block_on(async move {
                         tokio::spawn(keep_timer_armed());
@@ -184,6 +198,10 @@ impl Workers {
                         }
                     });
                 })?;
+            // Blocks for as long as building a runtime takes, once per worker at start.
+            started_rx.recv().map_err(|_| {
+                std::io::Error::other(format!("serving thread {index} exited while starting"))
+            })??;
             queues.push(tx);
         }
         Ok(Self {

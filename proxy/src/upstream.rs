@@ -50,10 +50,13 @@ impl Upstream {
             uri.host().unwrap_or_default(),
             uri.port_u16().unwrap_or(80)
         );
-        let host = uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            .unwrap_or_else(|| HeaderValue::from_static("localhost"));
+        // `Host` as a client would write it: no user info, no default port.
+        let host = match uri.port_u16() {
+            Some(port) if port != 80 => format!("{}:{port}", uri.host().unwrap_or_default()),
+            _ => uri.host().unwrap_or_default().to_owned(),
+        };
+        let host =
+            HeaderValue::try_from(host).unwrap_or_else(|_| HeaderValue::from_static("localhost"));
         Arc::new(Self {
             authority,
             host,
