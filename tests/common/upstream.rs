@@ -256,73 +256,75 @@ pub async fn hanging() -> Hanging {
     }
 }
 
-/// Answers every connection with `response` (raw bytes), then closes it.
-pub async fn scripted(response: &'static [u8], then_wait: Duration) -> SocketAddr {
+/// A raw TCP server on 127.0.0.1:0 that runs `serve` for each connection.
+async fn raw_server<F, Fut>(serve: F) -> SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
+            let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
-            tokio::spawn(async move {
-                let mut buf = [0u8; 8192];
-                let _ = stream.read(&mut buf).await;
-                let _ = stream.write_all(response).await;
-                let _ = stream.flush().await;
-                tokio::time::sleep(then_wait).await;
-                // dropped: the connection closes
-            });
+            tokio::spawn(serve(stream));
         }
     });
     addr
 }
 
+/// Answers every connection with `response` (raw bytes), then closes it.
+pub async fn scripted(response: &'static [u8], then_wait: Duration) -> SocketAddr {
+    raw_server(move |mut stream| async move {
+        let mut buf = [0u8; 8192];
+        let _ = stream.read(&mut buf).await;
+        let _ = stream.write_all(response).await;
+        let _ = stream.flush().await;
+        tokio::time::sleep(then_wait).await;
+        // dropped: the connection closes
+    })
+    .await
+}
+
 /// Serves one request per connection with a keep-alive `200 {}` and then
 /// closes the connection cleanly, as a server's keep-alive timeout does.
 pub async fn one_request_per_connection() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
+    raw_server(|mut stream| async move {
+        // Read the whole request (headers, then Content-Length bytes),
+        // so the close is a FIN and not a reset over unread bytes.
+        let mut request = Vec::new();
+        let mut buf = [0u8; 8192];
         loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
+            let Ok(n) = stream.read(&mut buf).await else {
                 return;
             };
-            tokio::spawn(async move {
-                // Read the whole request (headers, then Content-Length bytes),
-                // so the close is a FIN and not a reset over unread bytes.
-                let mut request = Vec::new();
-                let mut buf = [0u8; 8192];
-                loop {
-                    let Ok(n) = stream.read(&mut buf).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    request.extend_from_slice(&buf[..n]);
-                    let text = String::from_utf8_lossy(&request);
-                    if let Some(end) = text.find("\r\n\r\n") {
-                        let length = text[..end]
-                            .lines()
-                            .find_map(|l| {
-                                let (k, v) = l.split_once(':')?;
-                                k.eq_ignore_ascii_case("content-length")
-                                    .then(|| v.trim().parse::<usize>().ok())?
-                            })
-                            .unwrap_or(0);
-                        if request.len() >= end + 4 + length {
-                            break;
-                        }
-                    }
+            if n == 0 {
+                return;
+            }
+            request.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&request);
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length = text[..end]
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse::<usize>().ok())?
+                    })
+                    .unwrap_or(0);
+                if request.len() >= end + 4 + length {
+                    break;
                 }
-                let reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
-                let _ = stream.write_all(reply).await;
-                let _ = stream.shutdown().await;
-            });
+            }
         }
-    });
-    addr
+        let reply =
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+        let _ = stream.write_all(reply).await;
+        let _ = stream.shutdown().await;
+    })
+    .await
 }
 
 /// A pass-through between the proxy and a real upstream that counts what
