@@ -22,7 +22,10 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
-/// `HOP_BY_HOP[i]` for a hop-by-hop `name` (names are lower case in a `HeaderMap`).
+/// `HOP_BY_HOP[i]` for a hop-by-hop `name` (names are lower case in a
+/// `HeaderMap`). A string match, not `HOP_BY_HOP.iter().position`: comparing
+/// `HeaderName`s cost about 800 more instructions a request (callgrind); a
+/// test keeps the two lists the same.
 fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
     Some(match name.as_str() {
         "connection" => 0,
@@ -177,6 +180,14 @@ mod tests {
         let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         left.sort_unstable();
         assert_eq!(left, ["authorization", "content-type"]);
+    }
+
+    #[test]
+    fn hop_by_hop_index_matches_the_list() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(name), Some(i), "{name}");
+        }
+        assert_eq!(hop_by_hop_index(&header::CONTENT_TYPE), None);
     }
 
     #[test]

@@ -49,11 +49,6 @@ impl Pools {
     pub fn local(&self) -> &Arc<Pool> {
         &self.0[WORKER.with(Cell::get) % self.0.len()]
     }
-
-    /// Idle connections over all pools.
-    pub fn idle(&self) -> usize {
-        self.0.iter().map(|p| p.idle()).sum()
-    }
 }
 
 /// The idle connections, most recently used last.
@@ -100,14 +95,6 @@ impl Pool {
         if idle.len() < self.max_idle {
             idle.push(sender);
         }
-    }
-
-    /// How many idle connections the pool holds (closed ones included until the next `take`).
-    pub fn idle(&self) -> usize {
-        self.idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
     }
 }
 

@@ -72,11 +72,6 @@ impl Upstream {
         &self.authority
     }
 
-    /// Idle connections held for reuse.
-    pub fn idle_connections(&self) -> usize {
-        self.pools.idle()
-    }
-
     /// Fails fast with 503 while the upstream is known to be down.
     pub fn check_up(&self) -> Result<(), ProxyError> {
         if self.down.load(Ordering::Acquire) {
