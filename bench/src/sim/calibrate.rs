@@ -135,11 +135,39 @@ fn summarise(mut lat_ms: Vec<f64>, elapsed_s: f64) -> Measurement {
     }
 }
 
-/// Runs `w` against the OpenAI server at `base` (`http://host:port`).
+/// A greedy completion of exactly `max_tokens` tokens.
+fn completion_body(model: &str, prompt: &str, max_tokens: usize) -> serde_json::Value {
+    serde_json::json!({
+        "model": model, "prompt": prompt, "max_tokens": max_tokens,
+        "ignore_eos": true, "temperature": 0,
+    })
+}
+
+/// Runs `w` against the OpenAI server at `base` (`http://host:port`); a
+/// shared-prefix workload starts with its rubric cached (one untimed
+/// request first).
 pub async fn measure(base: &str, model: &str, w: &Workload) -> anyhow::Result<Measurement> {
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     let url: hyper::Uri = format!("{base}/v1/completions").parse()?;
+    if w.shared_prefix {
+        // The rubric is cached before the clock starts, as it is in the
+        // simulation ([`simulate`]): otherwise whether an earlier workload
+        // left it in the engine's cache decides the first requests' cost.
+        let req = hyper::Request::post(url.clone())
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(
+                completion_body(model, &w.prompt(w.requests), 1).to_string(),
+            )))?;
+        let resp = client.request(req).await?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        anyhow::ensure!(
+            status.is_success(),
+            "{status}: {}",
+            String::from_utf8_lossy(&bytes)
+        );
+    }
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -158,10 +186,7 @@ pub async fn measure(base: &str, model: &str, w: &Workload) -> anyhow::Result<Me
                 if i >= w.requests {
                     return Ok::<_, anyhow::Error>(lat);
                 }
-                let body = serde_json::json!({
-                    "model": model, "prompt": w.prompt(i), "max_tokens": w.max_tokens,
-                    "ignore_eos": true, "temperature": 0,
-                });
+                let body = completion_body(&model, &w.prompt(i), w.max_tokens);
                 let req = hyper::Request::post(url.clone())
                     .header("content-type", "application/json")
                     .body(Full::new(Bytes::from(body.to_string())))?;
@@ -186,10 +211,24 @@ pub async fn measure(base: &str, model: &str, w: &Workload) -> anyhow::Result<Me
 }
 
 /// Runs `w` on `profile`'s engine in virtual time (no HTTP, no sleeping):
-/// the model the HTTP simulator follows, used to fit profiles.
+/// the model the HTTP simulator follows, used to fit profiles. Like
+/// [`measure`], a shared-prefix workload starts with its rubric cached.
 pub fn simulate(profile: &Profile, w: &Workload) -> Measurement {
     let tok = Tokenizer::new(profile.engine.vocab_size);
     let mut tl = Timeline::new(profile);
+    let mut t0 = Duration::ZERO;
+    if w.shared_prefix {
+        let warm = NewSeq {
+            prompt: tok.encode(&w.prompt(w.requests)),
+            max_tokens: 1,
+            seed: 0,
+        };
+        tl.submit(warm, t0);
+        while let Some(due) = tl.next_due() {
+            t0 = due;
+            tl.advance(due);
+        }
+    }
     let mut issued = 0;
     let mut started = std::collections::HashMap::new();
     let submit = |tl: &mut Timeline, issued: &mut usize, t: Duration| {
@@ -205,10 +244,10 @@ pub fn simulate(profile: &Profile, w: &Workload) -> Measurement {
         (id, t)
     };
     for _ in 0..w.concurrency.min(w.requests) {
-        let (id, t) = submit(&mut tl, &mut issued, Duration::ZERO);
+        let (id, t) = submit(&mut tl, &mut issued, t0);
         started.insert(id, t);
     }
-    let mut t = Duration::ZERO;
+    let mut t = t0;
     let mut lat = Vec::with_capacity(w.requests);
     while let Some(due) = tl.next_due() {
         t = due;
@@ -223,7 +262,7 @@ pub fn simulate(profile: &Profile, w: &Workload) -> Measurement {
             }
         }
     }
-    summarise(lat, t.as_secs_f64().max(1e-9))
+    summarise(lat, (t - t0).as_secs_f64().max(1e-9))
 }
 
 /// The workloads `bench calibrate` fits on: concurrency 1 (short prompts
@@ -321,13 +360,12 @@ fn loss(p: &Profile, points: &[(Workload, Measurement)]) -> f64 {
 
 /// Fits `base`'s timing to `points` (see [`super::profile::fit`]).
 pub fn fit(base: &Profile, points: &[(Workload, Measurement)]) -> (Profile, f64) {
-    let knobs: [super::profile::Knob; 6] = [
+    let knobs: [super::profile::Knob; 5] = [
         |t| &mut t.step_base_ms,
         |t| &mut t.decode_seq_ms,
         |t| &mut t.prefill_token_ms,
         |t| &mut t.context_token_ms,
         |t| &mut t.request_overhead_ms,
-        |t| &mut t.decode_exponent,
     ];
     let search = super::profile::Search {
         min_factor: 1.01,
@@ -364,18 +402,7 @@ pub struct CalibrateArgs {
 pub async fn calibrate(args: CalibrateArgs) -> anyhow::Result<()> {
     let base = Profile::load(&args.profile)?;
     let mut points = Vec::new();
-    // Warm up (first requests pay one-off costs).
-    let warm = Workload {
-        concurrency: 4,
-        requests: 8,
-        words: 20,
-        shared_prefix: false,
-        max_tokens: 4,
-        round: 0,
-    };
-    measure(&args.upstream, &args.model, &warm)
-        .await
-        .context("warm-up request failed")?;
+    warm_up(&args.upstream, &args.model).await?;
     for w in fit_workloads(args.scale) {
         let m = measure(&args.upstream, &args.model, &w).await?;
         eprintln!(
@@ -425,15 +452,23 @@ pub struct VersusArgs {
     /// Its served model name.
     #[arg(long, default_value = "tiny-llama")]
     pub model: String,
-    /// The profile to check (built-in name or TOML path).
+    /// The engine shape, and the fit's starting point (built-in name or
+    /// TOML path); with `--no-fit`, the profile checked as it is.
     #[arg(long, default_value = "vllm-cpu-tiny")]
     pub profile: String,
+    /// Check `--profile` as it is instead of fitting it in this run.
+    #[arg(long)]
+    pub no_fit: bool,
+    /// Write the profile fitted in this run here (TOML).
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
     /// Scales the request counts.
     #[arg(long, default_value_t = 1.0)]
     pub scale: f64,
-    /// Times each held-out workload runs on the real engine: one run of a
-    /// shared 2-core machine varies by ±15% on its own, so the simulator is
-    /// compared with the median.
+    /// Rounds on the real engine. Each round runs every fit workload and
+    /// every held-out one, with new prompts, so a machine that speeds up or
+    /// slows down during the run moves both alike; the fit and the
+    /// comparison use each workload's median over the rounds.
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
 }
@@ -470,58 +505,164 @@ impl std::fmt::Display for Spread {
     }
 }
 
-/// Runs the held-out workloads on both and prints the comparison.
+/// One workload's rounds on the real engine.
+#[derive(Debug, Clone)]
+struct Rounds {
+    workload: Workload,
+    runs: Vec<Measurement>,
+}
+
+impl Rounds {
+    fn req_s(&self) -> Spread {
+        Spread::of(self.runs.iter().map(|m| m.req_s))
+    }
+
+    fn p50(&self) -> Spread {
+        Spread::of(self.runs.iter().map(|m| m.p50_ms))
+    }
+
+    /// The point a fit sees: the median of each figure.
+    fn median(&self) -> Measurement {
+        Measurement {
+            req_s: self.req_s().median,
+            p50_ms: self.p50().median,
+            p95_ms: Spread::of(self.runs.iter().map(|m| m.p95_ms)).median,
+        }
+    }
+}
+
+/// The signed difference of `sim` from `real`, in percent.
+fn delta(sim: f64, real: f64) -> f64 {
+    100.0 * (sim - real) / real
+}
+
+/// A request warm-up that also sees every batch size up to 50 once
+/// (the CPU engine builds its kernels per shape on first use).
+async fn warm_up(base: &str, model: &str) -> anyhow::Result<()> {
+    for (concurrency, words) in [(4, 20), (50, 20), (8, 600)] {
+        let w = Workload {
+            concurrency,
+            requests: concurrency * 2,
+            words,
+            shared_prefix: false,
+            max_tokens: 4,
+            round: usize::MAX,
+        };
+        measure(base, model, &w)
+            .await
+            .context("warm-up request failed")?;
+    }
+    Ok(())
+}
+
+/// Fits a profile on the fit workloads and predicts the held-out ones,
+/// both measured in the same interleaved rounds, and prints the comparison.
 pub async fn versus(args: VersusArgs) -> anyhow::Result<()> {
-    let profile = Profile::load(&args.profile)?;
+    let base = Profile::load(&args.profile)?;
+    warm_up(&args.upstream, &args.model).await?;
+    let rounds_of = |ws: Vec<Workload>| {
+        ws.into_iter()
+            .map(|workload| Rounds {
+                workload,
+                runs: Vec::new(),
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut fitted_on = rounds_of(if args.no_fit {
+        Vec::new()
+    } else {
+        fit_workloads(args.scale)
+    });
+    let mut held_out = rounds_of(held_out_workloads(args.scale));
+    let repeats = args.repeats.max(1);
+    for round in 0..repeats {
+        eprintln!("round {} of {repeats} on the real engine", round + 1);
+        for r in fitted_on.iter_mut().chain(held_out.iter_mut()) {
+            let w = Workload {
+                round,
+                ..r.workload
+            };
+            r.runs.push(measure(&args.upstream, &args.model, &w).await?);
+        }
+    }
+    let profile = if args.no_fit {
+        base
+    } else {
+        let points: Vec<_> = fitted_on.iter().map(|r| (r.workload, r.median())).collect();
+        let (mut fitted, l) = fit(&base, &points);
+        fitted.description = format!(
+            "fitted by `bench sim-vs-real` against {} (median of {repeats} rounds)",
+            args.upstream
+        );
+        println!(
+            "fitted {} in this run on the real engine's medians (fit loss {l:.4}):",
+            base.name
+        );
+        println!(
+            "| fit workload | real req/s (median, range) | fit req/s | Δ | real p50 ms (median, range) | fit p50 ms | Δ |"
+        );
+        println!("|---|---|---|---|---|---|---|");
+        for r in &fitted_on {
+            let s = simulate(&fitted, &r.workload);
+            let (req_s, p50) = (r.req_s(), r.p50());
+            println!(
+                "| {} | {req_s} | {:.1} | {:+.1}% | {p50} | {:.1} | {:+.1}% |",
+                r.workload.label(),
+                s.req_s,
+                delta(s.req_s, req_s.median),
+                s.p50_ms,
+                delta(s.p50_ms, p50.median)
+            );
+        }
+        println!("timing: {:?}", fitted.timing);
+        if let Some(out) = &args.out {
+            std::fs::write(out, fitted.to_toml())
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("wrote {}", out.display());
+        }
+        println!();
+        fitted
+    };
+
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let sim_url = format!("http://{}", listener.local_addr()?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(super::serve(listener, profile.clone(), async {
         let _ = stopped.await;
     }));
-    let warm = Workload {
-        concurrency: 4,
-        requests: 8,
-        words: 20,
-        shared_prefix: false,
-        max_tokens: 4,
-        round: 0,
-    };
-    measure(&args.upstream, &args.model, &warm)
-        .await
-        .context("warm-up request failed")?;
     println!(
-        "simulated vLLM (profile {}) vs real vLLM at {}",
-        profile.name, args.upstream
+        "held out: simulated vLLM (profile {}{}, served over HTTP) vs real vLLM at {}",
+        profile.name,
+        if args.no_fit { "" } else { ", fitted above" },
+        args.upstream
     );
     println!(
-        "the real engine measured {} times per workload (new prompts each time); Δ is the simulator against the real median",
-        args.repeats
+        "the real engine ran each workload {repeats} times (new prompts each time), interleaved with the fit workloads; Δ is the simulator against the real median"
     );
     println!(
-        "| workload | real req/s (median, range) | sim req/s | Δ | real p50 ms (median, range) | sim p50 ms | Δ |"
+        "| held-out workload | real req/s (median, range) | sim req/s | Δ | real p50 ms (median, range) | sim p50 ms | Δ |"
     );
     println!("|---|---|---|---|---|---|---|");
-    for w in held_out_workloads(args.scale) {
-        let mut real = Vec::with_capacity(args.repeats);
-        for round in 0..args.repeats.max(1) {
-            real.push(measure(&args.upstream, &args.model, &Workload { round, ..w }).await?);
-        }
-        let sim = measure(&sim_url, &profile.model, &w).await?;
-        let req_s = Spread::of(real.iter().map(|m| m.req_s));
-        let p50 = Spread::of(real.iter().map(|m| m.p50_ms));
-        let d = |s: f64, r: f64| 100.0 * (s - r) / r;
+    let mut within = 0;
+    for r in &held_out {
+        let sim = measure(&sim_url, &profile.model, &r.workload).await?;
+        let (req_s, p50) = (r.req_s(), r.p50());
+        let (d_req_s, d_p50) = (
+            delta(sim.req_s, req_s.median),
+            delta(sim.p50_ms, p50.median),
+        );
+        within += usize::from(d_req_s.abs() <= 15.0) + usize::from(d_p50.abs() <= 15.0);
         println!(
-            "| {} | {} | {:.1} | {:+.1}% | {} | {:.1} | {:+.1}% |",
-            w.label(),
-            req_s,
+            "| {} | {req_s} | {:.1} | {d_req_s:+.1}% | {p50} | {:.1} | {d_p50:+.1}% |",
+            r.workload.label(),
             sim.req_s,
-            d(sim.req_s, req_s.median),
-            p50,
             sim.p50_ms,
-            d(sim.p50_ms, p50.median)
         );
     }
+    println!(
+        "{within} of {} held-out comparisons within 15% (target: all)",
+        2 * held_out.len()
+    );
     let _ = stop.send(());
     server.await??;
     Ok(())

@@ -9,14 +9,9 @@
 //! ```text
 //! step = step_base_ms
 //!      + prefill_token_ms × prefill tokens
-//!      + decode_seq_ms    × decoding sequences ^ decode_exponent
+//!      + decode_seq_ms    × decoding sequences
 //!      + context_token_ms × context tokens of the scheduled sequences
 //! ```
-//!
-//! `decode_exponent` is 1 (linear) unless a profile says otherwise; below 1
-//! each extra sequence in a batch costs less than the one before, as on a
-//! CPU whose per-step work (weights read, Python overhead, the API server's
-//! share of the two cores) is amortised over the batch.
 //!
 //! times `1 ± jitter` (uniform, seeded). Around the engine, each request
 //! also pays:
@@ -92,9 +87,6 @@ pub struct Timing {
     pub prefill_token_ms: f64,
     /// Per decoding sequence in the step.
     pub decode_seq_ms: f64,
-    /// The power of the decoding-sequence count in the step time (1: linear).
-    #[serde(default = "linear")]
-    pub decode_exponent: f64,
     /// Per token of context (attention reads) of the scheduled sequences.
     #[serde(default)]
     pub context_token_ms: f64,
@@ -185,10 +177,6 @@ impl Profile {
             );
         }
         anyhow::ensure!(
-            t.decode_exponent > 0.0 && t.decode_exponent <= 2.0,
-            "timing.decode_exponent must be in (0, 2]"
-        );
-        anyhow::ensure!(
             (0.0..1.0).contains(&t.jitter),
             "timing.jitter must be in [0, 1)"
         );
@@ -220,10 +208,6 @@ impl Profile {
     }
 }
 
-fn linear() -> f64 {
-    1.0
-}
-
 fn ms(v: f64) -> Duration {
     Duration::from_secs_f64(v.max(0.0) / 1e3)
 }
@@ -233,7 +217,7 @@ impl Timing {
     pub fn step_ms(&self, batch: &Batch) -> f64 {
         self.step_base_ms
             + self.prefill_token_ms * batch.prefill_tokens as f64
-            + self.decode_seq_ms * (batch.decode_seqs as f64).powf(self.decode_exponent)
+            + self.decode_seq_ms * batch.decode_seqs as f64
             + self.context_token_ms * batch.context_tokens as f64
     }
 }
@@ -274,7 +258,6 @@ pub struct Search {
 /// Fits `base`'s timing by a multiplicative coordinate search: each knob in
 /// turn is multiplied and divided by a factor (2 at first, then its square
 /// root whenever no move helps) and a move is kept when it lowers `loss`.
-/// `decode_exponent` is kept in [0.2, 1] (batching is never superlinear).
 /// Jitter is switched off. Returns the fitted profile and its loss.
 pub fn fit(
     base: &Profile,
@@ -296,7 +279,6 @@ pub fn fit(
                 let mut p = best.clone();
                 let slot = knob(&mut p.timing);
                 *slot = slot.max(1e-5) * f;
-                p.timing.decode_exponent = p.timing.decode_exponent.clamp(0.2, 1.0);
                 let l = loss(&p);
                 if l < best_loss * (1.0 - search.min_gain) {
                     (best, best_loss, improved) = (p, l, true);
@@ -365,7 +347,6 @@ mod tests {
             step_base_ms: 1.0,
             prefill_token_ms: 0.01,
             decode_seq_ms: 0.1,
-            decode_exponent: 1.0,
             context_token_ms: 0.001,
             request_overhead_ms: 0.0,
             api_in_ms: 0.0,
@@ -389,12 +370,6 @@ mod tests {
             let mut c = StepClock::new(jittered.clone());
             (0..100).map(|_| c.step(&b)).collect::<Vec<_>>()
         };
-        // Below 1, the exponent makes each extra sequence cheaper.
-        let concave = Timing {
-            decode_exponent: 0.5,
-            ..t.clone()
-        };
-        assert!((concave.step_ms(&b) - (1.0 + 1.0 + 0.1 * 10f64.sqrt() + 1.0)).abs() < 1e-9);
         let a = run();
         assert_eq!(a, run());
         assert!(a.iter().any(|d| *d != a[0]));
