@@ -33,6 +33,42 @@ pub struct Seen {
 }
 
 impl Seen {
+    /// Arrivals split into `waves` groups at the `waves - 1` longest gaps
+    /// between them: each group's size, in time order, and the shortest of
+    /// those splitting gaps against the longest gap inside any group. Waves
+    /// a policy sends show as groups whose splitting gaps (a whole wave's
+    /// service time) are far longer than any gap inside a group, however
+    /// the machine's scheduling spreads one wave's arrivals.
+    pub fn waves(&self, waves: usize) -> (Vec<usize>, Duration, Duration) {
+        let mut times: Vec<Instant> = self
+            .arrivals
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(t, _)| *t)
+            .collect();
+        times.sort();
+        let mut gaps: Vec<(Duration, usize)> = times
+            .windows(2)
+            .enumerate()
+            .map(|(i, w)| (w[1] - w[0], i + 1))
+            .collect();
+        gaps.sort_by(|a, b| b.0.cmp(&a.0));
+        let (split, inside) = gaps.split_at((waves - 1).min(gaps.len()));
+        let mut cuts: Vec<usize> = split.iter().map(|&(_, at)| at).collect();
+        cuts.sort();
+        cuts.push(times.len());
+        let mut sizes = Vec::new();
+        let mut start = 0;
+        for cut in cuts {
+            sizes.push(cut - start);
+            start = cut;
+        }
+        let shortest_split = split.iter().map(|g| g.0).min().unwrap_or_default();
+        let longest_inside = inside.first().map(|g| g.0).unwrap_or_default();
+        (sizes, shortest_split, longest_inside)
+    }
+
     /// Sizes of the clusters that arrivals form, in time order: a gap of at
     /// least `gap` between two arrivals starts a new cluster (a new wave).
     pub fn arrival_clusters(&self, gap: Duration) -> Vec<usize> {
