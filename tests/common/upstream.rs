@@ -53,7 +53,7 @@ impl Seen {
             .enumerate()
             .map(|(i, w)| (w[1] - w[0], i + 1))
             .collect();
-        gaps.sort_by(|a, b| b.0.cmp(&a.0));
+        gaps.sort_by_key(|g| std::cmp::Reverse(g.0));
         let (split, inside) = gaps.split_at((waves - 1).min(gaps.len()));
         let mut cuts: Vec<usize> = split.iter().map(|&(_, at)| at).collect();
         cuts.sort();
