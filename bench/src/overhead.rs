@@ -15,8 +15,13 @@ use crate::{fast_upstream, procs};
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
     /// Seconds per measurement.
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(long, default_value_t = 2.0)]
     seconds: f64,
+    /// Rounds: each measures every target in turn, and every ratio compares
+    /// figures of the same round, so a machine that drifts during the run
+    /// moves baseline and target alike. The table shows medians over rounds.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Fixed request rate for the open-loop latency measurement (req/s).
     #[arg(long, default_value_t = 500.0)]
     rate: f64,
@@ -37,13 +42,45 @@ pub(crate) struct Args {
     no_nginx: bool,
 }
 
-struct Row {
-    name: String,
+/// One target's measurements in one round.
+struct Sample {
     c1: LoadResult,
     fixed: LoadResult,
     max: LoadResult,
     // CPU time the proxy process spent per request at maximum throughput.
     cpu_us_per_request: Option<f64>,
+}
+
+struct Row {
+    name: String,
+    // One per round, in order.
+    rounds: Vec<Sample>,
+}
+
+impl Row {
+    /// `f` for every round, in order (`f` gets the round's index too, to
+    /// compare with another row's same round).
+    fn each(&self, f: impl Fn(usize, &Sample) -> f64) -> Vec<f64> {
+        self.rounds
+            .iter()
+            .enumerate()
+            .map(|(i, s)| f(i, s))
+            .collect()
+    }
+
+    /// The median over rounds of `f` (see [`Row::each`]).
+    fn median(&self, f: impl Fn(usize, &Sample) -> f64) -> f64 {
+        median(self.each(f))
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// Runs every measurement and prints the table.
@@ -105,49 +142,59 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         targets.push(("nginx".to_owned(), n.addr, Some(n)));
     }
 
+    let rounds = args.rounds.max(1);
     println!(
-        "bench overhead: engine = built-in fast upstream (no model); {}s per measurement",
+        "bench overhead: engine = built-in fast upstream (no model); {}s per measurement, {rounds} interleaved rounds (figures: medians over rounds)",
         args.seconds
     );
-    let mut rows = Vec::new();
-    for (name, addr, process) in targets {
-        let target = Target {
-            addr,
-            path: "/v1/completions".into(),
-            body: body.clone(),
-        };
-        // Warm up connections and caches.
-        closed_loop(&target, 4, Duration::from_millis(300)).await?;
-        let c1 = closed_loop(&target, 1, duration).await?;
-        let fixed = open_loop(&target, args.rate, duration, 16).await?;
-        let cpu_before = process.map(procs::Proc::cpu_seconds);
-        let max = closed_loop(&target, args.connections, duration).await?;
-        let cpu_us_per_request = process
-            .zip(cpu_before)
-            .map(|(p, before)| (p.cpu_seconds() - before) * 1e6 / max.ok.max(1) as f64);
-        eprintln!(
-            "  {name:<18} c=1 p50 {:>6} µs   {} req/s p50 {:>6} µs   max {:>8.0} req/s",
-            c1.quantile_us(0.5),
-            args.rate,
-            fixed.quantile_us(0.5),
-            max.throughput()
-        );
-        rows.push(Row {
-            name,
-            c1,
-            fixed,
-            max,
-            cpu_us_per_request,
-        });
+    let mut rows: Vec<Row> = targets
+        .iter()
+        .map(|(name, _, _)| Row {
+            name: name.clone(),
+            rounds: Vec::new(),
+        })
+        .collect();
+    for round in 0..rounds {
+        eprintln!("round {} of {rounds}", round + 1);
+        for ((name, addr, process), row) in targets.iter().zip(&mut rows) {
+            let target = Target {
+                addr: *addr,
+                path: "/v1/completions".into(),
+                body: body.clone(),
+            };
+            // Warm up connections and caches.
+            closed_loop(&target, 4, Duration::from_millis(300)).await?;
+            let c1 = closed_loop(&target, 1, duration).await?;
+            let fixed = open_loop(&target, args.rate, duration, 16).await?;
+            let cpu_before = process.map(procs::Proc::cpu_seconds);
+            let max = closed_loop(&target, args.connections, duration).await?;
+            let cpu_us_per_request = process
+                .zip(cpu_before)
+                .map(|(p, before)| (p.cpu_seconds() - before) * 1e6 / max.ok.max(1) as f64);
+            eprintln!(
+                "  {name:<18} c=1 p50 {:>6} µs   {} req/s p50 {:>6} µs   max {:>8.0} req/s",
+                c1.quantile_us(0.5),
+                args.rate,
+                fixed.quantile_us(0.5),
+                max.throughput()
+            );
+            row.rounds.push(Sample {
+                c1,
+                fixed,
+                max,
+                cpu_us_per_request,
+            });
+        }
     }
     print_table(&rows, args.rate);
+    print_rounds(&rows);
     let row = |name: &str| rows.iter().find(|r| r.name == name);
     if let (Some(on), Some(off)) = (row("sluice"), row("sluice (telemetry off)")) {
-        let cpu = |r: &Row| r.cpu_us_per_request.unwrap_or(f64::NAN);
+        let cpu = |r: &Row| r.median(|_, s| s.cpu_us_per_request.unwrap_or(f64::NAN));
         println!();
         println!(
             "telemetry cost: max throughput with recording {:.2}× without; proxy CPU {:.1} vs {:.1} µs/request ({:+.1}%)",
-            on.max.throughput() / off.max.throughput(),
+            on.median(|i, s| s.max.throughput() / off.rounds[i].max.throughput()),
             cpu(on),
             cpu(off),
             (cpu(on) / cpu(off) - 1.0) * 100.0
@@ -172,34 +219,76 @@ fn mb(bytes: Option<u64>) -> String {
 fn print_table(rows: &[Row], rate: f64) {
     let direct = &rows[0];
     let nginx = rows.iter().find(|r| r.name == "nginx");
+    // Added latency and ratios: against the baseline of the same round.
+    let added = |r: &Row, pick: fn(&Sample) -> &LoadResult| {
+        r.median(|i, s| {
+            pick(s).quantile_us(0.5) as f64 - pick(&direct.rounds[i]).quantile_us(0.5) as f64
+        })
+    };
     println!();
     println!(
         "| target | c=1 p50 µs | c=1 p99 µs | added c=1 p50 µs | {rate:.0} req/s p50 µs | {rate:.0} req/s p99 µs | added p50 µs | max req/s | × direct | × nginx | proxy CPU µs/req | errors |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
-        let added_c1 = r.c1.quantile_us(0.5) as i64 - direct.c1.quantile_us(0.5) as i64;
-        let added_fixed = r.fixed.quantile_us(0.5) as i64 - direct.fixed.quantile_us(0.5) as i64;
-        let vs_direct = r.max.throughput() / direct.max.throughput();
+        let q = |pick: fn(&Sample) -> &LoadResult, quantile: f64| {
+            r.median(|_, s| pick(s).quantile_us(quantile) as f64)
+        };
         let vs_nginx = nginx
-            .map(|n| format!("{:.2}", r.max.throughput() / n.max.throughput()))
+            .map(|n| {
+                let ratio = r.median(|i, s| s.max.throughput() / n.rounds[i].max.throughput());
+                format!("{ratio:.2}")
+            })
             .unwrap_or_else(|| "n/a".into());
+        let cpu = r.median(|_, s| s.cpu_us_per_request.unwrap_or(f64::NAN));
+        let errors: u64 = r
+            .rounds
+            .iter()
+            .map(|s| s.c1.errors + s.fixed.errors + s.max.errors)
+            .sum();
         println!(
-            "| {} | {} | {} | {:+} | {} | {} | {:+} | {:.0} | {:.2} | {} | {} | {} |",
+            "| {} | {:.0} | {:.0} | {:+.0} | {:.0} | {:.0} | {:+.0} | {:.0} | {:.2} | {} | {} | {} |",
             r.name,
-            r.c1.quantile_us(0.5),
-            r.c1.quantile_us(0.99),
-            added_c1,
-            r.fixed.quantile_us(0.5),
-            r.fixed.quantile_us(0.99),
-            added_fixed,
-            r.max.throughput(),
-            vs_direct,
+            q(|s| &s.c1, 0.5),
+            q(|s| &s.c1, 0.99),
+            added(r, |s| &s.c1),
+            q(|s| &s.fixed, 0.5),
+            q(|s| &s.fixed, 0.99),
+            added(r, |s| &s.fixed),
+            r.median(|_, s| s.max.throughput()),
+            r.median(|i, s| s.max.throughput() / direct.rounds[i].max.throughput()),
             vs_nginx,
-            r.cpu_us_per_request
-                .map(|c| format!("{c:.1}"))
-                .unwrap_or_else(|| "n/a".into()),
-            r.c1.errors + r.fixed.errors + r.max.errors,
+            if cpu.is_nan() {
+                "n/a".into()
+            } else {
+                format!("{cpu:.1}")
+            },
+            errors,
         );
+    }
+}
+
+/// The headline figures round by round: how much they move within one run.
+fn print_rounds(rows: &[Row]) {
+    let direct = &rows[0];
+    let nginx = rows.iter().find(|r| r.name == "nginx");
+    let list = |v: Vec<f64>, digits: usize| {
+        v.iter()
+            .map(|x| format!("{x:.digits$}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!();
+    println!("round by round:");
+    for r in &rows[1..] {
+        let added = r.each(|i, s| {
+            s.c1.quantile_us(0.5) as f64 - direct.rounds[i].c1.quantile_us(0.5) as f64
+        });
+        let mut line = format!("- {}: added c=1 p50 µs {}", r.name, list(added, 0));
+        if let Some(n) = nginx.filter(|n| n.name != r.name) {
+            let ratio = r.each(|i, s| s.max.throughput() / n.rounds[i].max.throughput());
+            line.push_str(&format!("; max throughput × nginx {}", list(ratio, 2)));
+        }
+        println!("{line}");
     }
 }
