@@ -72,7 +72,7 @@ enum Command {
     Sim(sluice_bench::sim::Args),
     /// Measure a real engine and fit a simulator profile to it (TOML).
     Calibrate(sluice_bench::sim::calibrate::CalibrateArgs),
-    /// Held-out workloads on the real engine and the simulator, side by side.
+    /// Fit the simulator to a real engine and predict held-out workloads, side by side.
     SimVsReal(sluice_bench::sim::calibrate::VersusArgs),
     /// The simulator (rtx4080) vs the reference GPU benchmark, both client modes.
     SimVsReference(sim_reference::Args),

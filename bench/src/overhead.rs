@@ -190,14 +190,14 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     print_rounds(&rows);
     let row = |name: &str| rows.iter().find(|r| r.name == name);
     if let (Some(on), Some(off)) = (row("sluice"), row("sluice (telemetry off)")) {
-        let cpu = |r: &Row| r.median(|_, s| s.cpu_us_per_request.unwrap_or(f64::NAN));
+        let cpu = |s: &Sample| s.cpu_us_per_request.unwrap_or(f64::NAN);
         println!();
         println!(
-            "telemetry cost: max throughput with recording {:.2}× without; proxy CPU {:.1} vs {:.1} µs/request ({:+.1}%)",
+            "telemetry cost: max throughput with recording {:.2}× without; proxy CPU {:.1} vs {:.1} µs/request ({:+.1}%, the median of the rounds' ratios)",
             on.median(|i, s| s.max.throughput() / off.rounds[i].max.throughput()),
-            cpu(on),
-            cpu(off),
-            (cpu(on) / cpu(off) - 1.0) * 100.0
+            on.median(|_, s| cpu(s)),
+            off.median(|_, s| cpu(s)),
+            on.median(|i, s| (cpu(s) / cpu(&off.rounds[i]) - 1.0) * 100.0)
         );
     }
     let after_rss = proxy.rss_bytes();
@@ -227,7 +227,7 @@ fn print_table(rows: &[Row], rate: f64) {
     };
     println!();
     println!(
-        "| target | c=1 p50 µs | c=1 p99 µs | added c=1 p50 µs | {rate:.0} req/s p50 µs | {rate:.0} req/s p99 µs | added p50 µs | max req/s | × direct | × nginx | proxy CPU µs/req | errors |"
+        "| target | c=1 p50 µs | c=1 p99 µs | added c=1 p50 µs | {rate:.0} req/s p50 µs | {rate:.0} req/s p99 µs | added p50 µs | max req/s | × direct | × nginx | proxy CPU µs/req | errors (all rounds) |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
@@ -247,14 +247,14 @@ fn print_table(rows: &[Row], rate: f64) {
             .map(|s| s.c1.errors + s.fixed.errors + s.max.errors)
             .sum();
         println!(
-            "| {} | {:.0} | {:.0} | {:+.0} | {:.0} | {:.0} | {:+.0} | {:.0} | {:.2} | {} | {} | {} |",
+            "| {} | {:.0} | {:.0} | {:+} | {:.0} | {:.0} | {:+} | {:.0} | {:.2} | {} | {} | {} |",
             r.name,
             q(|s| &s.c1, 0.5),
             q(|s| &s.c1, 0.99),
-            added(r, |s| &s.c1),
+            added(r, |s| &s.c1).round() as i64,
             q(|s| &s.fixed, 0.5),
             q(|s| &s.fixed, 0.99),
-            added(r, |s| &s.fixed),
+            added(r, |s| &s.fixed).round() as i64,
             r.median(|_, s| s.max.throughput()),
             r.median(|i, s| s.max.throughput() / direct.rounds[i].max.throughput()),
             vs_nginx,

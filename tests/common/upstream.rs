@@ -40,6 +40,7 @@ impl Seen {
     /// service time) are far longer than any gap inside a group, however
     /// the machine's scheduling spreads one wave's arrivals.
     pub fn waves(&self, waves: usize) -> (Vec<usize>, Duration, Duration) {
+        assert!(waves >= 1, "at least one wave");
         let mut times: Vec<Instant> = self
             .arrivals
             .lock()

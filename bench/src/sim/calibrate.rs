@@ -5,9 +5,12 @@
 //!   profile's timing by simulating the same workloads in virtual time
 //!   ([`simulate`]) and searching the parameters that minimise the squared
 //!   log error of req/s and p50 latency. The result is written as TOML.
-//! - `bench sim-vs-real --upstream URL --profile P` runs held-out workloads
-//!   (not used by the fit) against the real engine and against the
-//!   simulator served in-process over HTTP, and prints both side by side.
+//! - `bench sim-vs-real --upstream URL` does the same fit (from
+//!   `--profile`, the engine shape and starting point) on the medians of
+//!   interleaved rounds, each with the fit workloads and the held-out ones
+//!   (never used by the fit), then runs the held-out workloads against the
+//!   fitted simulator served in-process over HTTP, and prints both side by
+//!   side. `--no-fit` checks `--profile` as it is.
 
 use std::time::{Duration, Instant};
 
@@ -84,14 +87,17 @@ impl Workload {
             }
             s.push_str(".\n");
         }
-        // The run's nonce and the workload's shape keep a real engine's
-        // prefix cache from serving prompts an earlier run, or another
-        // workload of this run, already sent.
+        // The run's nonce and the workload's whole shape keep a real
+        // engine's prefix cache from serving prompts an earlier run, or
+        // another workload of this run, already sent (without the word
+        // count, a 20-word prompt was the start of the 600-word one).
         s.push_str(&format!(
-            "Candidate {:09}-{}-{}-{}-{i}:",
+            "Candidate {:09}-{}-{}-{}-{}-{}-{i}:",
             run_nonce(),
             self.concurrency,
             self.max_tokens,
+            self.words,
+            u8::from(self.shared_prefix),
             self.round
         ));
         let mut x = i as u64 + 1;
@@ -265,7 +271,7 @@ pub fn simulate(profile: &Profile, w: &Workload) -> Measurement {
     summarise(lat, (t - t0).as_secs_f64().max(1e-9))
 }
 
-/// The workloads `bench calibrate` fits on: concurrency 1 (short prompts
+/// The workloads `bench calibrate` and `bench sim-vs-real` fit on: concurrency 1 (short prompts
 /// with 16 and 1 output tokens, long prompts with 16 and 1) and concurrency
 /// 50 (short and long prompts). Long prompts with one output token pin the
 /// prefill cost; long prompts decoding side by side pin the cost of
@@ -460,7 +466,7 @@ pub struct VersusArgs {
     #[arg(long)]
     pub no_fit: bool,
     /// Write the profile fitted in this run here (TOML).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "no_fit")]
     pub out: Option<std::path::PathBuf>,
     /// Scales the request counts.
     #[arg(long, default_value_t = 1.0)]
@@ -469,7 +475,7 @@ pub struct VersusArgs {
     /// every held-out one, with new prompts, so a machine that speeds up or
     /// slows down during the run moves both alike; the fit and the
     /// comparison use each workload's median over the rounds.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, alias = "rounds", default_value_t = 3)]
     pub repeats: usize,
 }
 
@@ -536,8 +542,8 @@ fn delta(sim: f64, real: f64) -> f64 {
     100.0 * (sim - real) / real
 }
 
-/// A request warm-up that also sees every batch size up to 50 once
-/// (the CPU engine builds its kernels per shape on first use).
+/// A warm-up: a few requests, batches of up to 50 short prompts, and long
+/// prompts (first requests, and the first of a shape, pay one-off costs).
 async fn warm_up(base: &str, model: &str) -> anyhow::Result<()> {
     for (concurrency, words) in [(4, 20), (50, 20), (8, 600)] {
         let w = Workload {
@@ -637,7 +643,12 @@ pub async fn versus(args: VersusArgs) -> anyhow::Result<()> {
         args.upstream
     );
     println!(
-        "the real engine ran each workload {repeats} times (new prompts each time), interleaved with the fit workloads; Δ is the simulator against the real median"
+        "the real engine ran each workload {repeats} times (new prompts each time){}; Δ is the simulator against the real median",
+        if args.no_fit {
+            ""
+        } else {
+            ", interleaved with the fit workloads"
+        }
     );
     println!(
         "| held-out workload | real req/s (median, range) | sim req/s | Δ | real p50 ms (median, range) | sim p50 ms | Δ |"
@@ -688,6 +699,22 @@ mod tests {
         assert_ne!(w.prompt(0), again.prompt(0));
         assert_ne!(w.prompt(0), other.prompt(0));
         assert_eq!(w.prompt(3), w.prompt(3));
+        // No workload's prompt starts like another's (after the rubric):
+        // an engine's prefix cache would serve one from the other.
+        let all: Vec<Workload> = fit_workloads(1.0)
+            .into_iter()
+            .chain(held_out_workloads(1.0))
+            .collect();
+        let head = |w: &Workload| {
+            let p = w.prompt(0);
+            let own = p.split_once(".\n").map_or(p.as_str(), |(_, rest)| rest);
+            own.chars().take(40).collect::<String>()
+        };
+        for (i, a) in all.iter().enumerate() {
+            for b in &all[i + 1..] {
+                assert_ne!(head(a), head(b), "{a:?} and {b:?}");
+            }
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //!
 //! Built-in profiles live in `bench/profiles/*.toml` and are embedded in the
 //! binary; `--profile PATH.toml` loads any other (for example one written by
-//! `bench calibrate`).
+//! `bench calibrate` or `bench sim-vs-real --out`).
 //!
 //! The step-time model is linear in what a step computes:
 //!
@@ -141,7 +141,15 @@ impl Profile {
 
     /// Parses and validates a profile.
     pub fn from_toml(text: &str) -> anyhow::Result<Self> {
-        let p: Self = toml::from_str(text)?;
+        let p: Self = toml::from_str(text).map_err(|err| {
+            let mut err = anyhow::Error::from(err);
+            if err.to_string().contains("decode_exponent") {
+                err = err.context(
+                    "timing.decode_exponent was removed (the step time is linear in decoding sequences): refit with `bench sim-vs-real --out`",
+                );
+            }
+            err
+        })?;
         p.validate()?;
         Ok(p)
     }
@@ -339,6 +347,16 @@ mod tests {
         assert!(err.contains("decode_seq_ms"), "{err}");
         let err = Profile::load("no-such-profile").unwrap_err().to_string();
         assert!(err.contains("vllm-cpu-tiny"), "{err}");
+        // A profile from before the step time became linear says what to do.
+        let old = Profile::load("vllm-cpu-tiny")
+            .unwrap()
+            .to_toml()
+            .replace("[timing]\n", "[timing]\ndecode_exponent = 0.23\n");
+        let err = format!("{:#}", Profile::from_toml(&old).unwrap_err());
+        assert!(
+            err.contains("was removed") && err.contains("refit"),
+            "{err}"
+        );
     }
 
     #[test]
