@@ -271,11 +271,14 @@ pub fn simulate(profile: &Profile, w: &Workload) -> Measurement {
     summarise(lat, (t - t0).as_secs_f64().max(1e-9))
 }
 
-/// The workloads `bench calibrate` and `bench sim-vs-real` fit on: concurrency 1 (short prompts
-/// with 16 and 1 output tokens, long prompts with 16 and 1) and concurrency
-/// 50 (short and long prompts). Long prompts with one output token pin the
-/// prefill cost; long prompts decoding side by side pin the cost of
-/// attending to context, which the shared-prefix workload depends on.
+/// The workloads `bench calibrate` and `bench sim-vs-real` fit on:
+/// concurrency 1 (short prompts with 16 and 1 output tokens, long prompts
+/// with 16 and 1, and 16 tokens after the cached rubric) and concurrency 50
+/// (short and long prompts). Long prompts with one output token pin the
+/// prefill cost. Decoding after the cached rubric pins the cost of
+/// attending to context, which long prompts alone left loose (their
+/// prefill dwarfs it); the held-out shared-prefix workload runs ten such
+/// requests at once.
 pub fn fit_workloads(scale: f64) -> Vec<Workload> {
     let n = |k: usize| ((k as f64 * scale) as usize).max(5);
     vec![
@@ -316,6 +319,14 @@ pub fn fit_workloads(scale: f64) -> Vec<Workload> {
             requests: n(300),
             words: 20,
             shared_prefix: false,
+            max_tokens: 16,
+            round: 0,
+        },
+        Workload {
+            concurrency: 1,
+            requests: n(30),
+            words: 20,
+            shared_prefix: true,
             max_tokens: 16,
             round: 0,
         },
