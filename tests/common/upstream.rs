@@ -33,14 +33,8 @@ pub struct Seen {
 }
 
 impl Seen {
-    /// Arrivals split into `waves` groups at the `waves - 1` longest gaps
-    /// between them: each group's size, in time order, and the shortest of
-    /// those splitting gaps against the longest gap inside any group. Waves
-    /// a policy sends show as groups whose splitting gaps (a whole wave's
-    /// service time) are far longer than any gap inside a group, however
-    /// the machine's scheduling spreads one wave's arrivals.
-    pub fn waves(&self, waves: usize) -> (Vec<usize>, Duration, Duration) {
-        assert!(waves >= 1, "at least one wave");
+    /// Every arrival's time, earliest first.
+    fn arrival_times(&self) -> Vec<Instant> {
         let mut times: Vec<Instant> = self
             .arrivals
             .lock()
@@ -49,6 +43,18 @@ impl Seen {
             .map(|(t, _)| *t)
             .collect();
         times.sort();
+        times
+    }
+
+    /// Arrivals split into `waves` groups at the `waves - 1` longest gaps
+    /// between them: each group's size, in time order, and the shortest of
+    /// those splitting gaps against the longest gap inside any group. Waves
+    /// a policy sends show as groups whose splitting gaps (a whole wave's
+    /// service time) are far longer than any gap inside a group, however
+    /// the machine's scheduling spreads one wave's arrivals.
+    pub fn waves(&self, waves: usize) -> (Vec<usize>, Duration, Duration) {
+        assert!(waves >= 1, "at least one wave");
+        let times = self.arrival_times();
         let mut gaps: Vec<(Duration, usize)> = times
             .windows(2)
             .enumerate()
@@ -73,14 +79,7 @@ impl Seen {
     /// Sizes of the clusters that arrivals form, in time order: a gap of at
     /// least `gap` between two arrivals starts a new cluster (a new wave).
     pub fn arrival_clusters(&self, gap: Duration) -> Vec<usize> {
-        let mut times: Vec<Instant> = self
-            .arrivals
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(t, _)| *t)
-            .collect();
-        times.sort();
+        let times = self.arrival_times();
         let mut clusters = Vec::new();
         let mut previous: Option<Instant> = None;
         for t in times {

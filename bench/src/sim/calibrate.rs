@@ -149,6 +149,27 @@ fn completion_body(model: &str, prompt: &str, max_tokens: usize) -> serde_json::
     })
 }
 
+/// Sends one completion and reads its whole response; a non-2xx status is
+/// an error carrying the body.
+async fn complete(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    url: &hyper::Uri,
+    body: &serde_json::Value,
+) -> anyhow::Result<()> {
+    let req = hyper::Request::post(url.clone())
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))?;
+    let resp = client.request(req).await?;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    anyhow::ensure!(
+        status.is_success(),
+        "{status}: {}",
+        String::from_utf8_lossy(&bytes)
+    );
+    Ok(())
+}
+
 /// Runs `w` against the OpenAI server at `base` (`http://host:port`); a
 /// shared-prefix workload starts with its rubric cached (one untimed
 /// request first).
@@ -160,19 +181,12 @@ pub async fn measure(base: &str, model: &str, w: &Workload) -> anyhow::Result<Me
         // The rubric is cached before the clock starts, as it is in the
         // simulation ([`simulate`]): otherwise whether an earlier workload
         // left it in the engine's cache decides the first requests' cost.
-        let req = hyper::Request::post(url.clone())
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(
-                completion_body(model, &w.prompt(w.requests), 1).to_string(),
-            )))?;
-        let resp = client.request(req).await?;
-        let status = resp.status();
-        let bytes = resp.into_body().collect().await?.to_bytes();
-        anyhow::ensure!(
-            status.is_success(),
-            "{status}: {}",
-            String::from_utf8_lossy(&bytes)
-        );
+        complete(
+            &client,
+            &url,
+            &completion_body(model, &w.prompt(w.requests), 1),
+        )
+        .await?;
     }
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let start = Instant::now();
@@ -193,18 +207,8 @@ pub async fn measure(base: &str, model: &str, w: &Workload) -> anyhow::Result<Me
                     return Ok::<_, anyhow::Error>(lat);
                 }
                 let body = completion_body(&model, &w.prompt(i), w.max_tokens);
-                let req = hyper::Request::post(url.clone())
-                    .header("content-type", "application/json")
-                    .body(Full::new(Bytes::from(body.to_string())))?;
                 let t = Instant::now();
-                let resp = client.request(req).await?;
-                let status = resp.status();
-                let bytes = resp.into_body().collect().await?.to_bytes();
-                anyhow::ensure!(
-                    status.is_success(),
-                    "{status}: {}",
-                    String::from_utf8_lossy(&bytes)
-                );
+                complete(&client, &url, &body).await?;
                 lat.push(t.elapsed().as_secs_f64() * 1e3);
             }
         });
