@@ -371,6 +371,30 @@ async fn upstream_connections_are_reused_across_requests() {
 }
 
 #[tokio::test]
+async fn idle_upstream_connections_are_not_reused_past_the_keepalive() {
+    // An upstream closes a connection idle for its own keep-alive timeout
+    // (vLLM: 5 s); a request written just then fails after it has left. So
+    // a connection idle for `--upstream-keepalive` is closed, not reused.
+    let upstream = EchoUpstream::start().await;
+    let proxy = ProxyProcess::start(
+        &upstream.url(),
+        &["--workers", "1", "--upstream-keepalive", "300ms"],
+    );
+    let url = format!("{}/v1/completions", proxy.url());
+    for _ in 0..3 {
+        let reply = post_json(&url, &completion(json!({}))).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    assert_eq!(upstream.seen.connections.load(Ordering::SeqCst), 1);
+    // The time that has to pass is the condition itself.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let reply = post_json(&url, &completion(json!({}))).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(upstream.seen.total.load(Ordering::SeqCst), 4);
+    assert_eq!(upstream.seen.connections.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
 async fn upstream_that_closes_idle_connections_loses_no_request() {
     // Each connection answers one request with a keep-alive response and is
     // then closed by the upstream, as a server's keep-alive timeout does.

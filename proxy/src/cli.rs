@@ -52,6 +52,13 @@ pub struct Cli {
     #[arg(long, env = "SLUICE_CONNECT_TIMEOUT", value_name = "DURATION")]
     connect_timeout: Option<String>,
 
+    /// Reuse an idle upstream connection only within this long of its last
+    /// response; keep it below the upstream's own keep-alive timeout (vLLM's
+    /// server closes idle connections after 5s), or a request can go out on
+    /// a connection the upstream is closing and get a 502 [default: 4s]
+    #[arg(long, env = "SLUICE_UPSTREAM_KEEPALIVE", value_name = "DURATION")]
+    upstream_keepalive: Option<String>,
+
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish [default: 30s]
     #[arg(long, env = "SLUICE_DRAIN_TIMEOUT", value_name = "DURATION")]
     drain_timeout: Option<String>,
@@ -130,6 +137,7 @@ struct FileConfig {
     max_body: Option<toml::Value>,
     upstream_timeout: Option<String>,
     connect_timeout: Option<String>,
+    upstream_keepalive: Option<String>,
     drain_timeout: Option<String>,
     max_connections: Option<usize>,
     workers: Option<usize>,
@@ -174,6 +182,8 @@ pub struct Config {
     pub upstream_timeout: Duration,
     /// Upstream TCP connect deadline.
     pub connect_timeout: Duration,
+    /// How long an idle upstream connection may still be reused.
+    pub upstream_keepalive: Duration,
     /// Grace period for in-flight requests on shutdown.
     pub drain_timeout: Duration,
     /// Concurrent client connections.
@@ -253,6 +263,7 @@ impl Cli {
         let max_body = pick(self.max_body, file.max_body.map(toml_scalar), "16MiB");
         let upstream_timeout = pick(self.upstream_timeout, file.upstream_timeout, "300s");
         let connect_timeout = pick(self.connect_timeout, file.connect_timeout, "3s");
+        let upstream_keepalive = pick(self.upstream_keepalive, file.upstream_keepalive, "4s");
         let drain_timeout = pick(self.drain_timeout, file.drain_timeout, "30s");
         let queue_timeout = pick(self.queue_timeout, file.queue_timeout, "60s");
         let policy_deadline = pick(self.policy_deadline, file.policy_deadline, "50ms");
@@ -335,6 +346,10 @@ impl Cli {
             max_body: parse_size("--max-body", &max_body)?,
             upstream_timeout: parse_positive_duration("--upstream-timeout", &upstream_timeout)?,
             connect_timeout: parse_positive_duration("--connect-timeout", &connect_timeout)?,
+            upstream_keepalive: parse_positive_duration(
+                "--upstream-keepalive",
+                &upstream_keepalive,
+            )?,
             drain_timeout: parse_duration("--drain-timeout", &drain_timeout)?,
             max_connections,
             workers,

@@ -16,8 +16,10 @@
 
 use std::cell::Cell;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use hyper::client::conn::http1::SendRequest;
+use tokio::time::Instant;
 
 use crate::body::ProxyBody;
 
@@ -40,9 +42,14 @@ pub fn enter_worker(index: usize) {
 pub struct Pools(Vec<Arc<Pool>>);
 
 impl Pools {
-    /// `workers` pools (at least one), each keeping at most `max_idle` idle connections.
-    pub fn new(workers: usize, max_idle: usize) -> Self {
-        Self((0..workers.max(1)).map(|_| Pool::new(max_idle)).collect())
+    /// `workers` pools (at least one), each keeping at most `max_idle` idle
+    /// connections, each reused within `keepalive` of its last response.
+    pub fn new(workers: usize, max_idle: usize, keepalive: Duration) -> Self {
+        Self(
+            (0..workers.max(1))
+                .map(|_| Pool::new(max_idle, keepalive))
+                .collect(),
+        )
     }
 
     /// The calling thread's pool.
@@ -51,36 +58,53 @@ impl Pools {
     }
 }
 
-/// The idle connections, most recently used last.
+/// The idle connections, most recently returned last.
+///
+/// A connection is reused only within `keepalive` of its return. An
+/// upstream closes a connection that has been idle for its own keep-alive
+/// timeout (vLLM's server: 5 s), and a request written just as it does
+/// fails after it has left, which no client can safely retry. Connections
+/// returned together expire together, so a burst of requests after a pause
+/// would otherwise meet several such closes at once.
 #[derive(Debug)]
 pub struct Pool {
     // Short critical sections only (push, or a scan of flags); never held across an await.
-    idle: Mutex<Vec<Sender>>,
+    idle: Mutex<Vec<(Sender, Instant)>>,
     max_idle: usize,
+    keepalive: Duration,
 }
 
 impl Pool {
-    /// An empty pool that keeps at most `max_idle` idle connections.
-    pub fn new(max_idle: usize) -> Arc<Self> {
+    /// An empty pool that keeps at most `max_idle` idle connections, each
+    /// reused within `keepalive` of its return.
+    pub fn new(max_idle: usize, keepalive: Duration) -> Arc<Self> {
         Arc::new(Self {
             idle: Mutex::new(Vec::new()),
             max_idle,
+            keepalive,
         })
     }
 
     /// The most recently used connection that is ready for a request.
-    /// Closed connections found on the way are dropped; one still finishing
-    /// its previous response (returned a moment before hyper marked it
-    /// idle) is left for later.
+    /// Connections idle for `keepalive` or more (the oldest, at the
+    /// bottom) and closed ones found on the way are dropped, which closes
+    /// them; one still finishing its previous response (returned a moment
+    /// before hyper marked it idle) is left for later.
     pub fn take(&self) -> Option<Sender> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        let expired = idle
+            .iter()
+            .position(|(_, since)| now.duration_since(*since) < self.keepalive)
+            .unwrap_or(idle.len());
+        idle.drain(..expired);
         let mut i = idle.len();
         while i > 0 {
             i -= 1;
-            if idle[i].is_closed() {
-                idle.swap_remove(i);
-            } else if idle[i].is_ready() {
-                return Some(idle.swap_remove(i));
+            if idle[i].0.is_closed() {
+                idle.remove(i);
+            } else if idle[i].0.is_ready() {
+                return Some(idle.remove(i).0);
             }
         }
         None
@@ -93,7 +117,7 @@ impl Pool {
         }
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         if idle.len() < self.max_idle {
-            idle.push(sender);
+            idle.push((sender, Instant::now()));
         }
     }
 }

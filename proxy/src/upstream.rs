@@ -60,7 +60,11 @@ impl Upstream {
         Arc::new(Self {
             authority,
             host,
-            pools: Pools::new(config.workers, MAX_IDLE_CONNECTIONS),
+            pools: Pools::new(
+                config.workers,
+                MAX_IDLE_CONNECTIONS,
+                config.upstream_keepalive,
+            ),
             response_timeout: config.upstream_timeout,
             connect_timeout: config.connect_timeout,
             down: AtomicBool::new(false),
