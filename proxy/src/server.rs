@@ -271,7 +271,7 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
 /// Serves one connection on the current runtime with `handler`.
 fn serve<H, Fut>(builder: &auto::Builder<TokioExecutor>, accepted: Accepted, handler: H)
 where
-    H: HandlerFn<Fut>,
+    H: Fn(Request<Incoming>, &Peer) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     let Connection {
@@ -282,7 +282,7 @@ where
     } = accepted;
     let client = Peer::new(peer);
     let service = service_fn(move |req| {
-        let response = handler.call(req, &client);
+        let response = handler(req, &client);
         async move { Ok::<_, Infallible>(response.await) }
     });
     let connection = watcher.watch(
@@ -296,20 +296,6 @@ where
         }
         drop(permit);
     });
-}
-
-/// A request handler, given the request and the connection's peer.
-trait HandlerFn<Fut>: Send + Sync + 'static {
-    fn call(&self, req: Request<Incoming>, peer: &Peer) -> Fut;
-}
-
-impl<F, Fut> HandlerFn<Fut> for F
-where
-    F: Fn(Request<Incoming>, &Peer) -> Fut + Send + Sync + 'static,
-{
-    fn call(&self, req: Request<Incoming>, peer: &Peer) -> Fut {
-        self(req, peer)
-    }
 }
 
 /// Accepts until `stop`, taking a permit before each `accept`.
