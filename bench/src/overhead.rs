@@ -70,16 +70,7 @@ impl Row {
 
     /// The median over rounds of `f` (see [`Row::each`]).
     fn median(&self, f: impl Fn(usize, &Sample) -> f64) -> f64 {
-        median(self.each(f))
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        crate::suite::median(&self.each(f))
     }
 }
 
