@@ -18,7 +18,11 @@
 //! - `api_in_ms` before the engine and `api_out_ms` after its last token,
 //!   on the API server's one thread (vLLM's frontend is a single asyncio
 //!   process: parsing and tokenizing, detokenizing and writing the
-//!   response), so a burst of requests queues there;
+//!   response), so a burst of requests queues there. That work costs
+//!   `1 + api_slowdown` times as much while the engine is busy: on a small
+//!   CPU machine the API server shares cores with the engine's processes
+//!   (on the project's 2-core machine vLLM pins its model worker to one
+//!   core; the API server and the engine-core process share the other);
 //! - `request_overhead_ms` before the engine, which delays the request but
 //!   occupies nothing (network and HTTP time in parallel work).
 
@@ -99,6 +103,10 @@ pub struct Timing {
     /// Per request, after its last token, on the API server's single thread.
     #[serde(default)]
     pub api_out_ms: f64,
+    /// The API server's work costs `1 + api_slowdown` times as much while
+    /// the engine has work (they share CPU cores).
+    #[serde(default)]
+    pub api_slowdown: f64,
     /// Uniform jitter as a fraction of the step time (0 = none).
     #[serde(default)]
     pub jitter: f64,
@@ -175,6 +183,7 @@ impl Profile {
             ("prefill_token_ms", t.prefill_token_ms),
             ("decode_seq_ms", t.decode_seq_ms),
             ("context_token_ms", t.context_token_ms),
+            ("api_slowdown", t.api_slowdown),
             ("request_overhead_ms", t.request_overhead_ms),
             ("api_in_ms", t.api_in_ms),
             ("api_out_ms", t.api_out_ms),
@@ -232,7 +241,8 @@ impl Timing {
 
 /// A profile for engine tests: 4-token blocks, 10 ms per step plus 1 ms
 /// per prefill token (decoding and context free), no jitter, and the given
-/// API-server and overhead costs.
+/// API-server and overhead costs (the API server as fast when the engine is
+/// busy as when it is idle).
 #[cfg(test)]
 pub(crate) fn test_profile(api_in_ms: f64, api_out_ms: f64, overhead_ms: f64) -> Profile {
     let mut p = Profile::load("vllm-cpu-tiny").unwrap();
@@ -245,6 +255,7 @@ pub(crate) fn test_profile(api_in_ms: f64, api_out_ms: f64, overhead_ms: f64) ->
     p.timing.request_overhead_ms = overhead_ms;
     p.timing.api_in_ms = api_in_ms;
     p.timing.api_out_ms = api_out_ms;
+    p.timing.api_slowdown = 0.0;
     p
 }
 
@@ -366,6 +377,7 @@ mod tests {
             prefill_token_ms: 0.01,
             decode_seq_ms: 0.1,
             context_token_ms: 0.001,
+            api_slowdown: 0.0,
             request_overhead_ms: 0.0,
             api_in_ms: 0.0,
             api_out_ms: 0.0,

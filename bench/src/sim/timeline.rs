@@ -5,7 +5,9 @@
 //! scheduler tests) and in real time (the HTTP simulator's step thread).
 //! A request's path:
 //! 1. [`Timeline::submit`]: it queues for the API server's one thread,
-//!    which spends `api_in_ms` on it (parse, tokenize), then waits
+//!    which spends `api_in_ms` on it (parse, tokenize; like all the API
+//!    server's work, `1 + api_slowdown` times as long while the engine
+//!    has work, for they share CPU cores), then waits
 //!    `request_overhead_ms` (latency that occupies nothing);
 //! 2. it enters the engine, and is batched step by step; a step takes the
 //!    profile's step time for its batch;
@@ -32,6 +34,7 @@ pub struct Timeline {
     api_in: Duration,
     api_out: Duration,
     overhead: Duration,
+    slowdown: f64,
     /// When the API server's thread is next free.
     api_free: Duration,
     /// Requests on their way into the engine, by entry time (FIFO, so
@@ -53,6 +56,7 @@ impl Timeline {
             api_in,
             api_out,
             overhead: profile.request_overhead(),
+            slowdown: profile.timing.api_slowdown,
             api_free: Duration::ZERO,
             entering: VecDeque::new(),
             step: None,
@@ -135,7 +139,13 @@ impl Timeline {
     /// Books `cost` on the API server's thread for work ready at `ready`;
     /// returns when it is done.
     fn api_slot(&mut self, ready: Duration, cost: Duration) -> Duration {
-        let done = ready.max(self.api_free) + cost;
+        let start = ready.max(self.api_free);
+        let cost = if self.step.is_some() || self.engine.has_work() {
+            cost.mul_f64(1.0 + self.slowdown)
+        } else {
+            cost
+        };
+        let done = start + cost;
         self.api_free = done;
         done
     }
@@ -208,6 +218,25 @@ mod tests {
         // Second: in 19..21, step 21..35 (its prompt is not cached: 4 tokens
         // is one full block, and the last block is always recomputed).
         assert_eq!(done, vec![ms(19), ms(38)]);
+    }
+
+    #[test]
+    fn the_api_server_is_slower_while_the_engine_has_work() {
+        let run_with = |slowdown: f64| {
+            let mut p = profile(2.0, 3.0, 0.0);
+            p.timing.api_slowdown = slowdown;
+            let mut tl = Timeline::new(&p);
+            tl.submit(seq(4, 1), ms(0)); // in 0..2 (engine idle), step 2..16
+            tl.advance(ms(15));
+            tl.submit(seq(4, 1), ms(15)); // in while the step runs
+            run(&mut tl).into_iter().map(|(t, _)| t).collect::<Vec<_>>()
+        };
+        // Without: second in 15..17, its step 17..31; first out 17..20,
+        // second out 31..34.
+        assert_eq!(run_with(0.0), vec![ms(20), ms(34)]);
+        // Doubled while busy: second in 15..19, its step 19..33; the first's
+        // out (booked at 16, the engine then idle) 19..22; second out 33..36.
+        assert_eq!(run_with(1.0), vec![ms(22), ms(36)]);
     }
 
     #[test]
