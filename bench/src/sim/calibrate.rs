@@ -275,6 +275,11 @@ pub fn simulate(profile: &Profile, w: &Workload) -> Measurement {
     summarise(lat, (t - t0).as_secs_f64().max(1e-9))
 }
 
+/// `k` requests scaled by `scale`, at least 5.
+fn scaled(k: usize, scale: f64) -> usize {
+    ((k as f64 * scale) as usize).max(5)
+}
+
 /// The workloads `bench calibrate` and `bench sim-vs-real` fit on:
 /// concurrency 1 (short prompts with 16 and 1 output tokens, long prompts
 /// with 16 and 1, and 16 tokens after the cached rubric) and concurrency 50
@@ -284,7 +289,7 @@ pub fn simulate(profile: &Profile, w: &Workload) -> Measurement {
 /// prefill dwarfs it); the held-out shared-prefix workload runs ten such
 /// requests at once.
 pub fn fit_workloads(scale: f64) -> Vec<Workload> {
-    let n = |k: usize| ((k as f64 * scale) as usize).max(5);
+    let n = |k: usize| scaled(k, scale);
     vec![
         Workload {
             concurrency: 1,
@@ -348,7 +353,7 @@ pub fn fit_workloads(scale: f64) -> Vec<Workload> {
 /// The held-out workloads `bench sim-vs-real` predicts: concurrency 10,
 /// and a shared-prefix workload.
 pub fn held_out_workloads(scale: f64) -> Vec<Workload> {
-    let n = |k: usize| ((k as f64 * scale) as usize).max(5);
+    let n = |k: usize| scaled(k, scale);
     vec![
         Workload {
             concurrency: 10,
@@ -372,7 +377,7 @@ pub fn held_out_workloads(scale: f64) -> Vec<Workload> {
 /// Held-out points beyond the target (`--extra-points`): distinct prompts
 /// at concurrency 2, 5 and 20, the shared prefix at 5 and 50.
 pub fn extra_held_out_workloads(scale: f64) -> Vec<Workload> {
-    let n = |k: usize| ((k as f64 * scale) as usize).max(5);
+    let n = |k: usize| scaled(k, scale);
     let [distinct, shared] = held_out_workloads(scale)[..] else {
         unreachable!("two held-out workloads")
     };
@@ -516,9 +521,10 @@ pub struct VersusArgs {
     /// comparison use each workload's median over the rounds.
     #[arg(long, alias = "rounds", default_value_t = 3)]
     pub repeats: usize,
-    /// Also predict concurrency 2, 5 and 20 (distinct prompts) and 5 and
-    /// 50 (shared prefix): the shape between the fitted points, reported
-    /// apart from the target (about 12 s more per round).
+    /// Also predict distinct prompts at concurrency 2, 5 and 20 and the
+    /// shared prefix at 5 and 50: more of the curve the two fitted
+    /// concurrencies span, reported apart from the target (about 12 s more
+    /// per round).
     #[arg(long)]
     pub extra_points: bool,
 }

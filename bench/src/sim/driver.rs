@@ -139,7 +139,11 @@ impl Sim {
         let (tx, rx) = mpsc::unbounded_channel();
         let id = {
             let mut st = self.state();
-            let id = st.timeline.submit(req, self.now());
+            // What is already due first, so the request meets the engine
+            // as it is now (a step that has ended is not still running).
+            let now = self.now();
+            st.advance(now);
+            let id = st.timeline.submit(req, now);
             st.streams.insert(id, tx);
             id
         };

@@ -18,8 +18,8 @@
 //! - `api_in_ms` before the engine and `api_out_ms` after its last token,
 //!   on the API server's one thread (vLLM's frontend is a single asyncio
 //!   process: parsing and tokenizing, detokenizing and writing the
-//!   response), so a burst of requests queues there. That work costs
-//!   `1 + api_slowdown` times as much while the engine is busy: on a small
+//!   response), so a burst of requests queues there. That work takes
+//!   `1 + api_slowdown` times as long while the engine has work: on a small
 //!   CPU machine the API server shares cores with the engine's processes
 //!   (on the project's 2-core machine vLLM pins its model worker to one
 //!   core; the API server and the engine-core process share the other);
@@ -103,8 +103,9 @@ pub struct Timing {
     /// Per request, after its last token, on the API server's single thread.
     #[serde(default)]
     pub api_out_ms: f64,
-    /// The API server's work costs `1 + api_slowdown` times as much while
-    /// the engine has work (they share CPU cores).
+    /// The API server's work takes `1 + api_slowdown` times as long while
+    /// the engine has work: a step running, sequences in it, or requests on
+    /// their way in, judged when the work is booked (they share CPU cores).
     #[serde(default)]
     pub api_slowdown: f64,
     /// Uniform jitter as a fraction of the step time (0 = none).
@@ -183,10 +184,10 @@ impl Profile {
             ("prefill_token_ms", t.prefill_token_ms),
             ("decode_seq_ms", t.decode_seq_ms),
             ("context_token_ms", t.context_token_ms),
-            ("api_slowdown", t.api_slowdown),
             ("request_overhead_ms", t.request_overhead_ms),
             ("api_in_ms", t.api_in_ms),
             ("api_out_ms", t.api_out_ms),
+            ("api_slowdown", t.api_slowdown),
         ] {
             anyhow::ensure!(
                 v.is_finite() && v >= 0.0,
@@ -377,10 +378,10 @@ mod tests {
             prefill_token_ms: 0.01,
             decode_seq_ms: 0.1,
             context_token_ms: 0.001,
-            api_slowdown: 0.0,
             request_overhead_ms: 0.0,
             api_in_ms: 0.0,
             api_out_ms: 0.0,
+            api_slowdown: 0.0,
             jitter: 0.0,
             seed: 0,
         };

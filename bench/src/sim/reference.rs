@@ -246,6 +246,7 @@ mod tests {
         (t.step_base_ms, t.prefill_token_ms, t.decode_seq_ms) = (1.0, 0.0, 0.0);
         (t.context_token_ms, t.jitter) = (0.0, 0.0);
         (t.api_in_ms, t.api_out_ms, t.request_overhead_ms) = (0.5, 0.25, 0.25);
+        t.api_slowdown = 0.0;
         // 4 output tokens = 4 steps of 1 ms, plus 1 ms around the engine.
         let one = simulate(&p, Clients::Semaphore(1), 10, &[vec![1, 2, 3]], 4);
         assert!((one.p50_ms - 5.0).abs() < 1e-9, "{one:?}");

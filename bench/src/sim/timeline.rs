@@ -7,7 +7,8 @@
 //! 1. [`Timeline::submit`]: it queues for the API server's one thread,
 //!    which spends `api_in_ms` on it (parse, tokenize; like all the API
 //!    server's work, `1 + api_slowdown` times as long while the engine
-//!    has work, for they share CPU cores), then waits
+//!    has work, for they share CPU cores: judged when the work is booked),
+//!    then waits
 //!    `request_overhead_ms` (latency that occupies nothing);
 //! 2. it enters the engine, and is batched step by step; a step takes the
 //!    profile's step time for its batch;
@@ -34,7 +35,9 @@ pub struct Timeline {
     api_in: Duration,
     api_out: Duration,
     overhead: Duration,
-    slowdown: f64,
+    /// The API server's work takes `1 + api_slowdown` times as long while
+    /// the engine has work.
+    api_slowdown: f64,
     /// When the API server's thread is next free.
     api_free: Duration,
     /// Requests on their way into the engine, by entry time (FIFO, so
@@ -56,7 +59,7 @@ impl Timeline {
             api_in,
             api_out,
             overhead: profile.request_overhead(),
-            slowdown: profile.timing.api_slowdown,
+            api_slowdown: profile.timing.api_slowdown,
             api_free: Duration::ZERO,
             entering: VecDeque::new(),
             step: None,
@@ -139,15 +142,20 @@ impl Timeline {
     /// Books `cost` on the API server's thread for work ready at `ready`;
     /// returns when it is done.
     fn api_slot(&mut self, ready: Duration, cost: Duration) -> Duration {
-        let start = ready.max(self.api_free);
-        let cost = if self.step.is_some() || self.engine.has_work() {
-            cost.mul_f64(1.0 + self.slowdown)
+        let cost = if self.engine_busy() {
+            cost.mul_f64(1.0 + self.api_slowdown)
         } else {
             cost
         };
-        let done = start + cost;
+        let done = ready.max(self.api_free) + cost;
         self.api_free = done;
         done
+    }
+
+    /// Whether the engine has work: a step running, sequences in it, or
+    /// requests on their way in. Judged when API-server work is booked.
+    fn engine_busy(&self) -> bool {
+        self.step.is_some() || self.engine.has_work() || !self.entering.is_empty()
     }
 }
 
@@ -234,9 +242,11 @@ mod tests {
         // Without: second in 15..17, its step 17..31; first out 17..20,
         // second out 31..34.
         assert_eq!(run_with(0.0), vec![ms(20), ms(34)]);
-        // Doubled while busy: second in 15..19, its step 19..33; the first's
-        // out (booked at 16, the engine then idle) 19..22; second out 33..36.
-        assert_eq!(run_with(1.0), vec![ms(22), ms(36)]);
+        // Doubled while busy: second in 15..19 (a step runs), its step
+        // 19..33; the first's out, booked at 16 with the second on its way
+        // in, 19..25; the second's out, booked at 33 with nothing else
+        // left, 33..36.
+        assert_eq!(run_with(1.0), vec![ms(25), ms(36)]);
     }
 
     #[test]
