@@ -276,7 +276,11 @@ async fn batched_policy_sends_real_vllm_waves() {
         ],
     );
     let url = format!("{}/v1/completions", proxy.url());
-    let tasks = candidates(&url, 30, 16);
+    // 64 tokens: a wave takes about half a second on the CPU engine, so the
+    // gap between waves dwarfs a stall inside one (with 16 tokens, about
+    // 130 ms, one full `just e2e` run split a wave at a longer stall:
+    // [10, 6, 14]).
+    let tasks = candidates(&url, 30, 64);
     for reply in tasks.await.unwrap() {
         assert_eq!(reply.status, 200, "{}", reply.text());
     }
