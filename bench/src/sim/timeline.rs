@@ -8,8 +8,7 @@
 //!    which spends `api_in_ms` on it (parse, tokenize; like all the API
 //!    server's work, `1 + api_slowdown` times as long while the engine
 //!    has work, for they share CPU cores: judged when the work is booked),
-//!    then waits
-//!    `request_overhead_ms` (latency that occupies nothing);
+//!    then waits `request_overhead_ms` (latency that occupies nothing);
 //! 2. it enters the engine, and is batched step by step; a step takes the
 //!    profile's step time for its batch;
 //! 3. its last token queues for the API server again (`api_out_ms`:
