@@ -72,6 +72,18 @@ impl Row {
     fn median(&self, f: impl Fn(usize, &Sample) -> f64) -> f64 {
         crate::suite::median(&self.each(f))
     }
+
+    /// Per round: the p50 of `pick` minus `base`'s in the same round, µs.
+    fn added_p50(&self, base: &Row, pick: fn(&Sample) -> &LoadResult) -> Vec<f64> {
+        self.each(|i, s| {
+            pick(s).quantile_us(0.5) as f64 - pick(&base.rounds[i]).quantile_us(0.5) as f64
+        })
+    }
+
+    /// Per round: maximum throughput over `base`'s in the same round.
+    fn throughput_ratio(&self, base: &Row) -> Vec<f64> {
+        self.each(|i, s| s.max.throughput() / base.rounds[i].max.throughput())
+    }
 }
 
 /// Runs every measurement and prints the table.
@@ -185,7 +197,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         println!();
         println!(
             "telemetry cost: max throughput with recording {:.2}× without; proxy CPU {:.1} vs {:.1} µs/request ({:+.1}%, the median of the rounds' ratios)",
-            on.median(|i, s| s.max.throughput() / off.rounds[i].max.throughput()),
+            crate::suite::median(&on.throughput_ratio(off)),
             on.median(|_, s| cpu(s)),
             off.median(|_, s| cpu(s)),
             on.median(|i, s| (cpu(s) / cpu(&off.rounds[i]) - 1.0) * 100.0)
@@ -211,11 +223,8 @@ fn print_table(rows: &[Row], rate: f64) {
     let direct = &rows[0];
     let nginx = rows.iter().find(|r| r.name == "nginx");
     // Added latency and ratios: against the baseline of the same round.
-    let added = |r: &Row, pick: fn(&Sample) -> &LoadResult| {
-        r.median(|i, s| {
-            pick(s).quantile_us(0.5) as f64 - pick(&direct.rounds[i]).quantile_us(0.5) as f64
-        })
-    };
+    let added = |r: &Row, pick| crate::suite::median(&r.added_p50(direct, pick)).round() as i64;
+    let ratio = |r: &Row, base| crate::suite::median(&r.throughput_ratio(base));
     println!();
     println!(
         "| target | c=1 p50 µs | c=1 p99 µs | added c=1 p50 µs | {rate:.0} req/s p50 µs | {rate:.0} req/s p99 µs | added p50 µs | max req/s | × direct | × nginx | proxy CPU µs/req | errors (all rounds) |"
@@ -226,10 +235,7 @@ fn print_table(rows: &[Row], rate: f64) {
             r.median(|_, s| pick(s).quantile_us(quantile) as f64)
         };
         let vs_nginx = nginx
-            .map(|n| {
-                let ratio = r.median(|i, s| s.max.throughput() / n.rounds[i].max.throughput());
-                format!("{ratio:.2}")
-            })
+            .map(|n| format!("{:.2}", ratio(r, n)))
             .unwrap_or_else(|| "n/a".into());
         let cpu = r.median(|_, s| s.cpu_us_per_request.unwrap_or(f64::NAN));
         let errors: u64 = r
@@ -242,12 +248,12 @@ fn print_table(rows: &[Row], rate: f64) {
             r.name,
             q(|s| &s.c1, 0.5),
             q(|s| &s.c1, 0.99),
-            added(r, |s| &s.c1).round() as i64,
+            added(r, |s| &s.c1),
             q(|s| &s.fixed, 0.5),
             q(|s| &s.fixed, 0.99),
-            added(r, |s| &s.fixed).round() as i64,
+            added(r, |s| &s.fixed),
             r.median(|_, s| s.max.throughput()),
-            r.median(|i, s| s.max.throughput() / direct.rounds[i].max.throughput()),
+            ratio(r, direct),
             vs_nginx,
             if cpu.is_nan() {
                 "n/a".into()
@@ -272,12 +278,10 @@ fn print_rounds(rows: &[Row]) {
     println!();
     println!("round by round:");
     for r in &rows[1..] {
-        let added = r.each(|i, s| {
-            s.c1.quantile_us(0.5) as f64 - direct.rounds[i].c1.quantile_us(0.5) as f64
-        });
+        let added = r.added_p50(direct, |s| &s.c1);
         let mut line = format!("- {}: added c=1 p50 µs {}", r.name, list(added, 0));
         if let Some(n) = nginx.filter(|n| n.name != r.name) {
-            let ratio = r.each(|i, s| s.max.throughput() / n.rounds[i].max.throughput());
+            let ratio = r.throughput_ratio(n);
             line.push_str(&format!("; max throughput × nginx {}", list(ratio, 2)));
         }
         println!("{line}");
