@@ -58,10 +58,12 @@ impl ProxyProcess {
         let sink = Arc::clone(&logs);
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                // Stored before `start` is told, so that every line up to the
+                // startup line is in `logs()` once `start` returns.
+                sink.lock().unwrap().push(line.clone());
                 if line.contains("sluice proxy listening") {
-                    let _ = tx.send(line.clone());
+                    let _ = tx.send(line);
                 }
-                sink.lock().unwrap().push(line);
             }
         });
         let stderr = child.stderr.take().unwrap();
