@@ -105,15 +105,19 @@ impl Drop for Proc {
     }
 }
 
-/// The `proxy` binary beside this one.
+/// The `proxy` binary the benchmarks start: `SLUICE_PROXY_BIN` when set
+/// (`just bench-overhead` points it at the `dist` build), else the one
+/// beside this binary.
 pub(crate) fn proxy_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let path = exe.with_file_name("proxy");
+    let (path, build) = match std::env::var_os("SLUICE_PROXY_BIN") {
+        Some(path) => (PathBuf::from(path), "set SLUICE_PROXY_BIN to a built proxy"),
+        None => (
+            std::env::current_exe()?.with_file_name("proxy"),
+            "build it with `cargo build --release --bins`",
+        ),
+    };
     if !path.is_file() {
-        bail!(
-            "{} not found: build it with `cargo build --release --bins`",
-            path.display()
-        );
+        bail!("{} not found: {build}", path.display());
     }
     Ok(path)
 }
