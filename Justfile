@@ -25,7 +25,7 @@ bench-suite *ARGS: build
 bench-suite-vllm *ARGS: build vllm
     target/release/bench suite --upstream http://127.0.0.1:{{vllm_port}} --only batching,cache-resume {{ARGS}}
 
-# The simulator against the real CPU vLLM (`just vllm`): fits vllm-cpu-tiny at concurrency 1 and 50 and predicts concurrency 10 and a shared prefix, side by side (~80 s); e.g. `just sim-vs-real --repeats 5`.
+# The simulator against the real CPU vLLM (`just vllm`): fits vllm-cpu-tiny at concurrency 1 and 50 and predicts concurrency 10 and a shared prefix, side by side (~1.5 min); e.g. `just sim-vs-real --repeats 5`.
 sim-vs-real *ARGS: build vllm
     target/release/bench sim-vs-real --upstream http://127.0.0.1:{{vllm_port}} {{ARGS}}
 

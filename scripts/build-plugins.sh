@@ -146,7 +146,7 @@ fi
 
 # --- build ---------------------------------------------------------------------
 
-# Small, self-contained guests: optimise for size, one codegen unit, thin LTO
+# Small, self-contained guests: optimise for size, one codegen unit, fat LTO
 # across the crate graph, no symbol names. The workspace's release profile is
 # left untouched for the proxy; these overrides apply to this command only.
 pkg_args=()

@@ -13,8 +13,9 @@
 //!   back to back) through a proxy started for that policy, so the policy
 //!   alone decides admission.
 //!
-//! The proxy is the `proxy` binary beside `bench` when it exists, else the
-//! proxy library in-process (`--proxy-mode` chooses).
+//! The proxy is the `proxy` binary that `SLUICE_PROXY_BIN` names, else the
+//! one beside `bench` when it exists, else the proxy library in-process
+//! (`--proxy-mode` chooses).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -32,9 +33,11 @@ use crate::workload::WorkloadArgs;
 /// Where the proxy runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum ProxyMode {
-    /// The `proxy` binary beside `bench` if present, else in-process.
+    /// The `proxy` binary (`SLUICE_PROXY_BIN`, else the one beside `bench`)
+    /// if present, else in-process.
     Auto,
-    /// The `proxy` binary beside `bench`, as a child process.
+    /// The `proxy` binary (`SLUICE_PROXY_BIN`, else the one beside `bench`),
+    /// as a child process.
     Process,
     /// The proxy library inside this process.
     InProcess,
@@ -251,7 +254,10 @@ async fn start_proxy(
     let use_child = match mode {
         ProxyMode::Process => true,
         ProxyMode::InProcess => false,
-        ProxyMode::Auto => procs::proxy_binary().is_ok(),
+        // A SLUICE_PROXY_BIN that names nothing is an error, not a fallback.
+        ProxyMode::Auto => {
+            procs::proxy_binary_override().is_some() || procs::proxy_binary().is_ok()
+        }
     };
     if use_child {
         let extra = extra.to_vec();

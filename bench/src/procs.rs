@@ -1,5 +1,6 @@
-//! Child processes a benchmark measures: the `proxy` binary (found next to
-//! the running `bench` binary, i.e. the same cargo profile) and nginx.
+//! Child processes a benchmark measures: the `proxy` binary (the one
+//! `SLUICE_PROXY_BIN` names, else the one next to the running `bench`
+//! binary, i.e. the same cargo profile) and nginx.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -105,19 +106,32 @@ impl Drop for Proc {
     }
 }
 
+/// `SLUICE_PROXY_BIN`, when set and not empty.
+pub(crate) fn proxy_binary_override() -> Option<std::ffi::OsString> {
+    std::env::var_os("SLUICE_PROXY_BIN").filter(|path| !path.is_empty())
+}
+
 /// The `proxy` binary the benchmarks start: `SLUICE_PROXY_BIN` when set
 /// (`just bench-overhead` points it at the `dist` build), else the one
 /// beside this binary.
 pub(crate) fn proxy_binary() -> anyhow::Result<PathBuf> {
-    let (path, build) = match std::env::var_os("SLUICE_PROXY_BIN") {
-        Some(path) => (PathBuf::from(path), "set SLUICE_PROXY_BIN to a built proxy"),
-        None => (
-            std::env::current_exe()?.with_file_name("proxy"),
-            "build it with `cargo build --release --bins`",
-        ),
-    };
+    if let Some(path) = proxy_binary_override() {
+        // Absolute, so that a bare name is not looked up on PATH.
+        let path = std::path::absolute(PathBuf::from(path))?;
+        if !path.is_file() {
+            bail!(
+                "SLUICE_PROXY_BIN={} is not a file: build it (`cargo build --profile dist -p sluice-proxy` gives target/dist/proxy) or unset it",
+                path.display()
+            );
+        }
+        return Ok(path);
+    }
+    let path = std::env::current_exe()?.with_file_name("proxy");
     if !path.is_file() {
-        bail!("{} not found: {build}", path.display());
+        bail!(
+            "{} not found: build it with `cargo build --release --bins`",
+            path.display()
+        );
     }
     Ok(path)
 }
