@@ -150,7 +150,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         "bench overhead: engine = built-in fast upstream (no model); {}s per measurement, {rounds} interleaved rounds (figures: medians over rounds)",
         args.seconds
     );
-    println!("proxy binary: {}", procs::proxy_binary()?.display());
+    println!("proxy binary: {}", proxy.binary.display());
     let mut rows: Vec<Row> = targets
         .iter()
         .map(|(name, _, _)| Row {

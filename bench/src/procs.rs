@@ -14,6 +14,8 @@ use anyhow::{Context, bail};
 #[derive(Debug)]
 pub(crate) struct Proc {
     child: Child,
+    /// The binary it runs (under the wrapper, if any).
+    pub(crate) binary: PathBuf,
     /// Its client-facing address.
     pub(crate) addr: SocketAddr,
     /// Its admin address (the proxy's `/stats`, `/metrics`); `addr` for nginx.
@@ -207,7 +209,12 @@ pub(crate) fn start_proxy_wrapped(
         .find_map(|f| f.strip_prefix("admin="))
         .context("no admin= field")?
         .parse()?;
-    Ok(Proc { child, addr, admin })
+    Ok(Proc {
+        child,
+        binary: proxy,
+        addr,
+        admin,
+    })
 }
 
 /// Starts nginx as a plain `proxy_pass` to `upstream` (keep-alive upstream
@@ -237,7 +244,7 @@ pub(crate) fn start_nginx(upstream: SocketAddr) -> anyhow::Result<Option<Proc>> 
     );
     let conf_path = dir.join("nginx.conf");
     std::fs::write(&conf_path, conf)?;
-    let child = Command::new(nginx)
+    let child = Command::new(&nginx)
         .args([
             "-c",
             &conf_path.to_string_lossy(),
@@ -258,6 +265,7 @@ pub(crate) fn start_nginx(upstream: SocketAddr) -> anyhow::Result<Option<Proc>> 
     }
     Ok(Some(Proc {
         child,
+        binary: nginx,
         addr,
         admin: addr,
     }))
