@@ -29,9 +29,9 @@ bench-suite-vllm *ARGS: build vllm
 sim-vs-real *ARGS: build vllm
     target/release/bench sim-vs-real --upstream http://127.0.0.1:{{vllm_port}} {{ARGS}}
 
-# Added latency and max throughput: direct vs Sluice (with and without a policy) vs nginx when installed; measures the deployable `dist` build of the proxy.
+# Added latency and max throughput: direct vs Sluice (with and without a policy) vs hyper-floor (hyper with no proxy logic) vs nginx when installed; measures the deployable `dist` build of the proxy, and of hyper-floor beside it.
 bench-overhead: plugins build
-    cargo build --profile dist -p sluice-proxy --bin proxy
+    cargo build --profile dist -p sluice-proxy -p sluice-hyper-floor --bins
     SLUICE_PROXY_BIN=target/dist/proxy target/release/bench overhead --policy plugins/dist/concurrency.wasm --policy-config limit=100000
 
 # Cost of one policy event including the wasm call (both bundled plugins; pinned to one core when taskset exists).

@@ -27,7 +27,8 @@
 //! - [`load`]: the HTTP load loops and their HDR statistics.
 //! - [`progress`]: a progress bar on a terminal, plain lines otherwise.
 //! - [`fast_upstream`]: a minimal upstream that answers at once.
-//! - [`procs`]: starting and stopping the proxy and nginx as child processes.
+//! - [`procs`]: starting and stopping the proxy, `hyper-floor` (`bench/floor`)
+//!   and nginx as child processes.
 
 mod compare;
 mod fast_upstream;

@@ -40,6 +40,10 @@ pub(crate) struct Args {
     /// Skip nginx even when installed.
     #[arg(long)]
     no_nginx: bool,
+    /// Skip `hyper-floor` (the least a hyper proxy does; measured when it is
+    /// built beside the proxy binary).
+    #[arg(long)]
+    no_floor: bool,
 }
 
 /// One target's measurements in one round.
@@ -121,6 +125,11 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         None
     };
+    let floor = if args.no_floor {
+        None
+    } else {
+        procs::start_hyper_floor(upstream)?
+    };
     let nginx = if args.no_nginx {
         None
     } else {
@@ -141,6 +150,9 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(q) = &quiet_proxy {
         targets.push(("sluice (telemetry off)".to_owned(), q.addr, Some(q)));
     }
+    if let Some(f) = &floor {
+        targets.push(("hyper-floor".to_owned(), f.addr, Some(f)));
+    }
     if let Some(n) = &nginx {
         targets.push(("nginx".to_owned(), n.addr, Some(n)));
     }
@@ -151,6 +163,16 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         args.seconds
     );
     println!("proxy binary: {}", proxy.binary.display());
+    match &floor {
+        Some(f) => println!(
+            "hyper-floor binary: {} (hyper and tokio as the proxy has them, no proxy logic: the floor under its overhead)",
+            f.binary.display()
+        ),
+        None if !args.no_floor => println!(
+            "hyper-floor: not built beside the proxy binary (cargo build -p sluice-hyper-floor with the proxy's profile); not measured"
+        ),
+        None => {}
+    }
     let mut rows: Vec<Row> = targets
         .iter()
         .map(|(name, _, _)| Row {
@@ -193,6 +215,16 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     print_table(&rows, args.rate);
     print_rounds(&rows);
     let row = |name: &str| rows.iter().find(|r| r.name == name);
+    if let (Some(sluice), Some(floor)) = (row("sluice"), row("hyper-floor")) {
+        let cpu = |s: &Sample| s.cpu_us_per_request.unwrap_or(f64::NAN);
+        println!();
+        println!(
+            "sluice over hyper-floor (its own work): c=1 p50 {:+.0} µs, max throughput {:.2}×, proxy CPU {:+.1} µs/request (medians of the rounds' differences)",
+            crate::suite::median(&sluice.added_p50(floor, |s| &s.c1)),
+            crate::suite::median(&sluice.throughput_ratio(floor)),
+            sluice.median(|i, s| cpu(s) - cpu(&floor.rounds[i]))
+        );
+    }
     if let (Some(on), Some(off)) = (row("sluice"), row("sluice (telemetry off)")) {
         let cpu = |s: &Sample| s.cpu_us_per_request.unwrap_or(f64::NAN);
         println!();

@@ -1,6 +1,7 @@
 //! Child processes a benchmark measures: the `proxy` binary (the one
 //! `SLUICE_PROXY_BIN` names, else the one next to the running `bench`
-//! binary, i.e. the same cargo profile) and nginx.
+//! binary, i.e. the same cargo profile), the `hyper-floor` beside it, and
+//! nginx.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -215,6 +216,40 @@ pub(crate) fn start_proxy_wrapped(
         addr,
         admin,
     })
+}
+
+/// Starts `hyper-floor` (the least a hyper proxy does, `bench/floor`) in
+/// front of `upstream`, from the directory the proxy binary is in, so both
+/// are built alike; `None` when it is not built there.
+pub(crate) fn start_hyper_floor(upstream: SocketAddr) -> anyhow::Result<Option<Proc>> {
+    let floor = proxy_binary()?.with_file_name("hyper-floor");
+    if !floor.is_file() {
+        return Ok(None);
+    }
+    let mut command = Command::new(&floor);
+    command.args(["--upstream", &upstream.to_string()]);
+    if let Ok(workers) = std::env::var("SLUICE_PROXY_WORKERS") {
+        command.args(["--workers", &workers]);
+    }
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("start hyper-floor")?;
+    let stdout = child.stdout.take().context("hyper-floor stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let addr = line
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("listen="))
+        .with_context(|| format!("hyper-floor did not report its address: {line:?}"))?
+        .parse()?;
+    Ok(Some(Proc {
+        child,
+        binary: floor,
+        addr,
+        admin: addr,
+    }))
 }
 
 /// Starts nginx as a plain `proxy_pass` to `upstream` (keep-alive upstream
