@@ -74,7 +74,7 @@ impl Row {
 
     /// The median over rounds of `f` (see [`Row::each`]).
     fn median(&self, f: impl Fn(usize, &Sample) -> f64) -> f64 {
-        crate::suite::median(&self.each(f))
+        sluice_bench::median(&self.each(f))
     }
 
     /// Per round: the p50 of `pick` minus `base`'s in the same round, µs.
@@ -220,8 +220,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         println!();
         println!(
             "sluice over hyper-floor (its own work): c=1 p50 {:+.0} µs, max throughput {:.2}×, proxy CPU {:+.1} µs/request (medians of the rounds' differences)",
-            crate::suite::median(&sluice.added_p50(floor, |s| &s.c1)),
-            crate::suite::median(&sluice.throughput_ratio(floor)),
+            sluice_bench::median(&sluice.added_p50(floor, |s| &s.c1)),
+            sluice_bench::median(&sluice.throughput_ratio(floor)),
             sluice.median(|i, s| cpu(s) - cpu(&floor.rounds[i]))
         );
     }
@@ -230,7 +230,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         println!();
         println!(
             "telemetry cost: max throughput with recording {:.2}× without; proxy CPU {:.1} vs {:.1} µs/request ({:+.1}%, the median of the rounds' ratios)",
-            crate::suite::median(&on.throughput_ratio(off)),
+            sluice_bench::median(&on.throughput_ratio(off)),
             on.median(|_, s| cpu(s)),
             off.median(|_, s| cpu(s)),
             on.median(|i, s| (cpu(s) / cpu(&off.rounds[i]) - 1.0) * 100.0)
@@ -256,8 +256,8 @@ fn print_table(rows: &[Row], rate: f64) {
     let direct = &rows[0];
     let nginx = rows.iter().find(|r| r.name == "nginx");
     // Added latency and ratios: against the baseline of the same round.
-    let added = |r: &Row, pick| crate::suite::median(&r.added_p50(direct, pick)).round() as i64;
-    let ratio = |r: &Row, base| crate::suite::median(&r.throughput_ratio(base));
+    let added = |r: &Row, pick| sluice_bench::median(&r.added_p50(direct, pick)).round() as i64;
+    let ratio = |r: &Row, base| sluice_bench::median(&r.throughput_ratio(base));
     println!();
     println!(
         "| target | c=1 p50 µs | c=1 p99 µs | added c=1 p50 µs | {rate:.0} req/s p50 µs | {rate:.0} req/s p99 µs | added p50 µs | max req/s | × direct | × nginx | proxy CPU µs/req | errors (all rounds) |"
@@ -304,7 +304,14 @@ fn print_rounds(rows: &[Row]) {
     let nginx = rows.iter().find(|r| r.name == "nginx");
     let list = |v: Vec<f64>, digits: usize| {
         v.iter()
-            .map(|x| format!("{x:.digits$}"))
+            .map(|x| {
+                let shown = format!("{x:.digits$}");
+                // -0.4 rounds to "-0": a zero has no sign.
+                match shown.strip_prefix('-') {
+                    Some(zero) if zero.chars().all(|c| c == '0' || c == '.') => zero.to_owned(),
+                    _ => shown,
+                }
+            })
             .collect::<Vec<_>>()
             .join(", ")
     };

@@ -554,18 +554,11 @@ struct Spread {
 
 impl Spread {
     fn of(values: impl Iterator<Item = f64>) -> Self {
-        let mut v: Vec<f64> = values.collect();
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        let median = if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        };
+        let v: Vec<f64> = values.collect();
         Self {
-            median,
-            min: v[0],
-            max: v[n - 1],
+            median: crate::median(&v),
+            min: v.iter().copied().fold(f64::INFINITY, f64::min),
+            max: v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
         }
     }
 }

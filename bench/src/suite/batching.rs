@@ -30,7 +30,9 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde_json::json;
 
-use super::{Args, Check, Engine, Op, median, short};
+use sluice_bench::median;
+
+use super::{Args, Check, Engine, Op, short};
 use crate::run::client::Conn;
 use crate::workload::Item;
 

@@ -45,7 +45,9 @@ use sluice::exchange::carries_tokens;
 use sluice::usage::UsageTap;
 use sluice_bench::sim::tokenizer::Tokenizer;
 
-use super::{Args, Check, Engine, Op, median, post_json, short};
+use sluice_bench::median;
+
+use super::{Args, Check, Engine, Op, post_json, short};
 use crate::workload;
 
 /// The target: resumed time to first token this many times faster.
