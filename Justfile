@@ -39,7 +39,7 @@ bench-policy: plugins build
     $(command -v taskset >/dev/null && echo taskset -c 1) target/release/bench policy-cost --policy plugins/dist/concurrency.wasm
     $(command -v taskset >/dev/null && echo taskset -c 1) target/release/bench policy-cost --policy plugins/dist/batched.wasm --policy-config max_batch=1 --policy-config window_ms=0
 
-# Build the proxy and bench binaries (release).
+# Build the proxy, bench and hyper-floor binaries (release).
 build:
     cargo build --release --bins
 

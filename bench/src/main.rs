@@ -16,8 +16,8 @@
 //! - [`sim_reference`]: `bench sim-vs-reference` — the simulator against
 //!   the reference GPU benchmark's two client modes.
 //! - [`overhead`]: `bench overhead` — what the proxy adds over talking to an
-//!   upstream directly (and over nginx, when installed): latency and
-//!   maximum throughput, measured in one run.
+//!   upstream directly, and over `hyper-floor` and nginx (when built and
+//!   installed): latency and maximum throughput, measured in one run.
 //! - [`telemetry_cost`]: `bench telemetry-cost` — what recording metrics
 //!   costs per request, in instructions counted by callgrind.
 //! - [`policy_cost`]: `bench policy-cost` — the cost of one policy event
@@ -61,7 +61,7 @@ enum Command {
     Compare(compare::Args),
     /// One client mode (batched, inngest, rate, naive) against one target.
     Run(run::Args),
-    /// Added latency and max throughput: direct vs through the proxy (vs nginx).
+    /// Added latency and max throughput: direct vs through the proxy (vs hyper-floor, nginx).
     Overhead(overhead::Args),
     /// Cost of one admission-policy event including the wasm call.
     PolicyCost(policy_cost::Args),

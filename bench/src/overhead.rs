@@ -1,7 +1,8 @@
 //! `bench overhead`: what Sluice adds over a direct connection, measured in
-//! one run against one fast upstream, with nginx `proxy_pass` as a reference
-//! when it is installed. Every figure is printed next to its baseline as a
-//! ratio; nothing here asserts a timing.
+//! one run against one fast upstream, with two references: `hyper-floor`
+//! (hyper and tokio with no proxy logic, when it is built beside the proxy)
+//! and nginx `proxy_pass` (when it is installed). Every figure is printed
+//! next to its baseline as a ratio; nothing here asserts a timing.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -125,10 +126,11 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         None
     };
+    // The floor is a reference: one that fails to start is reported, not fatal.
     let floor = if args.no_floor {
-        None
+        Ok(None)
     } else {
-        procs::start_hyper_floor(upstream)?
+        procs::start_hyper_floor(upstream)
     };
     let nginx = if args.no_nginx {
         None
@@ -150,7 +152,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(q) = &quiet_proxy {
         targets.push(("sluice (telemetry off)".to_owned(), q.addr, Some(q)));
     }
-    if let Some(f) = &floor {
+    if let Ok(Some(f)) = &floor {
         targets.push(("hyper-floor".to_owned(), f.addr, Some(f)));
     }
     if let Some(n) = &nginx {
@@ -164,14 +166,15 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     );
     println!("proxy binary: {}", proxy.binary.display());
     match &floor {
-        Some(f) => println!(
+        Ok(Some(f)) => println!(
             "hyper-floor binary: {} (hyper and tokio as the proxy has them, no proxy logic: the floor under its overhead)",
             f.binary.display()
         ),
-        None if !args.no_floor => println!(
+        Ok(None) if !args.no_floor => println!(
             "hyper-floor: not built beside the proxy binary (cargo build -p sluice-hyper-floor with the proxy's profile); not measured"
         ),
-        None => {}
+        Ok(None) => {}
+        Err(err) => println!("hyper-floor: did not start ({err:#}); not measured"),
     }
     let mut rows: Vec<Row> = targets
         .iter()
@@ -219,10 +222,10 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         let cpu = |s: &Sample| s.cpu_us_per_request.unwrap_or(f64::NAN);
         println!();
         println!(
-            "sluice over hyper-floor (its own work): c=1 p50 {:+.0} µs, max throughput {:.2}×, proxy CPU {:+.1} µs/request (medians of the rounds' differences)",
-            sluice_bench::median(&sluice.added_p50(floor, |s| &s.c1)),
+            "sluice over hyper-floor (its own work): c=1 p50 {} µs, proxy CPU {} µs/request (medians of the rounds' differences); max throughput {:.2}× (median of the rounds' ratios)",
+            signed(sluice_bench::median(&sluice.added_p50(floor, |s| &s.c1)), 0),
+            signed(sluice.median(|i, s| cpu(s) - cpu(&floor.rounds[i])), 1),
             sluice_bench::median(&sluice.throughput_ratio(floor)),
-            sluice.median(|i, s| cpu(s) - cpu(&floor.rounds[i]))
         );
     }
     if let (Some(on), Some(off)) = (row("sluice"), row("sluice (telemetry off)")) {
@@ -244,6 +247,19 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         mb(after_rss)
     );
     Ok(())
+}
+
+/// `x` with its sign and `digits` decimals; a zero has no sign.
+fn signed(x: f64, digits: usize) -> String {
+    unsigned_zero(format!("{x:+.digits$}"))
+}
+
+/// `shown` without its sign when it is a zero (-0.4 rounds to "-0").
+fn unsigned_zero(shown: String) -> String {
+    match shown.strip_prefix(['-', '+']) {
+        Some(zero) if zero.chars().all(|c| c == '0' || c == '.') => zero.to_owned(),
+        _ => shown,
+    }
 }
 
 fn mb(bytes: Option<u64>) -> String {
@@ -304,14 +320,7 @@ fn print_rounds(rows: &[Row]) {
     let nginx = rows.iter().find(|r| r.name == "nginx");
     let list = |v: Vec<f64>, digits: usize| {
         v.iter()
-            .map(|x| {
-                let shown = format!("{x:.digits$}");
-                // -0.4 rounds to "-0": a zero has no sign.
-                match shown.strip_prefix('-') {
-                    Some(zero) if zero.chars().all(|c| c == '0' || c == '.') => zero.to_owned(),
-                    _ => shown,
-                }
-            })
+            .map(|&x| unsigned_zero(format!("{x:.digits$}")))
             .collect::<Vec<_>>()
             .join(", ")
     };

@@ -188,17 +188,7 @@ pub(crate) fn start_proxy_wrapped(
         .spawn()
         .context("start proxy")?;
     let stdout = child.stdout.take().context("proxy stdout")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line.contains("sluice proxy listening") {
-                let _ = tx.send(line);
-            }
-            // Keep draining so the proxy never blocks on a full pipe.
-        }
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(30))
+    let line = listening_line(stdout, "sluice proxy listening")
         .context("the proxy did not report its listening address")?;
     let addr = line
         .split_whitespace()
@@ -218,6 +208,24 @@ pub(crate) fn start_proxy_wrapped(
     })
 }
 
+/// Reads `stdout` on a thread of its own until a line contains `marker`,
+/// and returns that line (within 30 s); the thread then keeps draining, so
+/// the child never blocks on a full pipe.
+fn listening_line(
+    stdout: std::process::ChildStdout,
+    marker: &'static str,
+) -> anyhow::Result<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.contains(marker) {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    Ok(rx.recv_timeout(Duration::from_secs(30))?)
+}
+
 /// Starts `hyper-floor` (the least a hyper proxy does, `bench/floor`) in
 /// front of `upstream`, from the directory the proxy binary is in, so both
 /// are built alike; `None` when it is not built there.
@@ -228,8 +236,8 @@ pub(crate) fn start_hyper_floor(upstream: SocketAddr) -> anyhow::Result<Option<P
     }
     let mut command = Command::new(&floor);
     command.args(["--upstream", &upstream.to_string()]);
-    if let Ok(workers) = std::env::var("SLUICE_PROXY_WORKERS") {
-        command.args(["--workers", &workers]);
+    if let Some(workers) = std::env::var_os("SLUICE_PROXY_WORKERS").filter(|w| !w.is_empty()) {
+        command.arg("--workers").arg(workers);
     }
     let mut child = command
         .stdout(Stdio::piped())
@@ -237,19 +245,22 @@ pub(crate) fn start_hyper_floor(upstream: SocketAddr) -> anyhow::Result<Option<P
         .spawn()
         .context("start hyper-floor")?;
     let stdout = child.stdout.take().context("hyper-floor stdout")?;
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
-    let addr = line
-        .split_whitespace()
-        .find_map(|f| f.strip_prefix("listen="))
-        .with_context(|| format!("hyper-floor did not report its address: {line:?}"))?
-        .parse()?;
-    Ok(Some(Proc {
+    // Killed on drop from here on, whatever fails next.
+    let mut floor = Proc {
         child,
         binary: floor,
-        addr,
-        admin: addr,
-    }))
+        addr: upstream,
+        admin: upstream,
+    };
+    let line = listening_line(stdout, "hyper-floor listening")
+        .context("hyper-floor did not report its listening address")?;
+    floor.addr = line
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("listen="))
+        .with_context(|| format!("no listen= field in {line:?}"))?
+        .parse()?;
+    floor.admin = floor.addr;
+    Ok(Some(floor))
 }
 
 /// Starts nginx as a plain `proxy_pass` to `upstream` (keep-alive upstream

@@ -1,14 +1,22 @@
 //! `hyper-floor`: the least a reverse proxy built on hyper and tokio can do,
 //! as a floor under Sluice's overhead in `bench overhead`.
 //!
-//! It shares Sluice's transport (hyper's HTTP/1.1 and h2c server, hyper's
-//! HTTP/1.1 client, `TCP_NODELAY` both ways, mimalloc) and its threading
-//! (one single-threaded runtime per core, each polling its connections and
-//! their upstream connections, so no wakeup crosses threads), and does
+//! It shares Sluice's transport: hyper's HTTP/1.1 and h2c server with the
+//! same settings (keep-alive, hyper's timers on tokio's clock, a one-second
+//! interval that keeps the timer driver armed), hyper's HTTP/1.1 client,
+//! `TCP_NODELAY` both ways, mimalloc. It shares its threading too: one
+//! single-threaded runtime per core, each polling its client connections
+//! and their upstream connections, so no wakeup crosses threads. It does
 //! nothing else: no parsing, header rewriting, error mapping, admission,
-//! metrics or logs. Each client connection gets one upstream connection of
-//! its own, opened on its first request; a request is sent upstream as it
-//! came and the answer streamed back as it comes.
+//! metrics or logs.
+//!
+//! Two differences, both in how connections are shared out rather than in
+//! a request's path: every serving thread accepts from the one listener
+//! (Sluice's acceptor hands connections out in turn), and each client
+//! connection gets one upstream connection of its own, opened on its first
+//! request (Sluice keeps a pool per thread). h2c requests are forwarded as
+//! HTTP/1.1, one at a time per client connection. `bench overhead` sends
+//! HTTP/1.1.
 //!
 //! What `bench overhead` measures through it is therefore what the stack
 //! costs before Sluice does anything; the difference to Sluice is Sluice's
@@ -26,7 +34,7 @@ use std::sync::Arc;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
@@ -44,7 +52,8 @@ struct Args {
 const USAGE: &str = "usage: hyper-floor --upstream HOST:PORT [--listen HOST:PORT (127.0.0.1:0)] [--workers N (the CPUs)]";
 
 impl Args {
-    fn parse() -> Result<Self, String> {
+    /// The flags, or `None` for `--help`.
+    fn parse() -> Result<Option<Self>, String> {
         let mut upstream = None;
         let mut listen: SocketAddr = ([127, 0, 0, 1], 0).into();
         let mut workers = std::thread::available_parallelism().map_or(1, usize::from);
@@ -55,15 +64,15 @@ impl Args {
                 "--upstream" => upstream = Some(parse(&flag, &value()?)?),
                 "--listen" => listen = parse(&flag, &value()?)?,
                 "--workers" => workers = parse(&flag, &value()?)?,
-                "--help" | "-h" => return Err(USAGE.into()),
+                "--help" | "-h" => return Ok(None),
                 other => return Err(format!("unknown flag {other}")),
             }
         }
-        Ok(Self {
+        Ok(Some(Self {
             upstream: upstream.ok_or("--upstream is required")?,
             listen,
             workers: workers.max(1),
-        })
+        }))
     }
 }
 
@@ -78,7 +87,11 @@ where
 
 fn main() -> std::process::ExitCode {
     let args = match Args::parse() {
-        Ok(args) => args,
+        Ok(Some(args)) => args,
+        Ok(None) => {
+            println!("{USAGE}");
+            return std::process::ExitCode::SUCCESS;
+        }
         Err(err) => {
             eprintln!("hyper-floor: {err}\n{USAGE}");
             return std::process::ExitCode::from(64);
@@ -94,7 +107,7 @@ fn main() -> std::process::ExitCode {
 }
 
 /// Binds, then serves on `workers` threads that all accept from the one
-/// listener; runs until killed.
+/// listener; runs until killed, or until a serving thread fails.
 fn serve(args: &Args) -> std::io::Result<()> {
     let listener = std::net::TcpListener::bind(args.listen)?;
     listener.set_nonblocking(true)?;
@@ -108,12 +121,23 @@ fn serve(args: &Args) -> std::io::Result<()> {
                 .spawn(move || worker(listener, upstream))
         })
         .collect::<std::io::Result<_>>()?;
+    // A serving thread only returns on failure: the first one ends the process.
+    let (failed, failure) = std::sync::mpsc::channel();
     for thread in threads {
-        if let Ok(Err(err)) = thread.join() {
-            return Err(err);
-        }
+        let failed = failed.clone();
+        std::thread::spawn(move || {
+            let err = match thread.join() {
+                Ok(Err(err)) => err,
+                Ok(Ok(())) => std::io::Error::other("a serving thread stopped"),
+                Err(_) => std::io::Error::other("a serving thread panicked"),
+            };
+            let _ = failed.send(err);
+        });
     }
-    Ok(())
+    drop(failed);
+    Err(failure
+        .recv()
+        .unwrap_or_else(|_| std::io::Error::other("no serving thread")))
 }
 
 /// One serving thread: accepts and serves on a single-threaded runtime.
@@ -123,14 +147,31 @@ fn worker(listener: std::net::TcpListener, upstream: SocketAddr) -> std::io::Res
         .build()?;
     runtime.block_on(async move {
         let listener = TcpListener::from_std(listener)?;
+        tokio::spawn(keep_timer_armed());
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            tokio::spawn(connection(stream, upstream));
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(connection(stream, upstream));
+                }
+                Err(err) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    eprintln!("hyper-floor: accept: {err}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
         }
     })
+}
+
+/// As Sluice's serving threads have it: a timer that never lets tokio's
+/// timer wheel go empty, so arming hyper's timers does not wake the driver.
+async fn keep_timer_armed() {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+    }
 }
 
 /// Serves one client connection, forwarding over its own upstream connection.
@@ -156,14 +197,19 @@ async fn connection(stream: TcpStream, upstream: SocketAddr) {
                 _ => connect(upstream).await?,
             };
             let open = slot.insert(open);
-            // A failure ends the client connection (hyper closes it).
+            // A failure fails the request: hyper closes an HTTP/1.1
+            // connection, or resets the h2c stream.
             open.ready().await.map_err(std::io::Error::other)?;
             let response = open.send_request(request);
             drop(slot);
             response.await.map_err(std::io::Error::other)
         }
     });
-    let _ = auto::Builder::new(TokioExecutor::new())
+    // Sluice's settings (`sluice::server`'s `http_builder`).
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    let _ = builder
         .serve_connection(TokioIo::new(stream), service)
         .await;
 }

@@ -32,8 +32,8 @@ fn read_message(reader: &mut BufReader<TcpStream>) -> std::io::Result<(String, V
     Ok((head, body))
 }
 
-/// An upstream that answers each request with its request line and body,
-/// and counts the connections it accepts.
+/// An upstream that answers each request with its request line, its
+/// `host` and its body, and counts the connections it accepts.
 fn echo_upstream() -> (std::net::SocketAddr, std::sync::mpsc::Receiver<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -45,8 +45,12 @@ fn echo_upstream() -> (std::net::SocketAddr, std::sync::mpsc::Receiver<()>) {
                 let mut writer = stream.try_clone().unwrap();
                 let mut reader = BufReader::new(stream);
                 while let Ok((head, body)) = read_message(&mut reader) {
-                    let line = head.lines().next().unwrap_or_default().to_owned();
-                    let reply = [line.as_bytes(), b"\n", &body].concat();
+                    let line = head.lines().next().unwrap_or_default();
+                    let host = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("host: "))
+                        .unwrap_or_default();
+                    let reply = [line.as_bytes(), b"\n", host.as_bytes(), b"\n", &body].concat();
                     let response = format!(
                         "HTTP/1.1 201 Created\r\nx-upstream: echo\r\ncontent-length: {}\r\n\r\n",
                         reply.len()
@@ -112,7 +116,7 @@ fn requests_and_answers_pass_through_on_one_kept_alive_connection() {
         assert!(head.contains("x-upstream: echo\r\n"), "{head}");
         assert_eq!(
             String::from_utf8(reply).unwrap(),
-            format!("POST {path} HTTP/1.1\n{body}")
+            format!("POST {path} HTTP/1.1\nsluice\n{body}")
         );
     }
     // Both requests went over the one upstream connection opened for this client.
@@ -133,4 +137,42 @@ fn an_unknown_flag_is_a_usage_error() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("unknown flag --bogus"), "{stderr}");
     assert!(stderr.contains("usage: hyper-floor"), "{stderr}");
+}
+
+#[tokio::test]
+async fn h2c_requests_go_upstream_as_http_1_1() {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let (upstream, _connections) = echo_upstream();
+    let (_floor, addr) = start_floor(upstream);
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::post("http://engine.test/v1/completions?n=2")
+        .body(Full::new(bytes::Bytes::from_static(b"{}")))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 201);
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    // Origin-form target, HTTP/1.1, and the authority as `host`.
+    assert_eq!(
+        String::from_utf8(body.to_vec()).unwrap(),
+        "POST /v1/completions?n=2 HTTP/1.1\nengine.test\n{}"
+    );
+}
+
+#[test]
+fn help_is_printed_once_and_is_not_an_error() {
+    let output = Command::new(env!("CARGO_BIN_EXE_hyper-floor"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(stdout.matches("usage: hyper-floor").count(), 1, "{stdout}");
 }

@@ -553,12 +553,15 @@ struct Spread {
 }
 
 impl Spread {
+    /// Over the finite values (NaN throughout when there are none).
     fn of(values: impl Iterator<Item = f64>) -> Self {
-        let v: Vec<f64> = values.collect();
+        let v: Vec<f64> = values.filter(|x| x.is_finite()).collect();
+        let extreme =
+            |pick: fn(f64, f64) -> f64| v.iter().copied().reduce(pick).unwrap_or(f64::NAN);
         Self {
             median: crate::median(&v),
-            min: v.iter().copied().fold(f64::INFINITY, f64::min),
-            max: v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            min: extreme(f64::min),
+            max: extreme(f64::max),
         }
     }
 }

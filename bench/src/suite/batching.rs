@@ -29,7 +29,6 @@ use std::time::Instant;
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::json;
-
 use sluice_bench::median;
 
 use super::{Args, Check, Engine, Op, short};
