@@ -30,6 +30,10 @@ pub struct Seen {
     pub connections: AtomicUsize,
     /// (arrival time, the request's `x-test-id` header or "").
     pub arrivals: Mutex<Vec<(Instant, String)>>,
+    /// Responses sent whole (their bodies handed over to the connection).
+    pub completed: AtomicUsize,
+    /// For each arrival, in order: how many responses had been completed.
+    pub completed_at_arrival: Mutex<Vec<usize>>,
 }
 
 impl Seen {
@@ -46,34 +50,33 @@ impl Seen {
         times
     }
 
-    /// Arrivals split into `waves` groups at the `waves - 1` longest gaps
-    /// between them: each group's size, in time order, and the shortest of
-    /// those splitting gaps against the longest gap inside any group. Waves
-    /// a policy sends show as groups whose splitting gaps (a whole wave's
-    /// service time) are far longer than any gap inside a group, however
-    /// the machine's scheduling spreads one wave's arrivals.
-    pub fn waves(&self, waves: usize) -> (Vec<usize>, Duration, Duration) {
-        assert!(waves >= 1, "at least one wave");
-        let times = self.arrival_times();
-        let mut gaps: Vec<(Duration, usize)> = times
-            .windows(2)
-            .enumerate()
-            .map(|(i, w)| (w[1] - w[0], i + 1))
-            .collect();
-        gaps.sort_by_key(|g| std::cmp::Reverse(g.0));
-        let (split, inside) = gaps.split_at((waves - 1).min(gaps.len()));
-        let mut cuts: Vec<usize> = split.iter().map(|&(_, at)| at).collect();
-        cuts.sort();
-        cuts.push(times.len());
-        let mut sizes = Vec::new();
-        let mut start = 0;
-        for cut in cuts {
-            sizes.push(cut - start);
-            start = cut;
+    /// Notes an arrival: its time and tag, and the responses completed so far.
+    fn arrive(&self, tag: String) {
+        let mut arrivals = self.arrivals.lock().unwrap();
+        self.completed_at_arrival
+            .lock()
+            .unwrap()
+            .push(self.completed.load(Ordering::SeqCst));
+        arrivals.push((Instant::now(), tag));
+    }
+
+    /// Arrivals grouped into waves of `size` by what had been completed when
+    /// each arrived: request `j` is in wave `completed / size`. A policy that
+    /// lets a wave in only once the one before has been answered whole
+    /// (gather semantics) makes every group `size` exactly, however the
+    /// machine's scheduling spreads one wave's arrivals in time: a wave-k
+    /// request arrives after the k·size answers before it and before any
+    /// later wave's. A request let in early lands in an earlier group.
+    pub fn waves_by_completions(&self, size: usize) -> Vec<usize> {
+        let mut sizes: Vec<usize> = Vec::new();
+        for &completed in self.completed_at_arrival.lock().unwrap().iter() {
+            let wave = completed / size.max(1);
+            if sizes.len() <= wave {
+                sizes.resize(wave + 1, 0);
+            }
+            sizes[wave] += 1;
         }
-        let shortest_split = split.iter().map(|g| g.0).min().unwrap_or_default();
-        let longest_inside = inside.first().map(|g| g.0).unwrap_or_default();
-        (sizes, shortest_split, longest_inside)
+        sizes
     }
 
     /// Sizes of the clusters that arrivals form, in time order: a gap of at
@@ -133,6 +136,7 @@ impl EchoUpstream {
 struct InFlight(Arc<Seen>);
 impl Drop for InFlight {
     fn drop(&mut self) {
+        self.0.completed.fetch_add(1, Ordering::SeqCst);
         self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
@@ -148,10 +152,7 @@ async fn echo(seen: Arc<Seen>, req: Request<Incoming>) -> Result<Response<BoxBod
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
     };
-    seen.arrivals
-        .lock()
-        .unwrap()
-        .push((Instant::now(), header("x-test-id").unwrap_or_default()));
+    seen.arrive(header("x-test-id").unwrap_or_default());
     let delay = Duration::from_millis(
         header("x-test-delay-ms")
             .and_then(|v| v.parse().ok())
@@ -400,7 +401,7 @@ impl CountingRelay {
                                 .and_then(|v| v.to_str().ok())
                                 .unwrap_or("")
                                 .to_owned();
-                            state.arrivals.lock().unwrap().push((Instant::now(), tag));
+                            state.arrive(tag);
                             let guard = InFlight(Arc::clone(&state));
                             let pq = req
                                 .uri()
