@@ -56,6 +56,13 @@ struct Sample {
     cpu_us_per_request: Option<f64>,
 }
 
+impl Sample {
+    /// The proxy's CPU µs per request at maximum throughput (NaN when not read).
+    fn cpu(&self) -> f64 {
+        self.cpu_us_per_request.unwrap_or(f64::NAN)
+    }
+}
+
 struct Row {
     name: String,
     // One per round, in order.
@@ -219,24 +226,22 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     print_rounds(&rows);
     let row = |name: &str| rows.iter().find(|r| r.name == name);
     if let (Some(sluice), Some(floor)) = (row("sluice"), row("hyper-floor")) {
-        let cpu = |s: &Sample| s.cpu_us_per_request.unwrap_or(f64::NAN);
         println!();
         println!(
             "sluice over hyper-floor (its own work): c=1 p50 {} µs, proxy CPU {} µs/request (medians of the rounds' differences); max throughput {:.2}× (median of the rounds' ratios)",
             signed(sluice_bench::median(&sluice.added_p50(floor, |s| &s.c1)), 0),
-            signed(sluice.median(|i, s| cpu(s) - cpu(&floor.rounds[i])), 1),
+            signed(sluice.median(|i, s| s.cpu() - floor.rounds[i].cpu()), 1),
             sluice_bench::median(&sluice.throughput_ratio(floor)),
         );
     }
     if let (Some(on), Some(off)) = (row("sluice"), row("sluice (telemetry off)")) {
-        let cpu = |s: &Sample| s.cpu_us_per_request.unwrap_or(f64::NAN);
         println!();
         println!(
             "telemetry cost: max throughput with recording {:.2}× without; proxy CPU {:.1} vs {:.1} µs/request ({:+.1}%, the median of the rounds' ratios)",
             sluice_bench::median(&on.throughput_ratio(off)),
-            on.median(|_, s| cpu(s)),
-            off.median(|_, s| cpu(s)),
-            on.median(|i, s| (cpu(s) / cpu(&off.rounds[i]) - 1.0) * 100.0)
+            on.median(|_, s| s.cpu()),
+            off.median(|_, s| s.cpu()),
+            on.median(|i, s| (s.cpu() / off.rounds[i].cpu() - 1.0) * 100.0)
         );
     }
     let after_rss = proxy.rss_bytes();
@@ -286,7 +291,7 @@ fn print_table(rows: &[Row], rate: f64) {
         let vs_nginx = nginx
             .map(|n| format!("{:.2}", ratio(r, n)))
             .unwrap_or_else(|| "n/a".into());
-        let cpu = r.median(|_, s| s.cpu_us_per_request.unwrap_or(f64::NAN));
+        let cpu = r.median(|_, s| s.cpu());
         let errors: u64 = r
             .rounds
             .iter()

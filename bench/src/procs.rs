@@ -190,16 +190,8 @@ pub(crate) fn start_proxy_wrapped(
     let stdout = child.stdout.take().context("proxy stdout")?;
     let line = listening_line(stdout, "sluice proxy listening")
         .context("the proxy did not report its listening address")?;
-    let addr = line
-        .split_whitespace()
-        .find_map(|f| f.strip_prefix("listen="))
-        .context("no listen= field")?
-        .parse()?;
-    let admin = line
-        .split_whitespace()
-        .find_map(|f| f.strip_prefix("admin="))
-        .context("no admin= field")?
-        .parse()?;
+    let addr = address_field(&line, "listen=")?;
+    let admin = address_field(&line, "admin=")?;
     Ok(Proc {
         child,
         binary: proxy,
@@ -224,6 +216,15 @@ fn listening_line(
         }
     });
     Ok(rx.recv_timeout(Duration::from_secs(30))?)
+}
+
+/// The address in a listening line's `name` field (`listen=`, `admin=`).
+fn address_field(line: &str, name: &str) -> anyhow::Result<SocketAddr> {
+    let value = line
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix(name))
+        .with_context(|| format!("no {name} field in {line:?}"))?;
+    Ok(value.parse()?)
 }
 
 /// Starts `hyper-floor` (the least a hyper proxy does, `bench/floor`) in
@@ -254,11 +255,7 @@ pub(crate) fn start_hyper_floor(upstream: SocketAddr) -> anyhow::Result<Option<P
     };
     let line = listening_line(stdout, "hyper-floor listening")
         .context("hyper-floor did not report its listening address")?;
-    floor.addr = line
-        .split_whitespace()
-        .find_map(|f| f.strip_prefix("listen="))
-        .with_context(|| format!("no listen= field in {line:?}"))?
-        .parse()?;
+    floor.addr = address_field(&line, "listen=")?;
     floor.admin = floor.addr;
     Ok(Some(floor))
 }

@@ -127,12 +127,17 @@ fn requests_and_answers_pass_through_on_one_kept_alive_connection() {
     );
 }
 
+/// Runs the floor with one argument, to its exit.
+fn run_floor_with(arg: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_hyper-floor"))
+        .arg(arg)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn an_unknown_flag_is_a_usage_error() {
-    let output = Command::new(env!("CARGO_BIN_EXE_hyper-floor"))
-        .arg("--bogus")
-        .output()
-        .unwrap();
+    let output = run_floor_with("--bogus");
     assert_eq!(output.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("unknown flag --bogus"), "{stderr}");
@@ -168,10 +173,7 @@ async fn h2c_requests_go_upstream_as_http_1_1() {
 
 #[test]
 fn help_is_printed_once_and_is_not_an_error() {
-    let output = Command::new(env!("CARGO_BIN_EXE_hyper-floor"))
-        .arg("--help")
-        .output()
-        .unwrap();
+    let output = run_floor_with("--help");
     assert_eq!(output.status.code(), Some(0));
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(stdout.matches("usage: hyper-floor").count(), 1, "{stdout}");
