@@ -23,7 +23,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use clap::Parser as _;
 
 use crate::procs;
 use crate::report::{self, InFlight, Report};
@@ -275,8 +274,7 @@ async fn start_proxy(
         "127.0.0.1:0".into(),
     ];
     argv.extend(extra.iter().cloned());
-    let cli = sluice::cli::Cli::try_parse_from(argv)?;
-    let config = cli.into_config().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let config = sluice::cli::load(argv).map_err(|e| anyhow::anyhow!("{e}"))?;
     let app = sluice::App::new(config).map_err(|e| anyhow::anyhow!("{e}"))?;
     app.upstream_metrics
         .first_attempt(std::time::Duration::from_secs(2))

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
-use sluice::admission::wasm::{Event, PolicyRuntime, Snapshot};
+use sluice::admission::wasm::PolicyRuntime;
 use sluice::admission::{CompletionReport, RequestInfo};
+use sluice::admission::{Event, Policy, Snapshot};
 
 /// Flags of `bench policy-cost`.
 #[derive(Debug, clap::Args)]

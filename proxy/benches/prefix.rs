@@ -12,8 +12,9 @@ use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use sluice::classify::{ChatMessage, Prompt};
-use sluice::prefix::{BlockUnit, PrefixTracker, Tokenizer};
+use sluice::prefix::{BlockUnit, PrefixTracker};
 use sluice::tokens::HfTokenizer;
+use sluice::tokens::Tokenizer;
 
 /// KV blocks of a mid-sized model on one 80 GB GPU.
 const CAPACITY: usize = 65_536;

@@ -11,10 +11,9 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
-use crate::App;
+use crate::app::App;
 use crate::body::{ProxyBody, full};
 use crate::error::ProxyError;
-use crate::telemetry;
 
 /// Largest policy component accepted by `PUT /admin/policy`.
 pub const MAX_POLICY_BYTES: usize = 64 << 20;
@@ -124,9 +123,4 @@ fn text(body: String, content_type: &'static str) -> Response<ProxyBody> {
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
-}
-
-/// Records a reload's result.
-pub fn count_reload(result: &'static str) {
-    metrics::counter!(telemetry::POLICY_RELOADS, "result" => result).increment(1);
 }

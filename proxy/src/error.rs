@@ -48,7 +48,7 @@ pub enum ProxyError {
         retry_after: Duration,
     },
     /// The upstream did not answer within `--upstream-timeout`.
-    #[error("upstream did not respond within {}", crate::cli::format_duration(*.0))]
+    #[error("upstream did not respond within {}", crate::units::format_duration(*.0))]
     UpstreamTimeout(Duration),
     /// The upstream answered with something that is not valid HTTP, or closed early.
     #[error("upstream sent an invalid response: {0}")]
@@ -62,7 +62,7 @@ pub enum ProxyError {
         retry_after: Duration,
     },
     /// The request waited in the admission queue longer than `--queue-timeout`.
-    #[error("request waited {} in the admission queue without being admitted (--queue-timeout)", crate::cli::format_duration(*.0))]
+    #[error("request waited {} in the admission queue without being admitted (--queue-timeout)", crate::units::format_duration(*.0))]
     QueueTimeout(Duration),
     /// The tenant is over its `--rate-limit`.
     #[error("rate limit exceeded for tenant {tenant:?}; retry after {}ms", retry_after.as_millis())]

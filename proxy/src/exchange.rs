@@ -3,7 +3,6 @@
 //! ending is logged, measured and reported to the admission policy.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
@@ -14,6 +13,7 @@ use crate::classify::Route;
 use crate::pool::Lease;
 use crate::prefix::{Prediction, PrefixTracker};
 use crate::telemetry::{self, RequestRecord};
+use crate::units::ms;
 use crate::usage::{Usage, UsageTap};
 
 /// What a completion/chat request carries besides timings: its prefix
@@ -211,11 +211,6 @@ impl Exchange {
             permit.complete(ok, ttfb.unwrap_or_default(), upstream, usage);
         }
     }
-}
-
-/// Milliseconds with microsecond precision, for log fields.
-pub fn ms(d: Duration) -> f64 {
-    (d.as_micros() as f64) / 1000.0
 }
 
 #[cfg(test)]

@@ -3,9 +3,7 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::Parser;
 use sluice::App;
-use sluice::cli::Cli;
 use sluice::server::{self, Listeners};
 
 // Small, short-lived allocations (headers, futures, body frames) dominate a
@@ -19,20 +17,12 @@ const EXIT_CONFIG: u8 = 64;
 const EXIT_BIND: u8 = 69;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(err) if !err.use_stderr() => {
-            // --help / --version
-            let _ = err.print();
+    let config = match sluice::cli::load(std::env::args_os()) {
+        Ok(config) => config,
+        Err(err) if err.is_help() => {
+            println!("{err}");
             return ExitCode::SUCCESS;
         }
-        Err(err) => {
-            let _ = err.print();
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let config = match cli.into_config() {
-        Ok(config) => config,
         Err(err) => {
             eprintln!("proxy: invalid configuration: {err}");
             return ExitCode::from(EXIT_CONFIG);
@@ -88,10 +78,10 @@ fn main() -> ExitCode {
         let addr = |l: &tokio::net::TcpListener| {
             l.local_addr().map(|a| a.to_string()).unwrap_or_default()
         };
-        let policy = app.config.policy.as_ref().map(|p| p.display().to_string());
+        let policy = app.config.admission.policy.as_ref().map(|p| p.display().to_string());
         tracing::info!(
             listen = %addr(&listeners.main), admin = %addr(&listeners.admin),
-            upstream = %app.config.upstream, workers = app.config.workers, policy = policy.as_deref().unwrap_or("none (pass-through)"),
+            upstream = %app.config.upstream.url, workers = app.config.server.workers(), policy = policy.as_deref().unwrap_or("none (pass-through)"),
             "sluice proxy listening"
         );
         spawn_reload_on_sighup(Arc::clone(&app));
@@ -106,12 +96,17 @@ fn main() -> ExitCode {
 }
 
 async fn bind(app: &App) -> Result<Listeners, String> {
-    let main = tokio::net::TcpListener::bind(app.config.listen)
+    let main = tokio::net::TcpListener::bind(app.config.server.listen)
         .await
-        .map_err(|e| format!("cannot listen on {}: {e}", app.config.listen))?;
-    let admin = tokio::net::TcpListener::bind(app.config.admin_listen)
+        .map_err(|e| format!("cannot listen on {}: {e}", app.config.server.listen))?;
+    let admin = tokio::net::TcpListener::bind(app.config.server.admin_listen)
         .await
-        .map_err(|e| format!("cannot listen on {} (admin): {e}", app.config.admin_listen))?;
+        .map_err(|e| {
+            format!(
+                "cannot listen on {} (admin): {e}",
+                app.config.server.admin_listen
+            )
+        })?;
     Ok(Listeners { main, admin })
 }
 

@@ -80,16 +80,10 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::classify::{ChatMessage, Prompt};
-use crate::tokens::CHARS_PER_TOKEN;
+use crate::tokens::{CHARS_PER_TOKEN, Tokenizer};
 
 /// vLLM's default block size in tokens, used until the upstream tells.
 pub const DEFAULT_BLOCK_SIZE: u32 = 16;
-
-/// Turns text into token ids for exact blocks (see [`BlockUnit::Tokenizer`]).
-pub trait Tokenizer: fmt::Debug + Send + Sync {
-    /// The token ids of `text`, as the engine would see them.
-    fn encode(&self, text: &str) -> Vec<u32>;
-}
 
 /// How text is cut into blocks. Token-id prompts are always cut exactly.
 #[derive(Debug, Clone, Default)]

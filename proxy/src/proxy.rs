@@ -12,7 +12,8 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::admission::{Admission, Permit, RequestInfo};
-use crate::body::{ObservedBody, ProxyBody, full};
+use crate::body::{BodyLimitExceeded, ProxyBody, full};
+use crate::observed::ObservedBody;
 use crate::classify::{InferenceRequest, Prompt, Route};
 use crate::error::ProxyError;
 use crate::exchange::{Exchange, Inference};
@@ -21,11 +22,6 @@ use crate::prefix::{Prediction, PrefixTracker};
 use crate::stream_usage;
 use crate::telemetry::{self, RequestRecord};
 use crate::upstream::Upstream;
-
-/// The request body went over `--max-body` while being streamed upstream.
-#[derive(Debug, thiserror::Error)]
-#[error("request body exceeds the limit of {0} bytes")]
-pub struct BodyLimitExceeded(pub u64);
 
 /// Response header carrying Sluice's id for the request (as in its log line).
 pub const REQUEST_ID_HEADER: &str = "x-sluice-request-id";
@@ -273,9 +269,9 @@ fn log_refusal(id: u64, route: Route, arrived: Instant, err: &ProxyError) {
     let total = arrived.elapsed();
     let status = err.status().as_u16();
     if err.status().is_server_error() {
-        tracing::warn!(id, route = %route.label(), status, outcome = %err.code(), total_ms = crate::exchange::ms(total), error = %err, "request");
+        tracing::warn!(id, route = %route.label(), status, outcome = %err.code(), total_ms = crate::units::ms(total), error = %err, "request");
     } else {
-        tracing::info!(id, route = %route.label(), status, outcome = %err.code(), total_ms = crate::exchange::ms(total), error = %err, "request");
+        tracing::info!(id, route = %route.label(), status, outcome = %err.code(), total_ms = crate::units::ms(total), error = %err, "request");
     }
     telemetry::record_request(&RequestRecord {
         route,

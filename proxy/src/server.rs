@@ -34,7 +34,7 @@ use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
-use crate::App;
+use crate::app::App;
 use crate::body::ProxyBody;
 use crate::headers::Peer;
 use crate::pool;
@@ -61,10 +61,10 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let graceful = GracefulShutdown::new();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let workers = Workers::start(app.config.workers, &app.proxy)?;
+    let workers = Workers::start(app.config.server.workers(), &app.proxy)?;
     let main = accept_loop(
         listeners.main,
-        Arc::new(Semaphore::new(app.config.max_connections)),
+        Arc::new(Semaphore::new(app.config.server.max_connections)),
         stop_rx.clone(),
         &graceful,
         |accepted| workers.hand_off(accepted),
@@ -93,7 +93,7 @@ pub async fn run(
     // 1. stop accepting (the loops return and drop their listeners).
     let _ = stop_tx.send(true);
     // 2 + 3. ask connections to finish, wait up to the drain timeout.
-    let drain = app.config.drain_timeout;
+    let drain = app.config.server.drain_timeout;
     tracing::info!(
         drain_timeout_s = drain.as_secs_f64(),
         "shutting down: draining in-flight requests"

@@ -10,7 +10,26 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
-use crate::telemetry::RequestRecord;
+use crate::classify::Route;
+
+/// What is recorded for every finished request.
+#[derive(Debug)]
+pub struct RequestRecord {
+    /// Route label.
+    pub route: Route,
+    /// Outcome label (bounded: see [`crate::exchange::Outcome`] and [`crate::error::ProxyError::code`]).
+    pub outcome: &'static str,
+    /// Arrival to end.
+    pub total: Duration,
+    /// Waiting for admission.
+    pub queue: Duration,
+    /// Admission to end, when the request went upstream.
+    pub upstream: Option<Duration>,
+    /// Admission to first byte, when one arrived.
+    pub ttfb: Option<Duration>,
+    /// Admission to first token (completion and chat routes).
+    pub ttft: Option<Duration>,
+}
 
 /// The policy label requests are recorded under ("none" in pass-through);
 /// shared, so recording a request clones a pointer, not the name.

@@ -4,7 +4,6 @@
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use metrics::{
     Counter, Gauge, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram,
@@ -13,6 +12,7 @@ use metrics::{
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::classify::Route;
+pub use crate::stats::RequestRecord;
 
 /// Requests finished, by route and outcome.
 pub const REQUESTS: &str = "sluice_requests_total";
@@ -195,24 +195,6 @@ fn register_at_zero() {
     }
 }
 
-/// What is recorded for every finished request.
-#[derive(Debug)]
-pub struct RequestRecord {
-    /// Route label.
-    pub route: Route,
-    /// Outcome label (bounded: see [`crate::exchange::Outcome`] and [`crate::error::ProxyError::code`]).
-    pub outcome: &'static str,
-    /// Arrival to end.
-    pub total: Duration,
-    /// Waiting for admission.
-    pub queue: Duration,
-    /// Admission to end, when the request went upstream.
-    pub upstream: Option<Duration>,
-    /// Admission to first byte, when one arrived.
-    pub ttfb: Option<Duration>,
-    /// Admission to first token (completion and chat routes).
-    pub ttft: Option<Duration>,
-}
 
 /// Handles for the series that every request touches, registered once.
 ///
@@ -323,4 +305,9 @@ pub fn record_request(r: &RequestRecord) {
     if let Some(ttft) = r.ttft {
         series.first_token.record(ttft.as_secs_f64());
     }
+}
+
+/// Records a reload's result.
+pub fn count_reload(result: &'static str) {
+    metrics::counter!(POLICY_RELOADS, "result" => result).increment(1);
 }

@@ -10,7 +10,12 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use crate::classify::Prompt;
-use crate::prefix::Tokenizer;
+
+/// Turns text into token ids for exact blocks (the prefix tracker's exact blocks).
+pub trait Tokenizer: fmt::Debug + Send + Sync {
+    /// The token ids of `text`, as the engine would see them.
+    fn encode(&self, text: &str) -> Vec<u32>;
+}
 
 /// Characters per token assumed for text.
 pub const CHARS_PER_TOKEN: usize = 4;

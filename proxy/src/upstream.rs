@@ -17,7 +17,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::body::ProxyBody;
-use crate::cli::Config;
+use crate::config::UpstreamConfig;
 use crate::error::ProxyError;
 use crate::pool::{Lease, Pools, Sender};
 
@@ -42,9 +42,11 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// The upstream of `config.upstream` (an `http://host[:port]` URI); no connection is opened yet.
-    pub fn new(config: &Config) -> Arc<Self> {
-        let uri = &config.upstream;
+    /// The upstream at `config.url` (an `http://host[:port]` URI), with a
+    /// connection pool for each of `workers` serving threads; no connection
+    /// is opened yet.
+    pub fn new(config: &UpstreamConfig, workers: usize) -> Arc<Self> {
+        let uri = &config.url;
         let authority = format!(
             "{}:{}",
             uri.host().unwrap_or_default(),
@@ -61,11 +63,11 @@ impl Upstream {
             authority,
             host,
             pools: Pools::new(
-                config.workers,
+                workers,
                 MAX_IDLE_CONNECTIONS,
-                config.upstream_keepalive,
+                config.keepalive,
             ),
-            response_timeout: config.upstream_timeout,
+            response_timeout: config.timeout,
             connect_timeout: config.connect_timeout,
             down: AtomicBool::new(false),
         })
@@ -138,7 +140,7 @@ impl Upstream {
             Err(_elapsed) => {
                 return Err(self.unreachable(format!(
                     "connect: no answer within {}",
-                    crate::cli::format_duration(self.connect_timeout)
+                    crate::units::format_duration(self.connect_timeout)
                 )));
             }
         };
@@ -195,7 +197,7 @@ impl Upstream {
 fn classify(err: &hyper::Error) -> ProxyError {
     let mut source = err.source();
     while let Some(cause) = source {
-        if let Some(limit) = cause.downcast_ref::<crate::proxy::BodyLimitExceeded>() {
+        if let Some(limit) = cause.downcast_ref::<crate::body::BodyLimitExceeded>() {
             return ProxyError::BodyTooLarge { limit: limit.0 };
         }
         source = cause.source();

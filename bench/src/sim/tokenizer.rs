@@ -25,8 +25,8 @@ use std::hash::{Hash, Hasher};
 use std::path::Path;
 use std::sync::Arc;
 
-use sluice::prefix::Tokenizer as _;
 use sluice::tokens::HfTokenizer;
+use sluice::tokens::Tokenizer as _;
 
 /// What the simulator counts tokens with.
 #[derive(Debug, Clone)]

@@ -3,12 +3,13 @@
 //! a `Retry-After` taken from the limiter's next-allowed time.
 
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
-use crate::cli::RateLimit;
+use crate::config::RateLimit;
 use crate::error::ProxyError;
 
 /// A keyed GCRA limiter.
@@ -30,6 +31,24 @@ impl TenantLimiter {
             limiter: RateLimiter::keyed(quota),
             clock: DefaultClock::default(),
         }
+    }
+
+    /// Forgets, every `period`, the tenants whose budget has fully refilled,
+    /// so the limiter's memory follows the active tenants only. The task
+    /// ends when the limiter is dropped.
+    pub fn forget_idle_every(limiter: &Arc<Self>, period: Duration) {
+        let limiter = Arc::downgrade(limiter);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(period);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                let Some(limiter) = limiter.upgrade() else {
+                    return;
+                };
+                limiter.forget_idle();
+            }
+        });
     }
 
     /// Lets the request through, or says when the tenant may try again.

@@ -7,83 +7,22 @@
 //! queued, or naming one twice, is a fault. On a fault (trap, missed deadline,
 //! invalid answer) the plugin is dropped and the built-in [`Fallback`] cap
 //! takes over the same queue until a new plugin is loaded.
+//!
+//! A policy takes over the queue the same way whether it was reloaded or is
+//! the fallback: it is told of every waiting request as an arrival, oldest
+//! first ([`Scheduler::install`]).
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use super::channel::{Command, Permit, SchedulerStatus};
 use super::fallback::Fallback;
-use super::ratelimit::TenantLimiter;
-use super::wasm::{Decision, Event, Fault, Snapshot, WasmPolicy};
-use super::{Admission, CompletionReport, Permit, RequestInfo};
+use super::policy::{Decision, Event, Fault, Policy, RequestInfo, Snapshot};
 use crate::error::ProxyError;
 use crate::telemetry;
-
-/// A message to the scheduler task.
-#[derive(Debug)]
-pub enum Command {
-    /// A request joined the queue and waits on `reply`.
-    Arrive {
-        /// Request id.
-        id: u64,
-        /// What the policy sees.
-        info: RequestInfo,
-        /// Arrival time.
-        arrived: Instant,
-        /// Where the verdict goes.
-        reply: oneshot::Sender<Result<Permit, ProxyError>>,
-    },
-    /// A waiting request left (client gone or queue timeout).
-    Cancel {
-        /// Request id.
-        id: u64,
-    },
-    /// An admitted request ended.
-    Complete {
-        /// Request id.
-        id: u64,
-        /// Its timings.
-        report: CompletionReport,
-    },
-    /// Replace the policy with an already validated instance.
-    Reload {
-        /// The new policy.
-        policy: Box<WasmPolicy>,
-        /// Acknowledged once the queue has been handed over.
-        done: oneshot::Sender<String>,
-    },
-    /// Report the scheduler's state.
-    Status {
-        /// Where the status goes.
-        reply: oneshot::Sender<SchedulerStatus>,
-    },
-}
-
-/// A point-in-time view of the scheduler, for `/stats` and tests.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct SchedulerStatus {
-    /// "plugin NAME" or "fallback (concurrency cap N)".
-    pub policy: String,
-    /// Whether the fallback is active.
-    pub fallback: bool,
-    /// Requests waiting.
-    pub queued: usize,
-    /// Requests admitted and not finished.
-    pub in_flight: usize,
-    /// Faults since start.
-    pub faults: u64,
-}
-
-/// Which policy decides.
-#[derive(Debug)]
-enum Engine {
-    Plugin(Box<WasmPolicy>),
-    Fallback(Fallback),
-}
 
 struct Waiter {
     info: RequestInfo,
@@ -93,8 +32,13 @@ struct Waiter {
 
 /// The state owned by the scheduler task.
 struct Scheduler {
-    engine: Engine,
+    policy: Box<dyn Policy>,
+    // Whether `policy` is the built-in fallback (after a fault).
+    fallback_active: bool,
     fallback_limit: u32,
+    // Bumped whenever a policy is installed: a hand-over stops replaying
+    // arrivals to a policy that was replaced meanwhile.
+    generation: u64,
     // Waiting requests by id; ids grow with arrival, so iteration is FIFO.
     queue: BTreeMap<u64, Waiter>,
     in_flight: HashSet<u64>,
@@ -104,29 +48,18 @@ struct Scheduler {
     faults: u64,
 }
 
-/// Settings for [`spawn`].
-#[derive(Debug)]
-pub struct SchedulerConfig {
-    /// The initial policy.
-    pub policy: Box<WasmPolicy>,
-    /// In-flight cap of the fallback.
-    pub fallback_limit: u32,
-    /// Queue bound.
-    pub max_queue: usize,
-    /// Admission wait limit.
-    pub queue_timeout: Duration,
-    /// Per-tenant limiter.
-    pub limiter: Option<Arc<TenantLimiter>>,
-}
-
-/// Starts the scheduler task; returns the handle request tasks use.
-pub fn spawn(config: SchedulerConfig) -> Admission {
+/// Starts the scheduler task with `policy`; returns where to send commands.
+///
+/// The channel is unbounded: arrivals are capped by `--max-queue` before
+/// they are sent, and every other command is tied to a queued or admitted
+/// request. The task ends when every sender is gone.
+pub fn spawn(policy: Box<dyn Policy>, fallback_limit: u32) -> mpsc::UnboundedSender<Command> {
     let (tx, rx) = mpsc::unbounded_channel();
-    // Unbounded is safe here: arrivals are capped by `max_queue` before they
-    // are sent, and every other command is tied to a queued or admitted request.
     let scheduler = Scheduler {
-        engine: Engine::Plugin(config.policy),
-        fallback_limit: config.fallback_limit,
+        policy,
+        fallback_active: false,
+        fallback_limit,
+        generation: 0,
         queue: BTreeMap::new(),
         in_flight: HashSet::new(),
         commands: tx.clone(),
@@ -136,36 +69,7 @@ pub fn spawn(config: SchedulerConfig) -> Admission {
     };
     metrics::gauge!(telemetry::POLICY_FALLBACK).set(0.0);
     tokio::spawn(scheduler.run(rx));
-    Admission {
-        commands: tx,
-        queued: Arc::new(AtomicUsize::new(0)),
-        max_queue: config.max_queue,
-        queue_timeout: config.queue_timeout,
-        limiter: config.limiter,
-    }
-}
-
-impl Admission {
-    /// Hands the queue to a new, already initialised policy.
-    pub async fn reload(&self, policy: WasmPolicy) -> Result<String, ProxyError> {
-        let (done, ack) = oneshot::channel();
-        self.commands
-            .send(Command::Reload {
-                policy: Box::new(policy),
-                done,
-            })
-            .map_err(|_| ProxyError::ShuttingDown)?;
-        ack.await.map_err(|_| ProxyError::ShuttingDown)
-    }
-
-    /// The scheduler's current state.
-    pub async fn status(&self) -> Result<SchedulerStatus, ProxyError> {
-        let (reply, status) = oneshot::channel();
-        self.commands
-            .send(Command::Status { reply })
-            .map_err(|_| ProxyError::ShuttingDown)?;
-        status.await.map_err(|_| ProxyError::ShuttingDown)
-    }
+    tx
 }
 
 impl Scheduler {
@@ -221,34 +125,17 @@ impl Scheduler {
             }
             Command::Reload { policy, done } => {
                 let name = policy.name().to_owned();
-                self.engine = Engine::Plugin(policy);
-                self.next_tick = None;
-                metrics::gauge!(telemetry::POLICY_FALLBACK).set(0.0);
                 tracing::info!(policy = %name, queued = self.queue.len(), in_flight = self.in_flight.len(), "policy reloaded; handing over the queue");
-                // The new instance learns the queue as arrivals, oldest first.
-                let queued: Vec<(u64, RequestInfo, Instant)> = self
-                    .queue
-                    .iter()
-                    .map(|(id, w)| (*id, w.info.clone(), w.arrived))
-                    .collect();
-                for (id, info, arrived) in queued {
-                    if !self.queue.contains_key(&id) {
-                        continue; // admitted or rejected by an earlier replayed event
-                    }
-                    let arrived_us = self.micros(arrived);
-                    self.dispatch(Event::Arrival {
-                        id,
-                        info,
-                        arrived_us,
-                    });
-                }
+                metrics::gauge!(telemetry::POLICY_FALLBACK).set(0.0);
+                self.fallback_active = false;
+                self.install(policy);
                 // A fault during hand-over already switched to the fallback.
-                if matches!(self.engine, Engine::Plugin(_)) {
-                    let _ = done.send(name);
-                } else {
+                if self.fallback_active {
                     let _ = done.send(format!(
                         "{name} (faulted during hand-over; fallback active)"
                     ));
+                } else {
+                    let _ = done.send(name);
                 }
             }
             Command::Status { reply } => {
@@ -258,14 +145,43 @@ impl Scheduler {
         self.publish_gauges();
     }
 
+    /// Makes `policy` the one that decides, and tells it of the waiting
+    /// requests as arrivals, oldest first.
+    fn install(&mut self, policy: Box<dyn Policy>) {
+        self.policy = policy;
+        self.generation += 1;
+        self.next_tick = None;
+        let generation = self.generation;
+        let queued: Vec<(u64, RequestInfo, Instant)> = self
+            .queue
+            .iter()
+            .map(|(id, w)| (*id, w.info.clone(), w.arrived))
+            .collect();
+        for (id, info, arrived) in queued {
+            if self.generation != generation {
+                return; // a fault replaced the policy, which had the queue replayed to it
+            }
+            if !self.queue.contains_key(&id) {
+                continue; // admitted or rejected by an earlier replayed event
+            }
+            let arrived_us = self.micros(arrived);
+            self.dispatch(Event::Arrival {
+                id,
+                info,
+                arrived_us,
+            });
+        }
+    }
+
     fn status(&self) -> SchedulerStatus {
-        let (policy, fallback) = match &self.engine {
-            Engine::Plugin(p) => (format!("plugin {}", p.name()), false),
-            Engine::Fallback(f) => (format!("fallback (concurrency cap {})", f.limit()), true),
+        let policy = if self.fallback_active {
+            format!("fallback (concurrency cap {})", self.fallback_limit.max(1))
+        } else {
+            format!("plugin {}", self.policy.name())
         };
         SchedulerStatus {
             policy,
-            fallback,
+            fallback: self.fallback_active,
             queued: self.queue.len(),
             in_flight: self.in_flight.len(),
             faults: self.faults,
@@ -287,21 +203,11 @@ impl Scheduler {
     /// Asks the active policy about `event` and applies a valid answer.
     fn dispatch(&mut self, event: Event) {
         let snapshot = self.snapshot();
-        let answer = match &mut self.engine {
-            Engine::Plugin(policy) => policy.call(snapshot, &event),
-            Engine::Fallback(fallback) => {
-                let fallback = *fallback;
-                Ok(fallback.decide(&self.queue_ids(), self.in_flight.len()))
-            }
-        };
+        let answer = self.policy.call(snapshot, &event);
         match answer.and_then(|d| self.validate(d)) {
             Ok(decision) => self.apply(decision),
             Err(fault) => self.fault(fault),
         }
-    }
-
-    fn queue_ids(&self) -> Vec<u64> {
-        self.queue.keys().copied().collect()
     }
 
     /// Checks a whole answer before any of it takes effect.
@@ -332,13 +238,12 @@ impl Scheduler {
             let Some(waiter) = self.queue.remove(&id) else {
                 continue; // validated above; unreachable
             };
-            let permit = Permit {
+            let permit = Permit::new(
                 id,
-                queue: waiter.arrived.elapsed(),
-                prompt_tokens: waiter.info.prompt_tokens,
-                commands: self.commands.clone(),
-                reported: false,
-            };
+                waiter.arrived.elapsed(),
+                waiter.info.prompt_tokens,
+                self.commands.clone(),
+            );
             self.in_flight.insert(id);
             // If the client already left, the permit is dropped with the
             // unread reply and reports a failed completion: nothing leaks.
@@ -354,21 +259,16 @@ impl Scheduler {
             .map(|us| Instant::now() + Duration::from_micros(us));
     }
 
-    /// Drops a faulty plugin and lets the fallback take over the same queue.
+    /// Drops a faulty policy and lets the fallback take over the same queue.
     fn fault(&mut self, fault: Fault) {
         self.faults += 1;
-        let name = match &self.engine {
-            Engine::Plugin(p) => p.name().to_owned(),
-            Engine::Fallback(_) => "fallback".to_owned(),
-        };
+        let name = self.policy.name().to_owned();
         tracing::error!(policy = %name, kind = fault.kind(), error = %fault, limit = self.fallback_limit,
             "admission policy fault; switching to the built-in concurrency cap until a plugin is reloaded");
         metrics::counter!(telemetry::POLICY_FAULTS, "kind" => fault.kind()).increment(1);
         metrics::gauge!(telemetry::POLICY_FALLBACK).set(1.0);
-        let fallback = Fallback::new(self.fallback_limit);
-        let decision = fallback.decide(&self.queue_ids(), self.in_flight.len());
-        self.engine = Engine::Fallback(fallback);
-        self.apply(decision);
+        self.fallback_active = true;
+        self.install(Box::new(Fallback::new(self.fallback_limit)));
     }
 
     fn publish_gauges(&self) {

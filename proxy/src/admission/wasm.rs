@@ -18,7 +18,7 @@ use std::time::Duration;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
 
-use super::{CompletionReport, RequestInfo};
+use super::policy::{Decision, Event, Fault, Policy, Snapshot};
 use crate::telemetry;
 
 mod bindings {
@@ -30,92 +30,11 @@ use bindings::exports::sluice::policy::policy as guest;
 /// How often the epoch advances; policy deadlines are counted in these ticks.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
-/// What the policy answered (host-side copy of the WIT `decision`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Decision {
-    /// Release these now, in order.
-    pub admit: Vec<u64>,
-    /// Refuse these with a reason.
-    pub reject: Vec<(u64, String)>,
-    /// Ask for `on-tick` after this many µs.
-    pub wake_after_us: Option<u64>,
-}
 
-/// The host state a policy call sees (WIT `snapshot`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Snapshot {
-    /// Host monotonic clock (µs since the scheduler started).
-    pub now_us: u64,
-    /// Requests admitted and not finished.
-    pub in_flight: u32,
-    /// Requests waiting, including one just arriving.
-    pub queued: u32,
-}
 
-/// An event delivered to the policy.
-#[derive(Debug, Clone)]
-pub enum Event {
-    /// `on-arrival`.
-    Arrival {
-        /// Request id.
-        id: u64,
-        /// What the policy sees.
-        info: RequestInfo,
-        /// Arrival time (µs, host clock).
-        arrived_us: u64,
-    },
-    /// `on-completion`.
-    Completion {
-        /// Request id.
-        id: u64,
-        /// Timings.
-        report: CompletionReport,
-    },
-    /// `on-cancel`.
-    Cancel {
-        /// Request id.
-        id: u64,
-    },
-    /// `on-tick`.
-    Tick,
-}
 
-impl Event {
-    /// Index into [`WasmPolicy`]'s per-event counters.
-    fn index(&self) -> usize {
-        match self {
-            Self::Arrival { .. } => 0,
-            Self::Completion { .. } => 1,
-            Self::Cancel { .. } => 2,
-            Self::Tick => 3,
-        }
-    }
-}
 
-/// Why a policy was taken out of service.
-#[derive(Debug, thiserror::Error)]
-pub enum Fault {
-    /// The guest trapped (including running out of memory).
-    #[error("trap: {0}")]
-    Trap(String),
-    /// The call ran past its deadline.
-    #[error("missed its deadline of {}", crate::cli::format_duration(*.0))]
-    Deadline(Duration),
-    /// The answer named unknown, duplicate or already admitted ids.
-    #[error("invalid decision: {0}")]
-    InvalidDecision(String),
-}
 
-impl Fault {
-    /// The metric label.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Self::Trap(_) => "trap",
-            Self::Deadline(_) => "deadline",
-            Self::InvalidDecision(_) => "invalid_decision",
-        }
-    }
-}
 
 /// Why a plugin could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -322,18 +241,21 @@ fn classify_trap(err: wasmtime::Error, deadline: Duration) -> Fault {
 }
 
 impl WasmPolicy {
-    /// The plugin's name (its file stem).
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// What `init` said about itself.
     pub fn description(&self) -> &str {
         &self.description
     }
 
+}
+
+impl Policy for WasmPolicy {
+    /// The plugin's name (its file stem).
+    fn name(&self) -> &str {
+        &self.name
+    }
+
     /// Delivers one event under the deadline.
-    pub fn call(&mut self, now: Snapshot, event: &Event) -> Result<Decision, Fault> {
+    fn call(&mut self, now: Snapshot, event: &Event) -> Result<Decision, Fault> {
         self.calls[event.index()].increment(1);
         store_deadline(self);
         let snapshot = guest::Snapshot {
@@ -384,5 +306,104 @@ impl WasmPolicy {
             reject: decision.reject,
             wake_after_us: decision.wake_after_us,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The host against inline WAT components (`tests/common/policies.rs`),
+    //! without the proxy: each failure a plugin can have becomes the right
+    //! [`Fault`] or [`LoadError`], and the scheduler contains it.
+    use std::time::Duration;
+
+    use super::*;
+    use crate::admission::{Admission, AdmissionConfig, RequestInfo};
+
+    #[path = "../../../../tests/common/policies.rs"]
+    mod policies;
+
+    const ROOMY: Duration = Duration::from_secs(10);
+
+    fn load(wat: &str, deadline: Duration, memory: usize) -> WasmPolicy {
+        let runtime = PolicyRuntime::new(deadline, memory).unwrap();
+        runtime.load("test", wat.as_bytes(), &[]).unwrap()
+    }
+
+    fn arrival(id: u64) -> Event {
+        Event::Arrival {
+            id,
+            info: RequestInfo::default(),
+            arrived_us: 0,
+        }
+    }
+
+    const NOW: Snapshot = Snapshot {
+        now_us: 0,
+        in_flight: 0,
+        queued: 1,
+    };
+
+    #[test]
+    fn a_well_behaved_policy_answers() {
+        let mut policy = load(&policies::admit_each(), ROOMY, 1 << 20);
+        assert_eq!(policy.name(), "test");
+        assert_eq!(policy.call(NOW, &arrival(42)).unwrap().admit, [42]);
+        assert_eq!(policy.call(NOW, &Event::Tick).unwrap(), Decision::default());
+    }
+
+    #[test]
+    fn a_trap_is_a_trap_fault() {
+        let mut policy = load(&policies::traps(), ROOMY, 1 << 20);
+        let fault = policy.call(NOW, &arrival(1)).unwrap_err();
+        assert_eq!(fault.kind(), "trap", "{fault}");
+    }
+
+    #[test]
+    fn an_endless_loop_misses_its_deadline() {
+        let deadline = Duration::from_millis(100);
+        let mut policy = load(&policies::loops_forever(), deadline, 1 << 20);
+        let fault = policy.call(NOW, &arrival(1)).unwrap_err();
+        assert!(matches!(fault, Fault::Deadline(d) if d == deadline), "{fault}");
+    }
+
+    #[test]
+    fn growing_past_the_memory_limit_traps() {
+        let mut policy = load(&policies::grows_memory(), ROOMY, 1 << 20);
+        let fault = policy.call(NOW, &arrival(1)).unwrap_err();
+        assert_eq!(fault.kind(), "trap", "{fault}");
+    }
+
+    #[test]
+    fn load_errors_say_what_is_wrong() {
+        let runtime = PolicyRuntime::new(ROOMY, 1 << 20).unwrap();
+        let refused = runtime.load("x", policies::rejects_config().as_bytes(), &[]);
+        assert!(
+            matches!(&refused, Err(LoadError::Config(m)) if m == "unknown key `x`"),
+            "{refused:?}"
+        );
+        let garbage = runtime.load("x", b"not a component", &[]);
+        assert!(matches!(garbage, Err(LoadError::Invalid(_))), "{garbage:?}");
+    }
+
+    /// Bad ids are the scheduler's to catch: it never applies such an answer
+    /// and the fallback takes over.
+    #[tokio::test]
+    async fn bad_ids_switch_the_scheduler_to_the_fallback() {
+        for wat in [policies::admits_unknown_id(), policies::admits_twice()] {
+            let policy = load(&wat, ROOMY, 1 << 20);
+            let admission = Admission::start(
+                Box::new(policy),
+                AdmissionConfig {
+                    fallback_limit: 1,
+                    max_queue: 10,
+                    queue_timeout: ROOMY,
+                    limiter: None,
+                },
+            );
+            let permit = admission.admit(1, RequestInfo::default()).await;
+            assert!(permit.is_ok(), "{permit:?}");
+            let status = admission.status().await.unwrap();
+            assert!(status.fallback && status.faults == 1, "{status:?}");
+        }
     }
 }
