@@ -319,7 +319,7 @@ mod tests {
     use super::*;
     use crate::admission::{Admission, AdmissionConfig, RequestInfo};
 
-    #[path = "../../../../tests/common/policies.rs"]
+    #[path = "../../../../../tests/common/policies.rs"]
     mod policies;
 
     const ROOMY: Duration = Duration::from_secs(10);
