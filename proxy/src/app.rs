@@ -78,7 +78,7 @@ impl App {
                     config.admission.policy_deadline,
                     config.admission.policy_memory,
                 )
-                    .map_err(policy_error)?;
+                .map_err(policy_error)?;
                 let policy = runtime
                     .load_file(path, &config.admission.policy_config)
                     .map_err(policy_error)?;
@@ -106,8 +106,10 @@ impl App {
                 "--rate-limit applies to admitted routes and needs --policy; it is ignored in pass-through mode"
             );
         }
-        let (config_upstream, scrape_interval) =
-            (config.upstream.url.clone(), config.telemetry.scrape_interval());
+        let (config_upstream, scrape_interval) = (
+            config.upstream.url.clone(),
+            config.telemetry.scrape_interval(),
+        );
         let unit = match &config.prefix.tokenizer {
             None => BlockUnit::Bytes,
             Some(path) => {

@@ -90,13 +90,19 @@ where
     for (key, value) in file {
         if key == "policy-config" {
             let toml::Value::Table(table) = value else {
-                return Err(file_error(path, "policy-config must be a table of key = value"));
+                return Err(file_error(
+                    path,
+                    "policy-config must be a table of key = value",
+                ));
             };
             file_policy_config = table.into_iter().map(|(k, v)| (k, scalar(v))).collect();
             continue;
         }
         let id = setting_id(&key).ok_or_else(|| {
-            file_error(path, format!("unknown key `{key}` (keys are the flag names, see --help)"))
+            file_error(
+                path,
+                format!("unknown key `{key}` (keys are the flag names, see --help)"),
+            )
         })?;
         if !set_by_user(&matches, &id) {
             merged.push(format!("--{key}").into());
@@ -224,7 +230,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("--policy"), "{err}");
-        for zero in ["--max-queue", "--max-connections", "--block-size", "--fallback-limit"] {
+        for zero in [
+            "--max-queue",
+            "--max-connections",
+            "--block-size",
+            "--fallback-limit",
+        ] {
             let err = config(&[zero, "0"]).unwrap_err().to_string();
             assert!(err.contains(zero), "{err}");
         }
@@ -255,7 +266,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("without --policy"), "{err}");
-        let err = config(&["--policy-config", "limit"]).unwrap_err().to_string();
+        let err = config(&["--policy-config", "limit"])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("KEY=VALUE"), "{err}");
     }
 
@@ -269,11 +282,20 @@ mod tests {
                 policy.to_str().unwrap()
             ),
         );
-        let c = config(&["--config", path.to_str().unwrap(), "--policy-config", "limit=9"]).unwrap();
+        let c = config(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--policy-config",
+            "limit=9",
+        ])
+        .unwrap();
         assert_eq!(c.admission.policy.as_deref(), Some(policy.as_path()));
         assert_eq!(
             c.admission.policy_config,
-            [("key".into(), "tenant".into()), ("limit".into(), "9".into())]
+            [
+                ("key".into(), "tenant".into()),
+                ("limit".into(), "9".into())
+            ]
         );
     }
 }

@@ -283,9 +283,7 @@ fn resolve_policy(text: &str) -> Result<PathBuf, String> {
 
 /// Parses `100/s`, `6000/m`, `10/100ms`.
 fn parse_rate(text: &str) -> Result<Rate, String> {
-    let (count, unit) = text
-        .split_once('/')
-        .ok_or("expected N/UNIT, e.g. 100/s")?;
+    let (count, unit) = text.split_once('/').ok_or("expected N/UNIT, e.g. 100/s")?;
     let requests: u32 = count
         .trim()
         .parse()

@@ -50,7 +50,11 @@ fn imports(modules: &BTreeMap<String, String>) -> BTreeMap<String, BTreeSet<Stri
                     .split(',')
                     .map(|item| item.trim().split("::").next().unwrap_or_default())
                     .collect(),
-                None => vec![rest.split(|c: char| !(c.is_alphanumeric() || c == '_')).next().unwrap_or_default()],
+                None => vec![
+                    rest.split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                        .next()
+                        .unwrap_or_default(),
+                ],
             };
             for name in names {
                 if name != module && modules.contains_key(name) {

@@ -34,8 +34,8 @@
 #![deny(missing_docs)]
 
 pub mod admin;
-pub mod app;
 pub mod admission;
+pub mod app;
 pub mod body;
 pub mod classify;
 pub mod cli;

@@ -13,11 +13,11 @@ use tokio::time::Instant;
 
 use crate::admission::{Admission, Permit, RequestInfo};
 use crate::body::{BodyLimitExceeded, ProxyBody, full};
-use crate::observed::ObservedBody;
 use crate::classify::{InferenceRequest, Prompt, Route};
 use crate::error::ProxyError;
 use crate::exchange::{Exchange, Inference};
 use crate::headers::{self, Peer};
+use crate::observed::ObservedBody;
 use crate::prefix::{Prediction, PrefixTracker};
 use crate::stream_usage;
 use crate::telemetry::{self, RequestRecord};

@@ -195,7 +195,6 @@ fn register_at_zero() {
     }
 }
 
-
 /// Handles for the series that every request touches, registered once.
 ///
 /// The `counter!`/`histogram!` macros build a key and look it up in the

@@ -62,11 +62,7 @@ impl Upstream {
         Arc::new(Self {
             authority,
             host,
-            pools: Pools::new(
-                workers,
-                MAX_IDLE_CONNECTIONS,
-                config.keepalive,
-            ),
+            pools: Pools::new(workers, MAX_IDLE_CONNECTIONS, config.keepalive),
             response_timeout: config.timeout,
             connect_timeout: config.connect_timeout,
             down: AtomicBool::new(false),

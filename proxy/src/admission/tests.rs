@@ -139,7 +139,12 @@ async fn each_admitted_request_completes_exactly_once() {
     // Half are completed explicitly, half dropped (an error path): both report.
     for (i, permit) in permits.into_iter().enumerate() {
         if i % 2 == 0 {
-            permit.complete(true, Duration::from_millis(1), Duration::from_millis(2), None);
+            permit.complete(
+                true,
+                Duration::from_millis(1),
+                Duration::from_millis(2),
+                None,
+            );
         } else {
             drop(permit);
         }
@@ -178,7 +183,10 @@ async fn a_queued_request_times_out_and_is_cancelled() {
     );
     // Paused time: the runtime jumps to the deadline once every task is idle.
     let err = admission.admit(1, request()).await.unwrap_err();
-    assert!(matches!(err, ProxyError::QueueTimeout(d) if d == Duration::from_secs(3)), "{err:?}");
+    assert!(
+        matches!(err, ProxyError::QueueTimeout(d) if d == Duration::from_secs(3)),
+        "{err:?}"
+    );
     until(&admission, |s| s.queued == 0).await;
     assert_eq!(seen(&log, "cancel"), [1]);
 }
@@ -198,7 +206,10 @@ async fn a_full_queue_refuses_before_the_policy_is_asked() {
     let _waits = [arrive(&admission, 1), arrive(&admission, 2)];
     until(&admission, |s| s.queued == 2).await;
     let err = admission.admit(3, request()).await.unwrap_err();
-    assert!(matches!(err, ProxyError::QueueFull { max_queue: 2, .. }), "{err:?}");
+    assert!(
+        matches!(err, ProxyError::QueueFull { max_queue: 2, .. }),
+        "{err:?}"
+    );
     assert_eq!(seen(&log, "arrival"), [1, 2]);
 }
 
@@ -206,7 +217,10 @@ async fn a_full_queue_refuses_before_the_policy_is_asked() {
 async fn a_reloaded_policy_is_handed_the_queue_oldest_first() {
     let (old, old_log) = hold_all();
     let admission = start(old, 10);
-    let waits: Vec<_> = [5, 3, 9].into_iter().map(|id| arrive(&admission, id)).collect();
+    let waits: Vec<_> = [5, 3, 9]
+        .into_iter()
+        .map(|id| arrive(&admission, id))
+        .collect();
     until(&admission, |s| s.queued == 3).await;
     let (new, new_log) = admit_each();
     assert_eq!(admission.reload(new).await.unwrap(), "admit-each");
@@ -248,7 +262,10 @@ async fn a_fault_hands_the_queue_to_the_fallback_cap() {
     admission.reload(new).await.unwrap();
     fourth.await.unwrap().unwrap();
     let status = admission.status().await.unwrap();
-    assert_eq!((status.fallback, status.policy.as_str()), (false, "plugin admit-each"));
+    assert_eq!(
+        (status.fallback, status.policy.as_str()),
+        (false, "plugin admit-each")
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -283,7 +300,10 @@ async fn a_rejection_answers_the_reason_and_is_never_admitted() {
     });
     let admission = start(policy, 10);
     let err = arrive(&admission, 1).await.unwrap().unwrap_err();
-    assert!(matches!(&err, ProxyError::PolicyRejected(r) if r == "odd ids are refused"), "{err:?}");
+    assert!(
+        matches!(&err, ProxyError::PolicyRejected(r) if r == "odd ids are refused"),
+        "{err:?}"
+    );
     drop(arrive(&admission, 2).await.unwrap().unwrap());
     until(&admission, |s| s.in_flight == 0).await;
     assert_eq!(seen(&log, "completion"), [2]);
@@ -297,7 +317,11 @@ async fn a_policy_is_woken_when_it_asks() {
             wake_after_us: Some(50_000),
             ..Decision::default()
         }),
-        Event::Tick => Ok(if now.queued > 0 { admit(&[1]) } else { Decision::default() }),
+        Event::Tick => Ok(if now.queued > 0 {
+            admit(&[1])
+        } else {
+            Decision::default()
+        }),
         _ => Ok(Decision::default()),
     });
     let admission = start(policy, 10);

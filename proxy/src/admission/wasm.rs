@@ -30,12 +30,6 @@ use bindings::exports::sluice::policy::policy as guest;
 /// How often the epoch advances; policy deadlines are counted in these ticks.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
-
-
-
-
-
-
 /// Why a plugin could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -245,7 +239,6 @@ impl WasmPolicy {
     pub fn description(&self) -> &str {
         &self.description
     }
-
 }
 
 impl Policy for WasmPolicy {
@@ -309,6 +302,11 @@ impl Policy for WasmPolicy {
     }
 }
 
+/// The inline WAT policies the end-to-end tests use too.
+#[cfg(test)]
+#[path = "../../../tests/common/policies.rs"]
+mod test_policies;
+
 #[cfg(test)]
 mod tests {
     //! The host against inline WAT components (`tests/common/policies.rs`),
@@ -319,8 +317,7 @@ mod tests {
     use super::*;
     use crate::admission::{Admission, AdmissionConfig, RequestInfo};
 
-    #[path = "../../../../../tests/common/policies.rs"]
-    mod policies;
+    use super::test_policies as policies;
 
     const ROOMY: Duration = Duration::from_secs(10);
 
@@ -363,7 +360,10 @@ mod tests {
         let deadline = Duration::from_millis(100);
         let mut policy = load(&policies::loops_forever(), deadline, 1 << 20);
         let fault = policy.call(NOW, &arrival(1)).unwrap_err();
-        assert!(matches!(fault, Fault::Deadline(d) if d == deadline), "{fault}");
+        assert!(
+            matches!(fault, Fault::Deadline(d) if d == deadline),
+            "{fault}"
+        );
     }
 
     #[test]
