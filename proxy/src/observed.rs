@@ -249,7 +249,7 @@ mod tests {
     use super::*;
     use crate::classify::Route;
     use http::{HeaderMap, Method, StatusCode};
-    use http_body_util::StreamBody;
+    use http_body_util::{BodyExt, StreamBody};
 
     const CHUNK: &str =
         "data: {\"choices\":[{\"index\":0,\"text\":\"Hi\",\"finish_reason\":null}]}\n\n";

@@ -224,8 +224,9 @@ async fn a_reloaded_policy_is_handed_the_queue_oldest_first() {
     until(&admission, |s| s.queued == 3).await;
     let (new, new_log) = admit_each();
     assert_eq!(admission.reload(new).await.unwrap(), "admit-each");
+    let mut permits = Vec::new();
     for wait in waits {
-        wait.await.unwrap().unwrap();
+        permits.push(wait.await.unwrap().unwrap());
     }
     let status = until(&admission, |s| s.in_flight == 3).await;
     assert_eq!((status.queued, status.fallback), (0, false));
