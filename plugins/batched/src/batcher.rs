@@ -19,32 +19,15 @@
 
 use std::collections::{HashSet, VecDeque};
 
+use sluice_policy_sdk::{
+    self as sdk, Completion, ConfigError, Decision, Policy, Request, Snapshot,
+};
+
 use crate::config::{Config, Waves};
 
 /// The longest wake-up asked for, in µs. A longer wait is re-armed by the
 /// (early) tick, so a huge `window_ms` never hands the host an absurd timer.
 pub const MAX_WAKE_US: u64 = 60_000_000;
-
-/// The host's state when an event is delivered (the WIT `snapshot`, less
-/// what this policy does not read).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Snapshot {
-    /// Host monotonic clock (µs).
-    pub now_us: u64,
-    /// Requests the host has admitted and not yet seen complete.
-    pub in_flight: u32,
-}
-
-/// The answer to one event (the WIT `decision`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Decision {
-    /// Queued requests to release now, in this order.
-    pub admit: Vec<u64>,
-    /// Queued requests to refuse, with the reason. This policy never refuses.
-    pub reject: Vec<(u64, String)>,
-    /// Ask for a tick after this many µs; `None` cancels any earlier one.
-    pub wake_after_us: Option<u64>,
-}
 
 /// A request waiting for its wave.
 #[derive(Debug, Clone, Copy)]
@@ -104,81 +87,6 @@ impl Batcher {
         self.in_flight.len()
     }
 
-    /// Messages about events that broke the host contract (an unknown id, a
-    /// duplicate arrival), for the host's log. Drains them.
-    pub fn take_warnings(&mut self) -> Vec<String> {
-        std::mem::take(&mut self.warnings)
-    }
-
-    /// Request `id` joined the queue; it arrived at `arrived_us` on the host
-    /// clock (earlier than now when the host replays its queue after a reload).
-    pub fn on_arrival(&mut self, now: Snapshot, id: u64, arrived_us: u64) -> Decision {
-        self.observe(now);
-        if self.queued.contains(&id) || self.in_flight.contains(&id) {
-            self.warnings.push(format!(
-                "batched: duplicate arrival of request {id} ignored"
-            ));
-        } else {
-            self.queued.insert(id);
-            self.queue.push_back(Queued {
-                id,
-                since_us: arrived_us.min(now.now_us),
-            });
-        }
-        self.release(now.now_us)
-    }
-
-    /// An admitted request finished, successfully or not: either way it no
-    /// longer holds its wave open.
-    pub fn on_completion(&mut self, now: Snapshot, id: u64) -> Decision {
-        // The snapshot is not read here: whether its `in_flight` still counts
-        // the request completing is the host's choice.
-        if self.in_flight.remove(&id) {
-            // The usual case.
-        } else if self.remove_queued(id) {
-            self.warnings.push(format!(
-                "batched: completion of request {id}, which was never admitted; dropped from the queue"
-            ));
-        } else {
-            match &mut self.inherited {
-                Some(n) if *n > 0 => *n -= 1,
-                // Before the first snapshot, an unknown completion is most
-                // likely inherited; the next snapshot gives the true count.
-                None => {}
-                Some(_) => self.warnings.push(format!(
-                    "batched: completion of unknown request {id} ignored"
-                )),
-            }
-        }
-        self.release(now.now_us)
-    }
-
-    /// A queued request left without being admitted. It is never admitted
-    /// afterwards, and it is not a member of any wave.
-    pub fn on_cancel(&mut self, now: Snapshot, id: u64) -> Decision {
-        self.observe(now);
-        if self.remove_queued(id) {
-            // The usual case.
-        } else if self.in_flight.remove(&id) {
-            // The host promises a completion, not a cancel, for admitted
-            // requests; count it as done so that a wave cannot hang on it.
-            self.warnings.push(format!(
-                "batched: cancel of admitted request {id}; counted as completed"
-            ));
-        } else {
-            self.warnings
-                .push(format!("batched: cancel of unknown request {id} ignored"));
-        }
-        self.release(now.now_us)
-    }
-
-    /// The wake-up asked for earlier is due (or not quite: the host's timer
-    /// may fire early or late; either is handled).
-    pub fn on_tick(&mut self, now: Snapshot) -> Decision {
-        self.observe(now);
-        self.release(now.now_us)
-    }
-
     /// Learns from a snapshot how many in-flight requests this instance did
     /// not admit. Only ever lowers the count after the first look, so a
     /// host that under-reports cannot make a wave wait forever.
@@ -228,6 +136,94 @@ impl Batcher {
     }
 }
 
+impl Policy for Batcher {
+    fn init(config: &sdk::Config) -> Result<Self, ConfigError> {
+        Config::read(config).map(Batcher::new)
+    }
+
+    /// The configuration, e.g. `batched: max_batch=50 window_ms=10 waves=1`.
+    fn describe(&self) -> String {
+        self.config.to_string()
+    }
+
+    /// Request `req.id` joined the queue; its window starts at `req.arrived_us`
+    /// (earlier than now when the host replays its queue after a reload).
+    fn on_arrival(&mut self, now: Snapshot, req: &Request) -> Decision {
+        let Request { id, arrived_us, .. } = *req;
+        self.observe(now);
+        if self.queued.contains(&id) || self.in_flight.contains(&id) {
+            self.warnings.push(format!(
+                "batched: duplicate arrival of request {id} ignored"
+            ));
+        } else {
+            self.queued.insert(id);
+            self.queue.push_back(Queued {
+                id,
+                since_us: arrived_us.min(now.now_us),
+            });
+        }
+        self.release(now.now_us)
+    }
+
+    /// An admitted request finished, successfully or not: either way it no
+    /// longer holds its wave open.
+    fn on_completion(&mut self, now: Snapshot, done: Completion) -> Decision {
+        let id = done.id;
+        // The snapshot is not read here: whether its `in_flight` still counts
+        // the request completing is the host's choice.
+        if self.in_flight.remove(&id) {
+            // The usual case.
+        } else if self.remove_queued(id) {
+            self.warnings.push(format!(
+                "batched: completion of request {id}, which was never admitted; dropped from the queue"
+            ));
+        } else {
+            match &mut self.inherited {
+                Some(n) if *n > 0 => *n -= 1,
+                // Before the first snapshot, an unknown completion is most
+                // likely inherited; the next snapshot gives the true count.
+                None => {}
+                Some(_) => self.warnings.push(format!(
+                    "batched: completion of unknown request {id} ignored"
+                )),
+            }
+        }
+        self.release(now.now_us)
+    }
+
+    /// A queued request left without being admitted. It is never admitted
+    /// afterwards, and it is not a member of any wave.
+    fn on_cancel(&mut self, now: Snapshot, id: u64) -> Decision {
+        self.observe(now);
+        if self.remove_queued(id) {
+            // The usual case.
+        } else if self.in_flight.remove(&id) {
+            // The host promises a completion, not a cancel, for admitted
+            // requests; count it as done so that a wave cannot hang on it.
+            self.warnings.push(format!(
+                "batched: cancel of admitted request {id}; counted as completed"
+            ));
+        } else {
+            self.warnings
+                .push(format!("batched: cancel of unknown request {id} ignored"));
+        }
+        self.release(now.now_us)
+    }
+
+    /// The wake-up asked for earlier is due (or not quite: the host's timer
+    /// may fire early or late; either is handled).
+    fn on_tick(&mut self, now: Snapshot) -> Decision {
+        self.observe(now);
+        self.release(now.now_us)
+    }
+
+    /// Messages about events that broke the host contract (an unknown id, a
+    /// duplicate arrival), for the host's log. Drains them.
+    fn take_warnings(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.warnings)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,28 +239,30 @@ mod tests {
     }
 
     fn at(now_us: u64) -> Snapshot {
-        Snapshot {
-            now_us,
-            in_flight: 0,
-        }
+        Snapshot::at(now_us)
     }
 
     /// A snapshot whose `in_flight` agrees with the batcher's own count.
     fn snap(b: &Batcher, now_us: u64) -> Snapshot {
-        Snapshot {
-            now_us,
-            in_flight: b.in_flight() as u32,
+        Snapshot::at(now_us).with_in_flight(b.in_flight() as u32)
+    }
+
+    /// Request `id`, which arrived at `arrived_us`.
+    fn arrival(id: u64, arrived_us: u64) -> Request {
+        Request {
+            arrived_us,
+            ..Request::new(id)
         }
     }
 
     fn arrive(b: &mut Batcher, now_us: u64, id: u64) -> Decision {
         let now = snap(b, now_us);
-        b.on_arrival(now, id, now_us)
+        b.on_arrival(now, &arrival(id, now_us))
     }
 
     fn complete(b: &mut Batcher, now_us: u64, id: u64) -> Decision {
         let now = snap(b, now_us);
-        b.on_completion(now, id)
+        b.on_completion(now, Completion::new(id))
     }
 
     fn cancel(b: &mut Batcher, now_us: u64, id: u64) -> Decision {
@@ -289,6 +287,14 @@ mod tests {
             wake_after_us: Some(us),
             ..Decision::default()
         }
+    }
+
+    #[test]
+    fn init_reads_the_config_and_describes_it() {
+        let b = sdk::Config::parse([("max_batch", "8")], Batcher::init).unwrap();
+        assert_eq!(b.describe(), "batched: max_batch=8 window_ms=10 waves=1");
+        let err = sdk::Config::parse([("limit", "8")], Batcher::init).unwrap_err();
+        assert!(err.to_string().starts_with("unknown key `limit`"));
     }
 
     #[test]
@@ -475,14 +481,20 @@ mod tests {
     fn a_replayed_arrival_keeps_the_time_it_already_waited() {
         let mut b = Batcher::new(config(50, 10, Waves::Overlap));
         // The host replays oldest first.
-        assert_eq!(b.on_arrival(at(100 * MS), 1, 80 * MS), admits(&[1]));
-        assert_eq!(b.on_arrival(at(100 * MS), 2, 94 * MS), waits(4 * MS));
+        assert_eq!(
+            b.on_arrival(at(100 * MS), &arrival(1, 80 * MS)),
+            admits(&[1])
+        );
+        assert_eq!(
+            b.on_arrival(at(100 * MS), &arrival(2, 94 * MS)),
+            waits(4 * MS)
+        );
     }
 
     #[test]
     fn an_arrival_stamped_in_the_future_starts_its_window_now() {
         let mut b = Batcher::new(config(50, 10, Waves::Overlap));
-        assert_eq!(b.on_arrival(at(MS), 1, 50 * MS), waits(10 * MS));
+        assert_eq!(b.on_arrival(at(MS), &arrival(1, 50 * MS)), waits(10 * MS));
     }
 
     #[test]
@@ -537,42 +549,45 @@ mod tests {
     fn after_a_reload_the_first_wave_waits_for_the_inherited_one() {
         let mut b = Batcher::new(config(2, 10, Waves::Gather));
         // The host replays its queue while 3 requests of the old instance run.
-        let now = Snapshot {
-            now_us: 0,
-            in_flight: 3,
-        };
-        assert_eq!(b.on_arrival(now, 10, 0), Decision::default());
-        assert_eq!(b.on_arrival(now, 11, 0), Decision::default());
+        let now = Snapshot::at(0).with_in_flight(3);
+        assert_eq!(b.on_arrival(now, &arrival(10, 0)), Decision::default());
+        assert_eq!(b.on_arrival(now, &arrival(11, 0)), Decision::default());
         // Completions of the old requests are not warnings.
-        assert_eq!(b.on_completion(now, 1), Decision::default());
-        assert_eq!(b.on_completion(now, 2), Decision::default());
-        assert_eq!(b.on_completion(now, 3), admits(&[10, 11]));
+        assert_eq!(
+            b.on_completion(now, Completion::new(1)),
+            Decision::default()
+        );
+        assert_eq!(
+            b.on_completion(now, Completion::new(2)),
+            Decision::default()
+        );
+        assert_eq!(b.on_completion(now, Completion::new(3)), admits(&[10, 11]));
         assert!(b.take_warnings().is_empty());
     }
 
     #[test]
     fn the_inherited_count_follows_the_host_downwards_only() {
         let mut b = Batcher::new(config(2, 10, Waves::Gather));
-        let with = |in_flight| Snapshot {
-            now_us: 20 * MS,
-            in_flight,
-        };
-        assert_eq!(b.on_arrival(with(5), 10, 0), Decision::default());
+        let with = |in_flight| Snapshot::at(20 * MS).with_in_flight(in_flight);
+        assert_eq!(b.on_arrival(with(5), &arrival(10, 0)), Decision::default());
         // The host now reports fewer (its count is the truth): they are gone.
         assert_eq!(b.on_tick(with(0)), admits(&[10]));
         // A later, higher report does not resurrect them: only 10 is running.
-        assert_eq!(b.on_arrival(with(9), 11, 20 * MS), Decision::default());
-        assert_eq!(b.on_completion(with(1), 10), waits(10 * MS));
+        assert_eq!(
+            b.on_arrival(with(9), &arrival(11, 20 * MS)),
+            Decision::default()
+        );
+        assert_eq!(
+            b.on_completion(with(1), Completion::new(10)),
+            waits(10 * MS)
+        );
     }
 
     #[test]
     fn overlap_ignores_inherited_requests() {
         let mut b = Batcher::new(config(1, 10, Waves::Overlap));
-        let now = Snapshot {
-            now_us: 0,
-            in_flight: 7,
-        };
-        assert_eq!(b.on_arrival(now, 1, 0), admits(&[1]));
+        let now = Snapshot::at(0).with_in_flight(7);
+        assert_eq!(b.on_arrival(now, &arrival(1, 0)), admits(&[1]));
     }
 
     /// A deterministic xorshift generator, enough to shuffle events.
@@ -630,21 +645,15 @@ mod tests {
                 for step in 0..400 {
                     now += rng.below(3 * MS);
                     if wake.is_some_and(|due| due <= now) {
-                        let d = b.on_tick(Snapshot {
-                            now_us: now,
-                            in_flight: running.len() as u32,
-                        });
+                        let d = b.on_tick(Snapshot::at(now).with_in_flight(running.len() as u32));
                         apply(d, now, &mut queued, &mut running, &mut wake);
                     }
-                    let snapshot = Snapshot {
-                        now_us: now,
-                        in_flight: running.len() as u32,
-                    };
+                    let snapshot = Snapshot::at(now).with_in_flight(running.len() as u32);
                     let d = match rng.below(10) {
                         0..=4 if step < 300 => {
                             queued.push(next_id);
                             next_id += 1;
-                            b.on_arrival(snapshot, next_id - 1, now)
+                            b.on_arrival(snapshot, &arrival(next_id - 1, now))
                         }
                         5 if !queued.is_empty() => {
                             let id = queued.remove(rng.below(queued.len() as u64) as usize);
@@ -652,7 +661,7 @@ mod tests {
                         }
                         _ if !running.is_empty() => {
                             let id = running.remove(rng.below(running.len() as u64) as usize);
-                            b.on_completion(snapshot, id)
+                            b.on_completion(snapshot, Completion::new(id))
                         }
                         _ => b.on_tick(snapshot),
                     };
@@ -663,19 +672,13 @@ mod tests {
                     if queued.is_empty() && running.is_empty() {
                         break;
                     }
-                    let snapshot = Snapshot {
-                        now_us: now,
-                        in_flight: running.len() as u32,
-                    };
+                    let snapshot = Snapshot::at(now).with_in_flight(running.len() as u32);
                     let d = if let Some(id) = running.pop() {
-                        b.on_completion(snapshot, id)
+                        b.on_completion(snapshot, Completion::new(id))
                     } else {
                         let due = wake.expect("queued requests but no tick asked for");
                         now = now.max(due);
-                        b.on_tick(Snapshot {
-                            now_us: now,
-                            in_flight: 0,
-                        })
+                        b.on_tick(Snapshot::at(now))
                     };
                     apply(d, now, &mut queued, &mut running, &mut wake);
                 }

@@ -1,10 +1,9 @@
-//! The `batched` policy's configuration: parsed from the host's
-//! `--policy-config key=value` pairs, validated once in `init`.
+//! The `batched` policy's configuration: read from the host's
+//! `--policy-config key=value` pairs ([`sdk::Config`]), validated once in `init`.
 
 use std::fmt;
 
-/// Keys this policy accepts, in the order the error message lists them.
-const KEYS: &[&str] = &["max_batch", "window_ms", "waves"];
+use sluice_policy_sdk::{self as sdk, ConfigError};
 
 /// Whether admitted waves may overlap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,36 +38,18 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Parses `key=value` pairs over the defaults. Keys and values are
-    /// trimmed; a key given twice takes its last value.
-    pub fn parse(pairs: &[(String, String)]) -> Result<Config, ConfigError> {
-        let mut config = Config::default();
-        for (key, value) in pairs {
-            let (key, value) = (key.trim(), value.trim());
-            match key {
-                "max_batch" => {
-                    config.max_batch = value
-                        .parse()
-                        .ok()
-                        .filter(|&n: &u32| n >= 1)
-                        .ok_or_else(|| ConfigError::invalid(key, value, "an integer ≥ 1"))?;
-                }
-                "window_ms" => {
-                    config.window_ms = value.parse().map_err(|_| {
-                        ConfigError::invalid(key, value, "a whole number of milliseconds ≥ 0")
-                    })?;
-                }
-                "waves" => {
-                    config.waves = match value {
-                        "1" => Waves::Gather,
-                        "0" => Waves::Overlap,
-                        _ => return Err(ConfigError::invalid(key, value, "0 or 1")),
-                    };
-                }
-                _ => return Err(ConfigError::UnknownKey(key.to_owned())),
-            }
-        }
-        Ok(config)
+    /// Reads the keys over the defaults, in the order an unknown key's
+    /// error lists them. A bad value is reported by [`sdk::Config::parse`].
+    pub fn read(config: &sdk::Config) -> Result<Config, ConfigError> {
+        let default = Config::default();
+        Ok(Config {
+            max_batch: config.u32("max_batch", 1.., default.max_batch),
+            window_ms: config.millis("window_ms", default.window_ms),
+            waves: match config.bool("waves", default.waves == Waves::Gather) {
+                true => Waves::Gather,
+                false => Waves::Overlap,
+            },
+        })
     }
 
     /// The window in microseconds, the unit of the host clock.
@@ -92,66 +73,12 @@ impl fmt::Display for Config {
     }
 }
 
-/// Why a configuration was refused; the message names the bad key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConfigError {
-    /// A key this policy does not know.
-    UnknownKey(String),
-    /// A known key with a value it cannot take.
-    InvalidValue {
-        /// The key, as given.
-        key: String,
-        /// The value, as given (trimmed).
-        value: String,
-        /// What the key accepts.
-        expected: &'static str,
-    },
-}
-
-impl ConfigError {
-    fn invalid(key: &str, value: &str, expected: &'static str) -> Self {
-        ConfigError::InvalidValue {
-            key: key.to_owned(),
-            value: value.to_owned(),
-            expected,
-        }
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ConfigError::UnknownKey(key) => {
-                write!(
-                    f,
-                    "unknown key `{key}` (expected one of: {})",
-                    KEYS.join(", ")
-                )
-            }
-            ConfigError::InvalidValue {
-                key,
-                value,
-                expected,
-            } => write!(
-                f,
-                "invalid value {value:?} for key `{key}`: expected {expected}"
-            ),
-        }
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn parse(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let pairs: Vec<(String, String)> = pairs
-            .iter()
-            .map(|&(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
-        Config::parse(&pairs)
+        sdk::Config::parse(pairs.iter().copied(), Config::read)
     }
 
     fn error(pairs: &[(&str, &str)]) -> String {

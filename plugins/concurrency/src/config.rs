@@ -1,10 +1,9 @@
-//! The `concurrency` policy's configuration: parsed from the host's
-//! `--policy-config key=value` pairs, validated once in `init`.
+//! The `concurrency` policy's configuration: read from the host's
+//! `--policy-config key=value` pairs ([`sdk::Config`]), validated once in `init`.
 
 use std::fmt;
 
-/// Keys this policy accepts, in the order the error message lists them.
-const KEYS: &[&str] = &["limit", "key"];
+use sluice_policy_sdk::{self as sdk, ConfigError};
 
 /// What the limit applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,6 +16,9 @@ pub enum Key {
 }
 
 impl Key {
+    /// Every key, as written in the configuration.
+    const ALL: [(&'static str, Key); 2] = [("global", Key::Global), ("tenant", Key::Tenant)];
+
     fn as_str(self) -> &'static str {
         match self {
             Key::Global => "global",
@@ -44,33 +46,14 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Parses `key=value` pairs over the defaults. Keys and values are
-    /// trimmed; a key given twice takes its last value.
-    pub fn parse(pairs: &[(String, String)]) -> Result<Config, ConfigError> {
-        let mut config = Config::default();
-        for (key, value) in pairs {
-            let (key, value) = (key.trim(), value.trim());
-            match key {
-                "limit" => {
-                    config.limit = value
-                        .parse()
-                        .ok()
-                        .filter(|&n: &u32| n >= 1)
-                        .ok_or_else(|| ConfigError::invalid(key, value, "an integer ≥ 1"))?;
-                }
-                "key" => {
-                    config.key = match value {
-                        "global" => Key::Global,
-                        "tenant" => Key::Tenant,
-                        _ => {
-                            return Err(ConfigError::invalid(key, value, "`global` or `tenant`"));
-                        }
-                    };
-                }
-                _ => return Err(ConfigError::UnknownKey(key.to_owned())),
-            }
-        }
-        Ok(config)
+    /// Reads the keys over the defaults, in the order an unknown key's
+    /// error lists them. A bad value is reported by [`sdk::Config::parse`].
+    pub fn read(config: &sdk::Config) -> Result<Config, ConfigError> {
+        let default = Config::default();
+        Ok(Config {
+            limit: config.u32("limit", 1.., default.limit),
+            key: config.choice("key", &Key::ALL, default.key),
+        })
     }
 }
 
@@ -86,66 +69,12 @@ impl fmt::Display for Config {
     }
 }
 
-/// Why a configuration was refused; the message names the bad key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConfigError {
-    /// A key this policy does not know.
-    UnknownKey(String),
-    /// A known key with a value it cannot take.
-    InvalidValue {
-        /// The key, as given.
-        key: String,
-        /// The value, as given (trimmed).
-        value: String,
-        /// What the key accepts.
-        expected: &'static str,
-    },
-}
-
-impl ConfigError {
-    fn invalid(key: &str, value: &str, expected: &'static str) -> Self {
-        ConfigError::InvalidValue {
-            key: key.to_owned(),
-            value: value.to_owned(),
-            expected,
-        }
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ConfigError::UnknownKey(key) => {
-                write!(
-                    f,
-                    "unknown key `{key}` (expected one of: {})",
-                    KEYS.join(", ")
-                )
-            }
-            ConfigError::InvalidValue {
-                key,
-                value,
-                expected,
-            } => write!(
-                f,
-                "invalid value {value:?} for key `{key}`: expected {expected}"
-            ),
-        }
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn parse(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let pairs: Vec<(String, String)> = pairs
-            .iter()
-            .map(|&(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
-        Config::parse(&pairs)
+        sdk::Config::parse(pairs.iter().copied(), Config::read)
     }
 
     fn error(pairs: &[(&str, &str)]) -> String {

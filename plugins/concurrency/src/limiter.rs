@@ -18,6 +18,12 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
+use sluice_policy_sdk::{
+    self as sdk, Completion, ConfigError, Decision, Policy, Request, Snapshot,
+};
+
+use crate::config::{Config, Key};
+
 /// FxHash-style hasher: ids and tenant keys come from the host, and the
 /// policy runs under a per-call deadline, so speed matters more than
 /// resistance to crafted keys (a flood of colliding tenants only slows the
@@ -44,29 +50,6 @@ impl Hasher for FastHasher {
 }
 
 type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
-
-use crate::config::{Config, Key};
-
-/// The host's state when an event is delivered (the WIT `snapshot`, less
-/// what this policy does not read).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Snapshot {
-    /// Host monotonic clock (µs). The limiter does not depend on time.
-    pub now_us: u64,
-    /// Requests the host has admitted and not yet seen complete.
-    pub in_flight: u32,
-}
-
-/// The answer to one event (the WIT `decision`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Decision {
-    /// Queued requests to release now, in this order.
-    pub admit: Vec<u64>,
-    /// Queued requests to refuse, with the reason. This policy never refuses.
-    pub reject: Vec<(u64, String)>,
-    /// Ask for a tick after this many µs. Always `None` here.
-    pub wake_after_us: Option<u64>,
-}
 
 /// One key's share: its queue and how many of its requests are running.
 #[derive(Debug, Default)]
@@ -122,106 +105,6 @@ impl Limiter {
     /// How many requests this instance admitted that have not completed.
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()
-    }
-
-    /// Messages about events that broke the host contract (an unknown id, a
-    /// duplicate arrival), for the host's log. Drains them.
-    pub fn take_warnings(&mut self) -> Vec<String> {
-        std::mem::take(&mut self.warnings)
-    }
-
-    /// Request `id` from `tenant` joined the queue.
-    pub fn on_arrival(&mut self, now: Snapshot, id: u64, tenant: &str) -> Decision {
-        self.observe(now);
-        let mut decision = Decision::default();
-        if self.queued.contains_key(&id) || self.in_flight.contains_key(&id) {
-            self.warnings.push(format!(
-                "concurrency: duplicate arrival of request {id} ignored"
-            ));
-            self.admit_global(&mut decision);
-            return decision;
-        }
-        let key = match self.config.key {
-            Key::Global => "",
-            Key::Tenant => tenant,
-        };
-        // Keys are shared (`Arc`), so only a new tenant allocates.
-        let key: Arc<str> = match self.slots.get_key_value(key) {
-            Some((shared, _)) => Arc::clone(shared),
-            None => Arc::from(key),
-        };
-        self.slots
-            .entry(Arc::clone(&key))
-            .or_default()
-            .queue
-            .push_back(id);
-        self.queued.insert(id, Arc::clone(&key));
-        self.admit(&key, &mut decision);
-        decision
-    }
-
-    /// An admitted request finished, successfully or not: its slot is free.
-    pub fn on_completion(&mut self, now: Snapshot, id: u64) -> Decision {
-        // The snapshot is not read here: whether its `in_flight` still counts
-        // the request completing is the host's choice.
-        let _ = now;
-        let mut decision = Decision::default();
-        if let Some(key) = self.in_flight.remove(&id) {
-            if let Some(slot) = self.slots.get_mut(&key) {
-                slot.in_flight = slot.in_flight.saturating_sub(1);
-            }
-            self.admit(&key, &mut decision);
-        } else if self.remove_queued(id) {
-            self.warnings.push(format!(
-                "concurrency: completion of request {id}, which was never admitted; dropped from the queue"
-            ));
-        } else {
-            match &mut self.inherited {
-                Some(n) if *n > 0 => *n -= 1,
-                // Before the first snapshot, an unknown completion is most
-                // likely inherited; the next snapshot gives the true count.
-                None => {}
-                Some(_) => self.warnings.push(format!(
-                    "concurrency: completion of unknown request {id} ignored"
-                )),
-            }
-            self.admit_global(&mut decision);
-        }
-        decision
-    }
-
-    /// A queued request left without being admitted; it is never admitted
-    /// afterwards.
-    pub fn on_cancel(&mut self, now: Snapshot, id: u64) -> Decision {
-        self.observe(now);
-        if self.remove_queued(id) {
-            let mut decision = Decision::default();
-            self.admit_global(&mut decision);
-            return decision;
-        }
-        if self.in_flight.contains_key(&id) {
-            // The host promises a completion, not a cancel, for admitted
-            // requests; free the slot so that it cannot leak.
-            self.warnings.push(format!(
-                "concurrency: cancel of admitted request {id}; counted as completed"
-            ));
-            return self.on_completion(now, id);
-        }
-        self.warnings.push(format!(
-            "concurrency: cancel of unknown request {id} ignored"
-        ));
-        let mut decision = Decision::default();
-        self.admit_global(&mut decision);
-        decision
-    }
-
-    /// A tick: nothing is timed here, but the snapshot may show that
-    /// inherited requests have finished.
-    pub fn on_tick(&mut self, now: Snapshot) -> Decision {
-        self.observe(now);
-        let mut decision = Decision::default();
-        self.admit_global(&mut decision);
-        decision
     }
 
     /// Learns from a snapshot how many in-flight requests this instance did
@@ -281,6 +164,119 @@ impl Limiter {
     }
 }
 
+impl Policy for Limiter {
+    fn init(config: &sdk::Config) -> Result<Self, ConfigError> {
+        Config::read(config).map(Limiter::new)
+    }
+
+    /// The configuration, e.g. `concurrency: limit=10 key=global`.
+    fn describe(&self) -> String {
+        self.config.to_string()
+    }
+
+    /// Request `req.id` from `req.tenant` joined the queue.
+    fn on_arrival(&mut self, now: Snapshot, req: &Request) -> Decision {
+        let (id, tenant) = (req.id, req.tenant.as_str());
+        self.observe(now);
+        let mut decision = Decision::default();
+        if self.queued.contains_key(&id) || self.in_flight.contains_key(&id) {
+            self.warnings.push(format!(
+                "concurrency: duplicate arrival of request {id} ignored"
+            ));
+            self.admit_global(&mut decision);
+            return decision;
+        }
+        let key = match self.config.key {
+            Key::Global => "",
+            Key::Tenant => tenant,
+        };
+        // Keys are shared (`Arc`), so only a new tenant allocates.
+        let key: Arc<str> = match self.slots.get_key_value(key) {
+            Some((shared, _)) => Arc::clone(shared),
+            None => Arc::from(key),
+        };
+        self.slots
+            .entry(Arc::clone(&key))
+            .or_default()
+            .queue
+            .push_back(id);
+        self.queued.insert(id, Arc::clone(&key));
+        self.admit(&key, &mut decision);
+        decision
+    }
+
+    /// An admitted request finished, successfully or not: its slot is free.
+    fn on_completion(&mut self, now: Snapshot, done: Completion) -> Decision {
+        // The snapshot is not read here: whether its `in_flight` still counts
+        // the request completing is the host's choice.
+        let _ = now;
+        let id = done.id;
+        let mut decision = Decision::default();
+        if let Some(key) = self.in_flight.remove(&id) {
+            if let Some(slot) = self.slots.get_mut(&key) {
+                slot.in_flight = slot.in_flight.saturating_sub(1);
+            }
+            self.admit(&key, &mut decision);
+        } else if self.remove_queued(id) {
+            self.warnings.push(format!(
+                "concurrency: completion of request {id}, which was never admitted; dropped from the queue"
+            ));
+        } else {
+            match &mut self.inherited {
+                Some(n) if *n > 0 => *n -= 1,
+                // Before the first snapshot, an unknown completion is most
+                // likely inherited; the next snapshot gives the true count.
+                None => {}
+                Some(_) => self.warnings.push(format!(
+                    "concurrency: completion of unknown request {id} ignored"
+                )),
+            }
+            self.admit_global(&mut decision);
+        }
+        decision
+    }
+
+    /// A queued request left without being admitted; it is never admitted
+    /// afterwards.
+    fn on_cancel(&mut self, now: Snapshot, id: u64) -> Decision {
+        self.observe(now);
+        if self.remove_queued(id) {
+            let mut decision = Decision::default();
+            self.admit_global(&mut decision);
+            return decision;
+        }
+        if self.in_flight.contains_key(&id) {
+            // The host promises a completion, not a cancel, for admitted
+            // requests; free the slot so that it cannot leak.
+            self.warnings.push(format!(
+                "concurrency: cancel of admitted request {id}; counted as completed"
+            ));
+            return self.on_completion(now, Completion::new(id));
+        }
+        self.warnings.push(format!(
+            "concurrency: cancel of unknown request {id} ignored"
+        ));
+        let mut decision = Decision::default();
+        self.admit_global(&mut decision);
+        decision
+    }
+
+    /// A tick: nothing is timed here, but the snapshot may show that
+    /// inherited requests have finished.
+    fn on_tick(&mut self, now: Snapshot) -> Decision {
+        self.observe(now);
+        let mut decision = Decision::default();
+        self.admit_global(&mut decision);
+        decision
+    }
+
+    /// Messages about events that broke the host contract (an unknown id, a
+    /// duplicate arrival), for the host's log. Drains them.
+    fn take_warnings(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.warnings)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,15 +287,20 @@ mod tests {
 
     /// A snapshot whose `in_flight` agrees with the limiter's own count.
     fn snap(l: &Limiter) -> Snapshot {
-        Snapshot {
-            now_us: 0,
-            in_flight: l.in_flight() as u32,
+        Snapshot::at(0).with_in_flight(l.in_flight() as u32)
+    }
+
+    /// Request `id` from `tenant`.
+    fn arrival(id: u64, tenant: &str) -> Request {
+        Request {
+            tenant: tenant.to_owned(),
+            ..Request::new(id)
         }
     }
 
     fn arrive(l: &mut Limiter, id: u64, tenant: &str) -> Vec<u64> {
         let now = snap(l);
-        let d = l.on_arrival(now, id, tenant);
+        let d = l.on_arrival(now, &arrival(id, tenant));
         assert_eq!(d.wake_after_us, None);
         assert!(d.reject.is_empty());
         d.admit
@@ -307,7 +308,7 @@ mod tests {
 
     fn complete(l: &mut Limiter, id: u64) -> Vec<u64> {
         let now = snap(l);
-        l.on_completion(now, id).admit
+        l.on_completion(now, Completion::new(id)).admit
     }
 
     fn cancel(l: &mut Limiter, id: u64) -> Vec<u64> {
@@ -316,10 +317,15 @@ mod tests {
     }
 
     fn with_in_flight(in_flight: u32) -> Snapshot {
-        Snapshot {
-            now_us: 0,
-            in_flight,
-        }
+        Snapshot::at(0).with_in_flight(in_flight)
+    }
+
+    #[test]
+    fn init_reads_the_config_and_describes_it() {
+        let l = sdk::Config::parse([("key", "tenant")], Limiter::init).unwrap();
+        assert_eq!(l.describe(), "concurrency: limit=10 key=tenant");
+        let err = sdk::Config::parse([("max_batch", "8")], Limiter::init).unwrap_err();
+        assert!(err.to_string().starts_with("unknown key `max_batch`"));
     }
 
     #[test]
@@ -458,30 +464,62 @@ mod tests {
     fn after_a_reload_inherited_requests_hold_global_slots() {
         let mut l = Limiter::new(config(2, Key::Global));
         // The host replays its queue while 3 requests of the old instance run.
-        assert!(l.on_arrival(with_in_flight(3), 10, "").admit.is_empty());
-        assert!(l.on_arrival(with_in_flight(3), 11, "").admit.is_empty());
-        assert!(l.on_completion(with_in_flight(3), 1).admit.is_empty());
-        assert_eq!(l.on_completion(with_in_flight(2), 2).admit, [10]);
-        assert_eq!(l.on_completion(with_in_flight(2), 3).admit, [11]);
+        assert!(
+            l.on_arrival(with_in_flight(3), &arrival(10, ""))
+                .admit
+                .is_empty()
+        );
+        assert!(
+            l.on_arrival(with_in_flight(3), &arrival(11, ""))
+                .admit
+                .is_empty()
+        );
+        assert!(
+            l.on_completion(with_in_flight(3), Completion::new(1))
+                .admit
+                .is_empty()
+        );
+        assert_eq!(
+            l.on_completion(with_in_flight(2), Completion::new(2)).admit,
+            [10]
+        );
+        assert_eq!(
+            l.on_completion(with_in_flight(2), Completion::new(3)).admit,
+            [11]
+        );
         assert!(l.take_warnings().is_empty());
     }
 
     #[test]
     fn the_inherited_count_follows_the_host_downwards_only() {
         let mut l = Limiter::new(config(2, Key::Global));
-        assert!(l.on_arrival(with_in_flight(4), 10, "").admit.is_empty());
+        assert!(
+            l.on_arrival(with_in_flight(4), &arrival(10, ""))
+                .admit
+                .is_empty()
+        );
         // The host's count is the truth: the old requests are gone.
         assert_eq!(l.on_tick(with_in_flight(0)).admit, [10]);
         // A higher report later does not bring them back.
-        assert_eq!(l.on_arrival(with_in_flight(5), 11, "").admit, [11]);
+        assert_eq!(
+            l.on_arrival(with_in_flight(5), &arrival(11, "")).admit,
+            [11]
+        );
     }
 
     #[test]
     fn per_tenant_limits_ignore_inherited_requests() {
         let mut l = Limiter::new(config(1, Key::Tenant));
-        assert_eq!(l.on_arrival(with_in_flight(9), 10, "a").admit, [10]);
+        assert_eq!(
+            l.on_arrival(with_in_flight(9), &arrival(10, "a")).admit,
+            [10]
+        );
         // Their completions are still expected, not warnings.
-        assert!(l.on_completion(with_in_flight(9), 1).admit.is_empty());
+        assert!(
+            l.on_completion(with_in_flight(9), Completion::new(1))
+                .admit
+                .is_empty()
+        );
         assert!(l.take_warnings().is_empty());
     }
 
@@ -518,16 +556,13 @@ mod tests {
                     Key::Tenant => tenant,
                 };
                 for step in 0..600 {
-                    let now = Snapshot {
-                        now_us: step,
-                        in_flight: running.len() as u32,
-                    };
+                    let now = Snapshot::at(step).with_in_flight(running.len() as u32);
                     let d = match rng.below(10) {
                         0..=4 if step < 450 => {
                             let tenant = TENANTS[rng.below(4) as usize];
                             queued.push((next_id, key_of(tenant)));
                             next_id += 1;
-                            l.on_arrival(now, next_id - 1, tenant)
+                            l.on_arrival(now, &arrival(next_id - 1, tenant))
                         }
                         5 if !queued.is_empty() => {
                             let (id, _) = queued.remove(rng.below(queued.len() as u64) as usize);
@@ -535,7 +570,7 @@ mod tests {
                         }
                         _ if !running.is_empty() => {
                             let (id, _) = running.remove(rng.below(running.len() as u64) as usize);
-                            l.on_completion(now, id)
+                            l.on_completion(now, Completion::new(id))
                         }
                         _ => l.on_tick(now),
                     };
@@ -563,11 +598,8 @@ mod tests {
                     }
                 }
                 while let Some((id, _)) = running.pop() {
-                    let now = Snapshot {
-                        now_us: 0,
-                        in_flight: running.len() as u32 + 1,
-                    };
-                    for id in l.on_completion(now, id).admit {
+                    let now = Snapshot::at(0).with_in_flight(running.len() as u32 + 1);
+                    for id in l.on_completion(now, Completion::new(id)).admit {
                         let pos = queued.iter().position(|&(q, _)| q == id).unwrap();
                         running.push(queued.remove(pos));
                     }
