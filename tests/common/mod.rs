@@ -24,11 +24,18 @@ pub struct ProxyProcess {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     logs: Arc<Mutex<Vec<String>>>,
+    /// The "sluice proxy listening" line (listen, admin, upstream, workers, policy).
+    pub startup: String,
 }
 
 impl ProxyProcess {
     /// Starts `proxy --upstream URL --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 ARGS`.
     pub fn start(upstream: &str, args: &[&str]) -> Self {
+        Self::start_with_env(upstream, args, &[])
+    }
+
+    /// [`Self::start`] with extra environment variables (e.g. `SLUICE_*` settings).
+    pub fn start_with_env(upstream: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_proxy"))
             .args([
                 "--upstream",
@@ -47,6 +54,7 @@ impl ProxyProcess {
                 &["--scrape-interval", "0"][..]
             })
             .env("SLUICE_LOG", "info")
+            .envs(env.iter().copied())
             .current_dir(env!("CARGO_MANIFEST_DIR").to_owned() + "/..")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -91,6 +99,7 @@ impl ProxyProcess {
             admin: field("admin"),
             child,
             logs,
+            startup: line,
         }
     }
 
