@@ -77,7 +77,7 @@ impl EngineArgs {
                 in_flight: None,
             }),
             None => {
-                let profile = sluice_bench::sim::Profile::load(&self.profile)?;
+                let profile = sluice_sim::Profile::load(&self.profile)?;
                 let name = profile.name.clone();
                 let gauge = Arc::new(InFlight::default());
                 let addr = start_sim(profile, Arc::clone(&gauge)).await?;
@@ -130,11 +130,11 @@ pub(crate) struct Args {
 
 /// The in-process simulator, counting requests in flight exactly.
 async fn start_sim(
-    profile: sluice_bench::sim::Profile,
+    profile: sluice_sim::Profile,
     gauge: Arc<InFlight>,
 ) -> anyhow::Result<SocketAddr> {
-    use sluice_bench::sim::api::App;
-    use sluice_bench::sim::driver::Sim;
+    use sluice_sim::api::App;
+    use sluice_sim::driver::Sim;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let sim = Sim::new(profile);
@@ -189,7 +189,7 @@ impl Drop for Leave {
 
 /// A simulator answer that holds its request in flight until it is dropped.
 struct Counted {
-    body: sluice_bench::sim::api::SimBody,
+    body: sluice_sim::api::SimBody,
     leave: Option<Leave>,
 }
 

@@ -1,9 +1,6 @@
-//! Sluice's benchmark library: the pieces of `bench` that tests use too.
+//! Sluice's benchmark library: the pieces of `bench` shared beyond one module.
 //!
-//! - [`sim`]: the simulated vLLM (`bench sim`, `bench calibrate`).
 //! - [`median`]: the median of a few measurements, as every report prints it.
-
-pub mod sim;
 
 /// The median of `values`, its finite ones only (`NaN` when there are none).
 pub fn median(values: &[f64]) -> f64 {

@@ -11,8 +11,8 @@
 //! - [`workload`]: the synthetic candidate-evaluation prompts (or a JSONL file).
 //! - [`report`]: the `benchmark_*.json` schema and the Markdown tables.
 //! - [`plot`]: the report's SVG plot (latency CDF, throughput bars).
-//! - `sluice_bench::sim`: the simulated vLLM (`bench sim`, `bench calibrate`,
-//!   `bench sim-vs-real`).
+//! - `sluice_sim` (`bench/sim`, a crate of its own): the simulated vLLM
+//!   (`bench sim`, `bench calibrate`, `bench sim-vs-real`).
 //! - [`sim_reference`]: `bench sim-vs-reference` — the simulator against
 //!   the reference GPU benchmark's two client modes.
 //! - [`overhead`]: `bench overhead` — what the proxy adds over talking to an
@@ -70,11 +70,11 @@ enum Command {
     /// What recording metrics costs per request, in instructions (callgrind).
     TelemetryCost(telemetry_cost::Args),
     /// Serve a simulated vLLM (same routes and metrics) from a profile.
-    Sim(sluice_bench::sim::Args),
+    Sim(sluice_sim::Args),
     /// Measure a real engine and fit a simulator profile to it (TOML).
-    Calibrate(sluice_bench::sim::calibrate::CalibrateArgs),
+    Calibrate(sluice_sim::calibrate::CalibrateArgs),
     /// Fit the simulator to a real engine and predict held-out workloads, side by side.
-    SimVsReal(sluice_bench::sim::calibrate::VersusArgs),
+    SimVsReal(sluice_sim::calibrate::VersusArgs),
     /// The simulator (rtx4080) vs the reference GPU benchmark, both client modes.
     SimVsReference(sim_reference::Args),
 }
@@ -91,9 +91,9 @@ fn main() -> anyhow::Result<()> {
         Command::PolicyCost(args) => policy_cost::run(args),
         Command::Suite(args) => runtime.block_on(suite::run(args)),
         Command::TelemetryCost(args) => runtime.block_on(telemetry_cost::run(args)),
-        Command::Sim(args) => runtime.block_on(sluice_bench::sim::run(args)),
-        Command::Calibrate(args) => runtime.block_on(sluice_bench::sim::calibrate::calibrate(args)),
-        Command::SimVsReal(args) => runtime.block_on(sluice_bench::sim::calibrate::versus(args)),
+        Command::Sim(args) => runtime.block_on(sluice_sim::run(args)),
+        Command::Calibrate(args) => runtime.block_on(sluice_sim::calibrate::calibrate(args)),
+        Command::SimVsReal(args) => runtime.block_on(sluice_sim::calibrate::versus(args)),
         Command::SimVsReference(args) => runtime.block_on(sim_reference::run(args)),
     }
 }

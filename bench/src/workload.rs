@@ -28,8 +28,8 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use bytes::Bytes;
 use serde_json::{Value, json};
-use sluice_bench::sim::engine::splitmix64;
-use sluice_bench::sim::tokenizer::Tokenizer;
+use sluice_sim::engine::splitmix64;
+use sluice_sim::tokenizer::Tokenizer;
 
 /// Which OpenAI route the synthetic workload uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]

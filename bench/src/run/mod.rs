@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
-use sluice_bench::sim::engine::splitmix64;
+use sluice_sim::engine::splitmix64;
 use tokio::time::Instant;
 
 use crate::progress::{Progress, Tick};

@@ -44,7 +44,7 @@ use serde_json::{Value, json};
 use sluice::exchange::carries_tokens;
 use sluice::usage::UsageTap;
 use sluice_bench::median;
-use sluice_bench::sim::tokenizer::Tokenizer;
+use sluice_sim::tokenizer::Tokenizer;
 
 use super::{Args, Check, Engine, Op, post_json, short};
 use crate::workload;
