@@ -17,16 +17,17 @@
 //! one beside `bench` when it exists, else the proxy library in-process
 //! (`--proxy-mode` chooses).
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
 
+use crate::engine::{EngineArgs, Upstream, engine_name, model_of};
+use crate::load::{Mode, Plan, drive};
+use crate::measure::measure;
 use crate::procs;
-use crate::report::{self, InFlight, Report};
-use crate::run::{self, Mode, Plan};
+use crate::report::Report;
 use crate::workload::WorkloadArgs;
 
 /// Where the proxy runs.
@@ -40,55 +41,6 @@ pub(crate) enum ProxyMode {
     Process,
     /// The proxy library inside this process.
     InProcess,
-}
-
-/// Which engine a benchmark drives (`bench compare`, `bench suite`).
-#[derive(Debug, clap::Args)]
-pub(crate) struct EngineArgs {
-    /// A running engine (http://HOST:PORT) instead of the in-process simulator.
-    #[arg(long)]
-    pub(crate) upstream: Option<String>,
-    /// Simulator profile (built-in name or TOML path) when no `--upstream`.
-    #[arg(long, default_value = "rtx4080")]
-    pub(crate) profile: String,
-}
-
-/// The engine a benchmark drives, started or resolved.
-pub(crate) struct Upstream {
-    /// Where it listens.
-    pub(crate) addr: SocketAddr,
-    /// Its URL as given (or the simulator's).
-    pub(crate) url: String,
-    /// The simulator's profile name; `None` for an external engine.
-    pub(crate) profile: Option<String>,
-    /// The simulator's exact in-flight count; `None` for an external engine.
-    pub(crate) in_flight: Option<Arc<InFlight>>,
-}
-
-impl EngineArgs {
-    /// Resolves `--upstream`, or starts the simulator in-process on 127.0.0.1:0.
-    pub(crate) async fn start(&self) -> anyhow::Result<Upstream> {
-        match &self.upstream {
-            Some(url) => Ok(Upstream {
-                addr: run::client::resolve(url).await?,
-                url: url.clone(),
-                profile: None,
-                in_flight: None,
-            }),
-            None => {
-                let profile = sluice_bench::sim::Profile::load(&self.profile)?;
-                let name = profile.name.clone();
-                let gauge = Arc::new(InFlight::default());
-                let addr = start_sim(profile, Arc::clone(&gauge)).await?;
-                Ok(Upstream {
-                    addr,
-                    url: format!("http://{addr}"),
-                    profile: Some(name),
-                    in_flight: Some(gauge),
-                })
-            }
-        }
-    }
 }
 
 /// `bench compare` options.
@@ -125,95 +77,6 @@ pub(crate) struct Args {
     pub(crate) out_dir: PathBuf,
     #[command(flatten)]
     pub(crate) workload: WorkloadArgs,
-}
-
-/// The in-process simulator, counting requests in flight exactly.
-async fn start_sim(
-    profile: sluice_bench::sim::Profile,
-    gauge: Arc<InFlight>,
-) -> anyhow::Result<SocketAddr> {
-    use sluice_bench::sim::api::App;
-    use sluice_bench::sim::driver::Sim;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let sim = Sim::new(profile);
-    tokio::spawn(sim.clone().run(std::future::pending::<()>()));
-    let app = App::new(sim);
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            let (app, gauge) = (app.clone(), Arc::clone(&gauge));
-            let svc = hyper::service::service_fn(move |req: hyper::Request<_>| {
-                let (app, gauge) = (app.clone(), Arc::clone(&gauge));
-                async move {
-                    let leave = (req.method() == hyper::Method::POST).then(|| {
-                        gauge.enter();
-                        Leave(gauge)
-                    });
-                    let response = app.handle(req).await;
-                    // A whole answer is done when `handle` returns; a stream
-                    // stays in flight until its body ends or is dropped
-                    // (client gone), which can be an instant after the
-                    // client has read its last event.
-                    let streamed = response
-                        .headers()
-                        .get(hyper::header::CONTENT_TYPE)
-                        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-                    let leave = if streamed { leave } else { None };
-                    Ok::<_, Infallible>(response.map(|body| Counted { body, leave }))
-                }
-            });
-            tokio::spawn(async move {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    Ok(addr)
-}
-
-/// Leaves the in-flight gauge when dropped.
-struct Leave(Arc<InFlight>);
-
-impl Drop for Leave {
-    fn drop(&mut self) {
-        self.0.leave();
-    }
-}
-
-/// A simulator answer that holds its request in flight until it is dropped.
-struct Counted {
-    body: sluice_bench::sim::api::SimBody,
-    leave: Option<Leave>,
-}
-
-impl hyper::body::Body for Counted {
-    type Data = bytes::Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Infallible>>> {
-        let frame = std::pin::Pin::new(&mut self.body).poll_frame(cx);
-        if matches!(frame, std::task::Poll::Ready(None)) {
-            self.leave = None;
-        }
-        frame
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.body.size_hint()
-    }
 }
 
 /// A proxy for one configuration: its client and admin addresses.
@@ -342,9 +205,9 @@ async fn compare(args: &Args) -> anyhow::Result<Report> {
         profile: engine_profile,
         in_flight: gauge,
     } = args.engine.start().await?;
-    let engine = report::engine_name(upstream, &url, engine_profile.as_deref()).await;
+    let engine = engine_name(upstream, &url, engine_profile.as_deref()).await;
     eprintln!("bench compare: {engine}");
-    let model = run::model_of(upstream).await;
+    let model = model_of(upstream).await;
     let workload = Arc::new(args.workload.build(model.as_deref())?);
     if let Some(offset) = workload.candidate_offset {
         eprintln!(
@@ -382,9 +245,9 @@ async fn compare(args: &Args) -> anyhow::Result<Report> {
         ),
     ] {
         eprintln!("bench compare: {label}");
-        run::drive(upstream, &workload, &plan(mode, args.warmup)).await;
+        drive(upstream, &workload, &plan(mode, args.warmup)).await;
         runs.push(
-            report::measure(
+            measure(
                 &label,
                 &url,
                 upstream,
@@ -415,9 +278,9 @@ async fn compare(args: &Args) -> anyhow::Result<Report> {
             .await
             .with_context(|| format!("start the proxy for {label}"))?;
         let (addr, admin) = proxy.addrs();
-        run::drive(addr, &workload, &plan(Mode::Naive, args.warmup)).await;
+        drive(addr, &workload, &plan(Mode::Naive, args.warmup)).await;
         runs.push(
-            report::measure(
+            measure(
                 &label,
                 &format!("http://{addr}"),
                 addr,

@@ -1,239 +1,399 @@
-//! HTTP load loops with HDR statistics.
+//! Sending requests over time: every load loop of the bench, all on the one
+//! client ([`Conn`]).
 //!
-//! - [`closed_loop`]: `connections` workers, each with its own keep-alive
-//!   HTTP/1.1 connection, send back to back for `duration` (concurrency 1 is
-//!   one worker). Latency is measured per request.
-//! - [`open_loop`]: requests are *scheduled* at a fixed rate and latency is
-//!   measured from the intended send time, so a stall is charged to every
-//!   request it delayed (no coordinated omission, like oha's
-//!   `--latency-correction` and wrk2).
+//! [`drive`] sends a workload as a [`Plan`] says, in one of its modes
+//! (the reference benchmark's two client habits, plus two open ones):
+//! - `batched`: waves of `wave` sent together; the next wave leaves when
+//!   the whole wave has returned (the reference's gather). A request's
+//!   latency runs from its wave's start.
+//! - `inngest`: at most `limit` in flight, a semaphore.
+//! - `rate`: open-loop Poisson arrivals at `rate` req/s.
+//! - `naive`: `clients` independent clients, each sending its next request
+//!   when its last returns, with no coordination: what a fleet of naive
+//!   workers does. Through the proxy, the policy alone decides.
+//! - `sweep`: `rate` steps of rising rate until the target saturates
+//!   (`bench run` steps it and judges each step).
+//!
+//! A plan ends after `requests` or `duration_s`, whichever comes first.
+//!
+//! [`closed_loop`], [`fixed_count`] and [`fixed_rate`] send one request
+//! over and over on connections opened beforehand (`bench overhead`,
+//! `bench telemetry-cost`).
+//!
+//! Closed loops time each request from its send. Open loops time it from
+//! its intended send time, so a stall is charged to every request it
+//! delayed (no coordinated omission, like oha's `--latency-correction` and
+//! wrk2); their sends are paced by an OS thread, since tokio's timer has
+//! 1 ms granularity.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
-use hdrhistogram::Histogram;
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
-use tokio::sync::Mutex;
+use sluice_sim::engine::splitmix64;
 use tokio::time::Instant;
 
-/// What one load run produced.
-#[derive(Debug)]
-pub(crate) struct LoadResult {
-    /// Latencies in microseconds.
-    pub(crate) latency: Histogram<u64>,
-    /// Successful (2xx) responses.
-    pub(crate) ok: u64,
-    /// Failed requests (non-2xx or transport errors).
-    pub(crate) errors: u64,
-    /// Wall time of the run.
-    pub(crate) elapsed: Duration,
+use crate::client::{Conn, Request};
+use crate::progress::{Progress, Tick};
+use crate::stats::{Outcomes, Sample};
+use crate::workload::Workload;
+
+/// A client mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Mode {
+    /// Waves sent together, each awaited whole.
+    Batched,
+    /// A semaphore: at most `limit` in flight.
+    Inngest,
+    /// Open-loop Poisson arrivals at a fixed rate.
+    Rate,
+    /// Many independent clients, back to back.
+    Naive,
+    /// Open-loop Poisson rates stepped up until the target saturates
+    /// (`bench run` only; one step of it is a `rate` run).
+    Sweep,
 }
 
-impl LoadResult {
-    /// Successful requests per second.
-    pub(crate) fn throughput(&self) -> f64 {
-        self.ok as f64 / self.elapsed.as_secs_f64()
-    }
-
-    /// A latency quantile in microseconds.
-    pub(crate) fn quantile_us(&self, q: f64) -> u64 {
-        self.latency.value_at_quantile(q)
-    }
+/// How a run sends.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct Plan {
+    pub(crate) mode: Mode,
+    /// Requests to send (the run stops earlier at `duration_s`).
+    pub(crate) requests: usize,
+    pub(crate) duration_s: Option<f64>,
+    /// `batched`: wave size.
+    pub(crate) wave: usize,
+    /// `inngest`: most in flight.
+    pub(crate) limit: usize,
+    /// `naive`: concurrent clients.
+    pub(crate) clients: usize,
+    /// `rate`: arrivals per second.
+    pub(crate) rate: f64,
+    /// `rate`: seed of the arrival times.
+    pub(crate) seed: u64,
+    /// Request `i` of the run is workload item `offset + i` (so runs of one
+    /// comparison send distinct candidates).
+    pub(crate) offset: usize,
 }
 
-/// The request every load loop sends.
-#[derive(Debug, Clone)]
-pub(crate) struct Target {
-    /// Where to connect.
-    pub(crate) addr: SocketAddr,
-    /// Request path.
-    pub(crate) path: String,
-    /// Request body (JSON).
-    pub(crate) body: Bytes,
+/// Sends the workload to `addr` as `plan` says, showing no progress.
+pub(crate) async fn drive(addr: SocketAddr, workload: &Arc<Workload>, plan: &Plan) -> Outcomes {
+    drive_with(addr, workload, plan, Progress::hidden().tick()).await
 }
 
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
-}
-
-type Sender = http1::SendRequest<Full<Bytes>>;
-
-async fn connect(addr: SocketAddr) -> anyhow::Result<Sender> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    stream.set_nodelay(true)?;
-    let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
-    Ok(sender)
-}
-
-async fn one(sender: &mut Sender, target: &Target) -> bool {
-    let request = http::Request::post(target.path.as_str())
-        .header(http::header::HOST, "bench")
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(target.body.clone()))
-        .expect("valid request");
-    if sender.ready().await.is_err() {
-        return false;
-    }
-    match sender.send_request(request).await {
-        Ok(response) => {
-            let ok = response.status().is_success();
-            ok && response.into_body().collect().await.is_ok()
+/// Sends the workload to `addr` as `plan` says, counting each finished
+/// request on `tick`.
+pub(crate) async fn drive_with(
+    addr: SocketAddr,
+    workload: &Arc<Workload>,
+    plan: &Plan,
+    tick: &Tick,
+) -> Outcomes {
+    let deadline = plan
+        .duration_s
+        .map(|s| Instant::now() + Duration::from_secs_f64(s));
+    let expired = move || deadline.is_some_and(|d| Instant::now() >= d);
+    let start = Instant::now();
+    let (workload, offset) = (Arc::clone(workload), plan.offset);
+    let request = move |i: usize| workload.item(offset + i);
+    let mut out = match plan.mode {
+        Mode::Batched => {
+            waves(
+                addr,
+                plan.wave.max(1),
+                plan.requests,
+                expired,
+                request,
+                tick,
+            )
+            .await
         }
-        Err(_) => false,
-    }
+        Mode::Inngest | Mode::Naive => {
+            let workers = if plan.mode == Mode::Inngest {
+                plan.limit
+            } else {
+                plan.clients
+            };
+            let conns = (0..workers.max(1)).map(|_| Conn::new(addr)).collect();
+            let (counter, requests) = (Arc::new(AtomicUsize::new(0)), plan.requests);
+            let next = move || {
+                if expired() {
+                    return None;
+                }
+                let i = counter.fetch_add(1, Ordering::Relaxed);
+                (i < requests).then_some(i)
+            };
+            back_to_back(conns, next, request, tick).await
+        }
+        Mode::Rate | Mode::Sweep => {
+            let offsets = poisson_offsets(plan.rate, plan.requests, plan.seed);
+            open_loop(addr, Vec::new(), offsets, deadline, request, tick).await
+        }
+    };
+    out.elapsed = start.elapsed();
+    out
 }
 
-/// `connections` workers sending back to back for `duration`.
+/// `connections` connections, opened first, sending `request` back to
+/// back for `duration`.
 pub(crate) async fn closed_loop(
-    target: &Target,
+    addr: SocketAddr,
+    request: &Request,
     connections: usize,
     duration: Duration,
-) -> anyhow::Result<LoadResult> {
+) -> anyhow::Result<Outcomes> {
     let deadline = Instant::now() + duration;
-    back_to_back(target, connections, move || Instant::now() < deadline).await
-}
-
-/// `requests` requests in all, shared by `connections` workers sending back
-/// to back (for measurements that count work per request, not time).
-pub(crate) async fn fixed_count(
-    target: &Target,
-    connections: usize,
-    requests: u64,
-) -> anyhow::Result<LoadResult> {
-    let left = Arc::new(std::sync::atomic::AtomicU64::new(requests));
-    back_to_back(target, connections, move || {
-        left.fetch_update(
-            std::sync::atomic::Ordering::Relaxed,
-            std::sync::atomic::Ordering::Relaxed,
-            |n| n.checked_sub(1),
-        )
-        .is_ok()
+    repeat(addr, request, connections, move || {
+        (Instant::now() < deadline).then_some(0)
     })
     .await
 }
 
-/// `connections` workers, each on its own keep-alive connection, sending
-/// one request after another while `another()` says so. A failed request is
-/// counted and its connection replaced (after 10 ms if that fails too).
-async fn back_to_back(
-    target: &Target,
+/// `requests` sends of `request` in all, shared by `connections`
+/// connections sending back to back (for measurements that count work per
+/// request, not time).
+pub(crate) async fn fixed_count(
+    addr: SocketAddr,
+    request: &Request,
     connections: usize,
-    another: impl Fn() -> bool + Clone + Send + 'static,
-) -> anyhow::Result<LoadResult> {
-    let start = Instant::now();
-    let mut workers = Vec::with_capacity(connections);
-    for _ in 0..connections {
-        let (target, another) = (target.clone(), another.clone());
-        let mut sender = connect(target.addr).await?;
-        workers.push(tokio::spawn(async move {
-            let mut hist = histogram();
-            let (mut ok, mut errors) = (0u64, 0u64);
-            while another() {
-                let sent = Instant::now();
-                if one(&mut sender, &target).await {
-                    ok += 1;
-                    let _ = hist.record(sent.elapsed().as_micros() as u64);
-                } else {
-                    errors += 1;
-                    match connect(target.addr).await {
-                        Ok(s) => sender = s,
-                        Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-                    }
-                }
-            }
-            (hist, ok, errors)
-        }));
-    }
-    let mut result = LoadResult {
-        latency: histogram(),
-        ok: 0,
-        errors: 0,
-        elapsed: Duration::ZERO,
-    };
-    for worker in workers {
-        let (hist, ok, errors) = worker.await?;
-        result.latency.add(hist)?;
-        result.ok += ok;
-        result.errors += errors;
-    }
-    result.elapsed = start.elapsed();
-    Ok(result)
+    requests: u64,
+) -> anyhow::Result<Outcomes> {
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    repeat(addr, request, connections, move || {
+        (sent.fetch_add(1, Ordering::Relaxed) < requests).then_some(0)
+    })
+    .await
 }
 
-/// Requests scheduled at `rate` per second for `duration`, over a pool of
-/// `connections`; latency counted from each request's intended send time.
-pub(crate) async fn open_loop(
-    target: &Target,
+/// `request` sent at a fixed `rate` per second for `duration`, over a pool
+/// of `connections` opened first (more are opened when all are busy).
+pub(crate) async fn fixed_rate(
+    addr: SocketAddr,
+    request: &Request,
     rate: f64,
     duration: Duration,
     connections: usize,
-) -> anyhow::Result<LoadResult> {
-    let pool = Arc::new(Mutex::new(Vec::with_capacity(connections)));
-    for _ in 0..connections {
-        pool.lock().await.push(connect(target.addr).await?);
-    }
+) -> anyhow::Result<Outcomes> {
+    let pool = open(addr, connections).await?;
     let interval = Duration::from_secs_f64(1.0 / rate);
     let total = (rate * duration.as_secs_f64()).round() as u64;
-    // Sends are paced by an OS thread: tokio's timer wheel has 1 ms
-    // granularity, which would add up to a millisecond of pacing error to
-    // every latency measured from the intended send time.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    let offsets = (0..total).map(|i| interval.mul_f64(i as f64)).collect();
+    let start = Instant::now();
+    let request = request.clone();
+    let repeat = move |_| request.clone();
+    let mut out = open_loop(addr, pool, offsets, None, repeat, &Tick::default()).await;
+    out.elapsed = start.elapsed();
+    Ok(out)
+}
+
+/// `connections` connections to `addr`, opened now.
+async fn open(addr: SocketAddr, connections: usize) -> anyhow::Result<Vec<Conn>> {
+    let mut conns = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        conns.push(Conn::open(addr).await?);
+    }
+    Ok(conns)
+}
+
+/// `request` over `connections` connections opened first, back to back
+/// while `another()` gives an index.
+async fn repeat(
+    addr: SocketAddr,
+    request: &Request,
+    connections: usize,
+    another: impl Fn() -> Option<usize> + Clone + Send + 'static,
+) -> anyhow::Result<Outcomes> {
+    let start = Instant::now();
+    let conns = open(addr, connections).await?;
+    let request = request.clone();
+    let repeat = move |_| request.clone();
+    let mut out = back_to_back(conns, another, repeat, &Tick::default()).await;
+    out.elapsed = start.elapsed();
+    Ok(out)
+}
+
+/// Each of `conns` sends one request after another — `request(i)` for the
+/// index `i` that `next()` gives — until `next()` gives none; latency from
+/// each send.
+async fn back_to_back<N, R>(conns: Vec<Conn>, next: N, request: R, tick: &Tick) -> Outcomes
+where
+    N: Fn() -> Option<usize> + Clone + Send + 'static,
+    R: Fn(usize) -> Request + Clone + Send + 'static,
+{
+    let workers: Vec<_> = conns
+        .into_iter()
+        .map(|mut conn| {
+            let (next, request, tick) = (next.clone(), request.clone(), tick.clone());
+            tokio::spawn(async move {
+                let mut mine = Outcomes::default();
+                while let Some(i) = next() {
+                    let sent = Instant::now();
+                    let r = conn.send(&request(i)).await;
+                    tick.record(r.is_ok());
+                    mine.record(Sample::new(r, sent));
+                }
+                mine
+            })
+        })
+        .collect();
+    let mut out = Outcomes::default();
+    for worker in workers {
+        if let Ok(mine) = worker.await {
+            out.merge(mine);
+        }
+    }
+    out
+}
+
+/// Waves of `wave` requests sent together, each awaited whole, until
+/// `requests` are sent or `expired()`; latency from each wave's start.
+async fn waves<R>(
+    addr: SocketAddr,
+    wave: usize,
+    requests: usize,
+    expired: impl Fn() -> bool,
+    request: R,
+    tick: &Tick,
+) -> Outcomes
+where
+    R: Fn(usize) -> Request + Clone + Send + 'static,
+{
+    let mut conns: Vec<Conn> = (0..wave).map(|_| Conn::new(addr)).collect();
+    let mut out = Outcomes::default();
+    let mut next = 0usize;
+    while next < requests && !expired() {
+        let n = wave.min(requests - next);
+        let wave_start = Instant::now();
+        let tasks: Vec<_> = conns
+            .drain(..n)
+            .enumerate()
+            .map(|(k, mut conn)| {
+                let (request, tick, i) = (request.clone(), tick.clone(), next + k);
+                tokio::spawn(async move {
+                    let r = conn.send(&request(i)).await;
+                    tick.record(r.is_ok());
+                    (conn, Sample::new(r, wave_start))
+                })
+            })
+            .collect();
+        for task in tasks {
+            match task.await {
+                Ok((conn, sample)) => {
+                    conns.push(conn);
+                    out.record(sample);
+                }
+                Err(_) => {
+                    conns.push(Conn::new(addr));
+                    out.record(Sample::failed("client_panic"));
+                }
+            }
+        }
+        next += n;
+    }
+    out
+}
+
+/// Request `i` sent at `offsets[i]` from now (none at or after
+/// `deadline`), each on a connection taken from a shared pool (`pool` to
+/// begin with; a new one when it is empty); latency from each intended
+/// send time.
+async fn open_loop<R>(
+    addr: SocketAddr,
+    pool: Vec<Conn>,
+    offsets: Vec<Duration>,
+    deadline: Option<Instant>,
+    request: R,
+    tick: &Tick,
+) -> Outcomes
+where
+    R: Fn(usize) -> Request + Clone + Send + 'static,
+{
+    let mut tasks = Vec::with_capacity(offsets.len());
+    let pool = Arc::new(std::sync::Mutex::new(pool));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Instant)>();
     let start = Instant::now();
     let std_start = std::time::Instant::now();
     std::thread::spawn(move || {
-        for i in 0..total {
-            let offset = interval.mul_f64(i as f64);
+        for (i, offset) in offsets.into_iter().enumerate() {
+            if deadline.is_some_and(|d| start + offset >= d) {
+                return;
+            }
             let now = std_start.elapsed();
             if offset > now {
                 std::thread::sleep(offset - now);
             }
-            if tx.send(start + offset).is_err() {
+            if tx.send((i, start + offset)).is_err() {
                 return;
             }
         }
     });
-    let mut tasks = Vec::with_capacity(total as usize);
-    while let Some(intended) = rx.recv().await {
-        let (pool, target) = (Arc::clone(&pool), target.clone());
+    while let Some((i, intended)) = rx.recv().await {
+        let (pool, request, tick) = (Arc::clone(&pool), request.clone(), tick.clone());
         tasks.push(tokio::spawn(async move {
-            let sender = pool.lock().await.pop();
-            let mut sender = match sender {
-                Some(s) => s,
-                None => match connect(target.addr).await {
-                    Ok(s) => s,
-                    Err(_) => return (false, intended.elapsed()),
-                },
-            };
-            let ok = one(&mut sender, &target).await;
-            let latency = intended.elapsed();
-            if ok {
-                pool.lock().await.push(sender);
+            let conn = pool.lock().ok().and_then(|mut p| p.pop());
+            let mut conn = conn.unwrap_or_else(|| Conn::new(addr));
+            let r = conn.send(&request(i)).await;
+            tick.record(r.is_ok());
+            let sample = Sample::new(r, intended);
+            if let Ok(mut p) = pool.lock() {
+                p.push(conn);
             }
-            (ok, latency)
+            sample
         }));
     }
-    let mut result = LoadResult {
-        latency: histogram(),
-        ok: 0,
-        errors: 0,
-        elapsed: Duration::ZERO,
-    };
+    let mut out = Outcomes::default();
     for task in tasks {
-        let (ok, latency) = task.await?;
-        if ok {
-            result.ok += 1;
-            let _ = result.latency.record(latency.as_micros() as u64);
-        } else {
-            result.errors += 1;
+        match task.await {
+            Ok(sample) => out.record(sample),
+            Err(_) => out.record(Sample::failed("client_panic")),
         }
     }
-    result.elapsed = start.elapsed();
-    Ok(result)
+    out
+}
+
+/// Exponential gaps of a Poisson process at `rate`, deterministic in `seed`.
+pub(crate) fn poisson_offsets(rate: f64, n: usize, seed: u64) -> Vec<Duration> {
+    let mut state = seed;
+    let mut t = 0.0f64;
+    (0..n)
+        .map(|_| {
+            let at = Duration::from_secs_f64(t);
+            state = splitmix64(state);
+            let u = (state >> 11) as f64 / (1u64 << 53) as f64;
+            t += -(1.0 - u).ln() / rate.max(1e-9);
+            at
+        })
+        .collect()
+}
+
+/// The span over which an open-loop plan's requests are meant to be sent:
+/// the last intended send time plus one mean gap (so `n` requests over it
+/// are the rate actually offered).
+pub(crate) fn send_span(plan: &Plan) -> Duration {
+    let offsets = poisson_offsets(plan.rate, plan.requests, plan.seed);
+    offsets.last().copied().unwrap_or_default() + Duration::from_secs_f64(1.0 / plan.rate.max(1e-9))
+}
+
+/// Parses `30`, `30s`, `500ms`, `2m` into seconds (`--duration`, `--soak`).
+pub(crate) fn parse_duration(s: &str) -> Result<f64, String> {
+    let s = s.trim();
+    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (s, 1.0)
+    };
+    num.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|v| *v > 0.0)
+        .map(|v| v * scale)
+        .ok_or_else(|| format!("invalid duration {s:?} (e.g. 30s, 500ms, 2m)"))
 }
 
 #[cfg(test)]
@@ -241,18 +401,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn quantiles_come_from_the_histogram() {
-        let mut result = LoadResult {
-            latency: histogram(),
-            ok: 100,
-            errors: 0,
-            elapsed: Duration::from_secs(2),
-        };
-        for us in 1..=100u64 {
-            result.latency.record(us * 10).unwrap();
-        }
-        assert_eq!(result.quantile_us(0.5), 500);
-        assert_eq!(result.quantile_us(0.99), 990);
-        assert_eq!(result.throughput(), 50.0);
+    fn poisson_arrivals_have_the_asked_rate() {
+        let offsets = poisson_offsets(200.0, 20_000, 3);
+        assert_eq!(offsets[0], Duration::ZERO);
+        assert!(offsets.windows(2).all(|w| w[0] <= w[1]));
+        let rate = 20_000.0 / offsets.last().unwrap().as_secs_f64();
+        assert!((rate - 200.0).abs() < 6.0, "rate {rate}");
+        assert_eq!(offsets, poisson_offsets(200.0, 20_000, 3));
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("30s"), Ok(30.0));
+        assert_eq!(parse_duration("500ms"), Ok(0.5));
+        assert_eq!(parse_duration("2m"), Ok(120.0));
+        assert_eq!(parse_duration("7"), Ok(7.0));
+        assert!(parse_duration("-1").is_err());
+        assert!(parse_duration("x").is_err());
     }
 }

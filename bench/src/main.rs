@@ -1,38 +1,61 @@
 //! `bench`: Sluice's benchmarks and load tools.
 //!
+//! The simulated vLLM they run against by default is its own crate,
+//! `sluice_sim` (`bench/sim`); `bench sim`, `bench calibrate` and
+//! `bench sim-vs-real` are its commands.
+//!
 //! # Layout
 //!
-//! - [`compare`]: `bench compare` — what `just bench` runs: the same
-//!   workload through the proxy with each policy, and the two client modes
-//!   direct to the engine, in one table with a winner per row.
-//! - [`run`]: `bench run` — one client mode (batched waves, inngest
-//!   semaphore, open-loop Poisson rate, naive, a rate sweep to saturation)
-//!   against any target.
-//! - [`workload`]: the synthetic candidate-evaluation prompts (or a JSONL file).
-//! - [`report`]: the `benchmark_*.json` schema and the Markdown tables.
-//! - [`plot`]: the report's SVG plot (latency CDF, throughput bars).
-//! - `sluice_bench::sim`: the simulated vLLM (`bench sim`, `bench calibrate`,
-//!   `bench sim-vs-real`).
-//! - [`sim_reference`]: `bench sim-vs-reference` — the simulator against
-//!   the reference GPU benchmark's two client modes.
-//! - [`overhead`]: `bench overhead` — what the proxy adds over talking to an
-//!   upstream directly, and over `hyper-floor` and nginx (when built and
-//!   installed): latency and maximum throughput, measured in one run.
-//! - [`telemetry_cost`]: `bench telemetry-cost` — what recording metrics
-//!   costs per request, in instructions counted by callgrind.
-//! - [`policy_cost`]: `bench policy-cost` — the cost of one policy event
-//!   including the wasm call.
-//! - [`suite`]: `bench suite` — batching, cache resume and memory, each
-//!   against its target, in one report.
-//! - [`load`]: the HTTP load loops and their HDR statistics.
-//! - [`progress`]: a progress bar on a terminal, plain lines otherwise.
-//! - [`fast_upstream`]: a minimal upstream that answers at once.
-//! - [`procs`]: starting and stopping the proxy, `hyper-floor` (`bench/floor`)
-//!   and nginx as child processes.
+//! Bottom to top: a module uses only modules of the layers below its own.
+//!
+//! 1. Leaves.
+//!    - [`client`]: the one HTTP client every benchmark sends with: a
+//!      request (method, path, body, extra headers, deadline) on a
+//!      keep-alive connection; reads status, usage and a stream's first
+//!      token, or names the failure.
+//!    - [`progress`]: a progress bar on a terminal, plain lines otherwise.
+//!    - [`procs`]: starting and stopping the proxy, `hyper-floor`
+//!      (`bench/floor`) and nginx as child processes.
+//!    - [`fast_upstream`]: a minimal upstream that answers at once.
+//! 2. What is sent, and what came back.
+//!    - [`stats`]: each request's sample, a run's outcomes (HDR
+//!      histograms), their summary; Prometheus counters; the median.
+//!    - [`workload`]: the synthetic candidate-evaluation requests (or a
+//!      JSONL file).
+//!    - [`engine`]: the engine a benchmark drives (the in-process simulator
+//!      or one at a URL) and what it says about itself.
+//! 3. [`load`]: sending over time — the client modes (batched waves,
+//!    inngest semaphore, open-loop Poisson rate, naive clients) and the
+//!    fixed loops of `bench overhead`.
+//! 4. [`measure`]: one run driven and measured: the client's view, the
+//!    proxy's `/stats`, the engine's prefix cache, the GPUs.
+//! 5. [`sweep`]: open-loop rate steps judged for saturation.
+//! 6. [`plot`]: the runs' SVG plot (latency CDF, throughput bars).
+//! 7. [`report`]: the `benchmark_*.json` schema and the Markdown tables.
+//! 8. The commands, each on the layers below and none on another:
+//!    - [`compare`]: `bench compare` — what `just bench` runs: the same
+//!      workload through the proxy with each policy, and the two client
+//!      modes direct to the engine, in one table with a winner per row.
+//!    - [`run`]: `bench run` — one client mode, or a rate sweep to
+//!      saturation, against any target.
+//!    - [`suite`]: `bench suite` — batching, cache resume and memory, each
+//!      against its target, in one report.
+//!    - [`overhead`]: `bench overhead` — what the proxy adds over talking
+//!      to an upstream directly, and over `hyper-floor` and nginx (when
+//!      built and installed): latency and maximum throughput, in one run.
+//!    - [`telemetry_cost`]: `bench telemetry-cost` — what recording metrics
+//!      costs per request, in instructions counted by callgrind.
+//!    - [`policy_cost`]: `bench policy-cost` — the cost of one policy event
+//!      including the wasm call.
+//!    - [`sim_reference`]: `bench sim-vs-reference` — the simulator against
+//!      the reference GPU benchmark's two client modes.
 
+mod client;
 mod compare;
+mod engine;
 mod fast_upstream;
 mod load;
+mod measure;
 mod overhead;
 mod plot;
 mod policy_cost;
@@ -41,7 +64,9 @@ mod progress;
 mod report;
 mod run;
 mod sim_reference;
+mod stats;
 mod suite;
+mod sweep;
 mod telemetry_cost;
 mod workload;
 
@@ -70,11 +95,11 @@ enum Command {
     /// What recording metrics costs per request, in instructions (callgrind).
     TelemetryCost(telemetry_cost::Args),
     /// Serve a simulated vLLM (same routes and metrics) from a profile.
-    Sim(sluice_bench::sim::Args),
+    Sim(sluice_sim::Args),
     /// Measure a real engine and fit a simulator profile to it (TOML).
-    Calibrate(sluice_bench::sim::calibrate::CalibrateArgs),
+    Calibrate(sluice_sim::calibrate::CalibrateArgs),
     /// Fit the simulator to a real engine and predict held-out workloads, side by side.
-    SimVsReal(sluice_bench::sim::calibrate::VersusArgs),
+    SimVsReal(sluice_sim::calibrate::VersusArgs),
     /// The simulator (rtx4080) vs the reference GPU benchmark, both client modes.
     SimVsReference(sim_reference::Args),
 }
@@ -91,9 +116,9 @@ fn main() -> anyhow::Result<()> {
         Command::PolicyCost(args) => policy_cost::run(args),
         Command::Suite(args) => runtime.block_on(suite::run(args)),
         Command::TelemetryCost(args) => runtime.block_on(telemetry_cost::run(args)),
-        Command::Sim(args) => runtime.block_on(sluice_bench::sim::run(args)),
-        Command::Calibrate(args) => runtime.block_on(sluice_bench::sim::calibrate::calibrate(args)),
-        Command::SimVsReal(args) => runtime.block_on(sluice_bench::sim::calibrate::versus(args)),
+        Command::Sim(args) => runtime.block_on(sluice_sim::run(args)),
+        Command::Calibrate(args) => runtime.block_on(sluice_sim::calibrate::calibrate(args)),
+        Command::SimVsReal(args) => runtime.block_on(sluice_sim::calibrate::versus(args)),
         Command::SimVsReference(args) => runtime.block_on(sim_reference::run(args)),
     }
 }

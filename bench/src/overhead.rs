@@ -7,9 +7,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use bytes::Bytes;
-
-use crate::load::{LoadResult, Target, closed_loop, open_loop};
+use crate::client::{Read, Request};
+use crate::load::{closed_loop, fixed_rate};
+use crate::stats::{Outcomes, median};
 use crate::{fast_upstream, procs};
 
 /// Flags of `bench overhead`.
@@ -49,9 +49,9 @@ pub(crate) struct Args {
 
 /// One target's measurements in one round.
 struct Sample {
-    c1: LoadResult,
-    fixed: LoadResult,
-    max: LoadResult,
+    c1: Outcomes,
+    fixed: Outcomes,
+    max: Outcomes,
     // CPU time the proxy process spent per request at maximum throughput.
     cpu_us_per_request: Option<f64>,
 }
@@ -82,11 +82,11 @@ impl Row {
 
     /// The median over rounds of `f` (see [`Row::each`]).
     fn median(&self, f: impl Fn(usize, &Sample) -> f64) -> f64 {
-        sluice_bench::median(&self.each(f))
+        median(&self.each(f))
     }
 
     /// Per round: the p50 of `pick` minus `base`'s in the same round, µs.
-    fn added_p50(&self, base: &Row, pick: fn(&Sample) -> &LoadResult) -> Vec<f64> {
+    fn added_p50(&self, base: &Row, pick: fn(&Sample) -> &Outcomes) -> Vec<f64> {
         self.each(|i, s| {
             pick(s).quantile_us(0.5) as f64 - pick(&base.rounds[i]).quantile_us(0.5) as f64
         })
@@ -102,7 +102,13 @@ impl Row {
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let duration = Duration::from_secs_f64(args.seconds);
     let upstream = fast_upstream::start()?;
-    let body = Bytes::from_static(br#"{"model":"fast","prompt":"Say hello.","max_tokens":1}"#);
+    // Only the status is read: no client work but HTTP, and no time limit.
+    let request = Request::post(
+        "/v1/completions",
+        &br#"{"model":"fast","prompt":"Say hello.","max_tokens":1}"#[..],
+    )
+    .read(Read::Status)
+    .timeout(None);
 
     let proxy = procs::start_proxy(upstream, &[])?;
     // Let the proxy settle, then read its idle footprint.
@@ -193,17 +199,12 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     for round in 0..rounds {
         eprintln!("round {} of {rounds}", round + 1);
         for ((name, addr, process), row) in targets.iter().zip(&mut rows) {
-            let target = Target {
-                addr: *addr,
-                path: "/v1/completions".into(),
-                body: body.clone(),
-            };
             // Warm up connections and caches.
-            closed_loop(&target, 4, Duration::from_millis(300)).await?;
-            let c1 = closed_loop(&target, 1, duration).await?;
-            let fixed = open_loop(&target, args.rate, duration, 16).await?;
+            closed_loop(*addr, &request, 4, Duration::from_millis(300)).await?;
+            let c1 = closed_loop(*addr, &request, 1, duration).await?;
+            let fixed = fixed_rate(*addr, &request, args.rate, duration, 16).await?;
             let cpu_before = process.map(procs::Proc::cpu_seconds);
-            let max = closed_loop(&target, args.connections, duration).await?;
+            let max = closed_loop(*addr, &request, args.connections, duration).await?;
             let cpu_us_per_request = process
                 .zip(cpu_before)
                 .map(|(p, before)| (p.cpu_seconds() - before) * 1e6 / max.ok.max(1) as f64);
@@ -229,16 +230,16 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         println!();
         println!(
             "sluice over hyper-floor (its own work): c=1 p50 {} µs, proxy CPU {} µs/request (medians of the rounds' differences); max throughput {:.2}× (median of the rounds' ratios)",
-            signed(sluice_bench::median(&sluice.added_p50(floor, |s| &s.c1)), 0),
+            signed(median(&sluice.added_p50(floor, |s| &s.c1)), 0),
             signed(sluice.median(|i, s| s.cpu() - floor.rounds[i].cpu()), 1),
-            sluice_bench::median(&sluice.throughput_ratio(floor)),
+            median(&sluice.throughput_ratio(floor)),
         );
     }
     if let (Some(on), Some(off)) = (row("sluice"), row("sluice (telemetry off)")) {
         println!();
         println!(
             "telemetry cost: max throughput with recording {:.2}× without; proxy CPU {:.1} vs {:.1} µs/request ({:+.1}%, the median of the rounds' ratios)",
-            sluice_bench::median(&on.throughput_ratio(off)),
+            median(&on.throughput_ratio(off)),
             on.median(|_, s| s.cpu()),
             off.median(|_, s| s.cpu()),
             on.median(|i, s| (s.cpu() / off.rounds[i].cpu() - 1.0) * 100.0)
@@ -277,15 +278,15 @@ fn print_table(rows: &[Row], rate: f64) {
     let direct = &rows[0];
     let nginx = rows.iter().find(|r| r.name == "nginx");
     // Added latency and ratios: against the baseline of the same round.
-    let added = |r: &Row, pick| sluice_bench::median(&r.added_p50(direct, pick)).round() as i64;
-    let ratio = |r: &Row, base| sluice_bench::median(&r.throughput_ratio(base));
+    let added = |r: &Row, pick| median(&r.added_p50(direct, pick)).round() as i64;
+    let ratio = |r: &Row, base| median(&r.throughput_ratio(base));
     println!();
     println!(
         "| target | c=1 p50 µs | c=1 p99 µs | added c=1 p50 µs | {rate:.0} req/s p50 µs | {rate:.0} req/s p99 µs | added p50 µs | max req/s | × direct | × nginx | proxy CPU µs/req | errors (all rounds) |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
-        let q = |pick: fn(&Sample) -> &LoadResult, quantile: f64| {
+        let q = |pick: fn(&Sample) -> &Outcomes, quantile: f64| {
             r.median(|_, s| pick(s).quantile_us(quantile) as f64)
         };
         let vs_nginx = nginx
@@ -295,7 +296,7 @@ fn print_table(rows: &[Row], rate: f64) {
         let errors: u64 = r
             .rounds
             .iter()
-            .map(|s| s.c1.errors + s.fixed.errors + s.max.errors)
+            .map(|s| s.c1.failed() + s.fixed.failed() + s.max.failed())
             .sum();
         println!(
             "| {} | {:.0} | {:.0} | {:+} | {:.0} | {:.0} | {:+} | {:.0} | {:.2} | {} | {} | {} |",

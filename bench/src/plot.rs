@@ -1,5 +1,5 @@
 //! The report's plot (`benchmark_*.svg`): the latency CDF of every
-//! configuration on the left (log latency axis), their throughput as
+//! configuration's run on the left (log latency axis), their throughput as
 //! horizontal bars on the right, one colour per configuration.
 //!
 //! `plotters` is built with its SVG backend only: the SVG names a generic
@@ -10,7 +10,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::report::Report;
+use crate::measure::RunResult;
 
 const COLOURS: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
@@ -23,10 +23,10 @@ const COLOURS: [RGBColor; 8] = [
     RGBColor(127, 127, 127),
 ];
 
-/// Writes the plot of `report` to `path` (SVG).
-pub(crate) fn write_svg(report: &Report, path: &Path) -> anyhow::Result<()> {
+/// Writes the plot of `runs`, under `title`, to `path` (SVG).
+pub(crate) fn write_svg(title: &str, runs: &[RunResult], path: &Path) -> anyhow::Result<()> {
     let root = SVGBackend::new(path, (1400, 560)).into_drawing_area();
-    draw(report, &root).map_err(|e| anyhow::anyhow!("plot {}: {e}", path.display()))?;
+    draw(title, runs, &root).map_err(|e| anyhow::anyhow!("plot {}: {e}", path.display()))?;
     root.present()
         .map_err(|e| anyhow::anyhow!("plot {}: {e}", path.display()))?;
     Ok(())
@@ -35,13 +35,12 @@ pub(crate) fn write_svg(report: &Report, path: &Path) -> anyhow::Result<()> {
 type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
 type DrawResult = Result<(), DrawingAreaErrorKind<std::io::Error>>;
 
-fn draw(report: &Report, root: &Area<'_>) -> DrawResult {
+fn draw(title: &str, runs: &[RunResult], root: &Area<'_>) -> DrawResult {
     root.fill(&WHITE)?;
-    let title = format!("{} — {}", report.engine, report.created_utc);
-    let root = root.titled(&title, ("sans-serif", 20))?;
+    let root = root.titled(title, ("sans-serif", 20))?;
     let (left, right) = root.split_horizontally(760);
-    cdf(report, &left)?;
-    bars(report, &right)
+    cdf(runs, &left)?;
+    bars(runs, &right)
 }
 
 /// `0.25`, `3`, `1200`: few digits, none wasted.
@@ -59,8 +58,8 @@ fn colour(i: usize) -> RGBColor {
     COLOURS[i % COLOURS.len()]
 }
 
-fn cdf(report: &Report, area: &Area<'_>) -> DrawResult {
-    let points = report.runs.iter().flat_map(|r| &r.client.latency_cdf_ms);
+fn cdf(runs: &[RunResult], area: &Area<'_>) -> DrawResult {
+    let points = runs.iter().flat_map(|r| &r.client.latency_cdf_ms);
     let (lo, hi) = points.fold((f64::MAX, 0.0f64), |(lo, hi), p| {
         (lo.min(p[1]), hi.max(p[1]))
     });
@@ -85,7 +84,7 @@ fn cdf(report: &Report, area: &Area<'_>) -> DrawResult {
         .label_style(("sans-serif", 13))
         .axis_desc_style(("sans-serif", 14))
         .draw()?;
-    for (i, run) in report.runs.iter().enumerate() {
+    for (i, run) in runs.iter().enumerate() {
         let c = colour(i);
         chart
             .draw_series(LineSeries::new(
@@ -104,10 +103,9 @@ fn cdf(report: &Report, area: &Area<'_>) -> DrawResult {
         .draw()
 }
 
-fn bars(report: &Report, area: &Area<'_>) -> DrawResult {
-    let n = report.runs.len().max(1);
-    let top = report
-        .runs
+fn bars(runs: &[RunResult], area: &Area<'_>) -> DrawResult {
+    let n = runs.len().max(1);
+    let top = runs
         .iter()
         .map(|r| r.client.throughput_rps)
         .fold(0.0, f64::max)
@@ -129,7 +127,7 @@ fn bars(report: &Report, area: &Area<'_>) -> DrawResult {
         .label_style(("sans-serif", 13))
         .axis_desc_style(("sans-serif", 14))
         .draw()?;
-    for (i, run) in report.runs.iter().enumerate() {
+    for (i, run) in runs.iter().enumerate() {
         // First configuration at the top.
         let y = (n - 1 - i) as f64;
         let v = run.client.throughput_rps;

@@ -1,5 +1,6 @@
-//! Benchmark results: what one configuration measured, the JSON file and
-//! the Markdown summaries.
+//! Benchmark reports: the measured runs of one benchmark
+//! ([`RunResult`]s, one per configuration) rendered as the JSON file, the
+//! Markdown summaries and the plot.
 //!
 //! # `bench/results/benchmark_YYYYMMDD_HHMMSS.json` (schema `sluice-bench/2`)
 //!
@@ -59,238 +60,18 @@
 //! `candidate_offset` instead of 0.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::progress::Progress;
-use crate::run::stats::{PrefixCache, Summary, predicted_prefix_counters, prefix_counters};
-use crate::run::sweep::Sweep;
-use crate::run::{Plan, client, drive_with, metrics_of};
+use crate::measure::RunResult;
+use crate::stats::PrefixCache;
+use crate::sweep::Sweep;
 use crate::workload::Workload;
 
 /// The `schema` of every report.
 pub(crate) const SCHEMA: &str = "sluice-bench/2";
-
-/// An exact in-flight gauge with its peak (the in-process simulator's view).
-#[derive(Debug, Default)]
-pub(crate) struct InFlight {
-    now: AtomicU64,
-    max: AtomicU64,
-}
-
-impl InFlight {
-    /// One more request in flight.
-    pub(crate) fn enter(&self) {
-        let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
-        self.max.fetch_max(n, Ordering::SeqCst);
-    }
-
-    /// One fewer.
-    pub(crate) fn leave(&self) {
-        self.now.fetch_sub(1, Ordering::SeqCst);
-    }
-
-    /// The peak since the last reset, then a reset to the current level.
-    pub(crate) fn take_max(&self) -> u64 {
-        self.max
-            .swap(self.now.load(Ordering::SeqCst), Ordering::SeqCst)
-    }
-}
-
-/// The proxy's view of a run (from its admin `/stats`).
-#[derive(Debug, Clone, Serialize)]
-pub(crate) struct ProxyView {
-    pub(crate) policy: Value,
-    pub(crate) outcomes: Value,
-    pub(crate) total_ms: Value,
-    pub(crate) queue_wait_ms: Value,
-    pub(crate) service_ms: Value,
-}
-
-/// One configuration's results.
-#[derive(Debug, Clone, Serialize)]
-pub(crate) struct RunResult {
-    pub(crate) label: String,
-    pub(crate) target: String,
-    pub(crate) plan: Plan,
-    pub(crate) client: Summary,
-    pub(crate) proxy: Option<ProxyView>,
-    pub(crate) prefix_cache: Option<PrefixCache>,
-    /// The proxy's prefix tracker over the run (proxied runs only).
-    pub(crate) predicted_prefix_cache: Option<PrefixCache>,
-    pub(crate) upstream_max_in_flight: Option<u64>,
-    pub(crate) gpu: String,
-    pub(crate) gpu_memory_mib: Option<f64>,
-}
-
-/// "simulated vLLM (profile P)", "simulated vLLM at URL" or "real vLLM at URL".
-pub(crate) async fn engine_name(engine: SocketAddr, url: &str, profile: Option<&str>) -> String {
-    if let Some(p) = profile {
-        return format!("simulated vLLM (profile {p})");
-    }
-    match metrics_of(engine).await {
-        Some(m) if m.contains("simulated=\"True\"") => format!("simulated vLLM at {url}"),
-        Some(m) if m.contains("vllm:") => format!("real vLLM at {url}"),
-        _ => format!("unknown engine at {url}"),
-    }
-}
-
-/// GPU memory and utilisation from `nvidia-smi`, or "n/a"; and the memory
-/// used, in MiB, summed over GPUs.
-pub(crate) async fn gpu_reading() -> (String, Option<f64>) {
-    let out = tokio::task::spawn_blocking(|| {
-        std::process::Command::new("nvidia-smi")
-            .args([
-                "--query-gpu=memory.used,memory.total,utilization.gpu",
-                "--format=csv,noheader,nounits",
-            ])
-            .output()
-    })
-    .await;
-    match out {
-        Ok(Ok(o)) if o.status.success() => gpu_lines(&String::from_utf8_lossy(&o.stdout)),
-        _ => ("n/a (no NVIDIA driver)".into(), None),
-    }
-}
-
-/// The proxy's predicted prefix-cache counters, when a proxy runs.
-async fn predicted(admin: Option<SocketAddr>) -> Option<(f64, f64)> {
-    metrics_of(admin?)
-        .await
-        .as_deref()
-        .and_then(predicted_prefix_counters)
-}
-
-/// The proxy's `/stats` `gpus`: its NVML readings, or a string saying why there are none.
-fn gpus_from_stats(gpus: &Value) -> (String, Option<f64>) {
-    let Some(list) = gpus.as_array() else {
-        return (gpus.as_str().unwrap_or("n/a").to_owned(), None);
-    };
-    if list.is_empty() {
-        return ("n/a (no GPU)".into(), None);
-    }
-    let mib = |v: &Value| v.as_f64().map(|b| b / (1024.0 * 1024.0));
-    let reading = list
-        .iter()
-        .map(|g| {
-            format!(
-                "{:.0} / {:.0} MiB, {:.0}% util",
-                mib(&g["memory_used_bytes"]).unwrap_or(f64::NAN),
-                mib(&g["memory_total_bytes"]).unwrap_or(f64::NAN),
-                g["utilization"].as_f64().unwrap_or(f64::NAN) * 100.0
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("; ");
-    let used = list.iter().map(|g| mib(&g["memory_used_bytes"])).sum();
-    (reading, used)
-}
-
-/// `nvidia-smi --query-gpu=memory.used,memory.total,utilization.gpu` lines.
-fn gpu_lines(text: &str) -> (String, Option<f64>) {
-    let gpus: Vec<Vec<&str>> = text
-        .lines()
-        .map(|l| l.split(',').map(str::trim).collect::<Vec<_>>())
-        .filter(|f| f.len() == 3)
-        .collect();
-    if gpus.is_empty() {
-        return ("n/a (no GPU)".into(), None);
-    }
-    let reading = gpus
-        .iter()
-        .map(|f| format!("{} / {} MiB, {}% util", f[0], f[1], f[2]))
-        .collect::<Vec<_>>()
-        .join("; ");
-    let used: Option<f64> = gpus.iter().map(|f| f[0].parse::<f64>().ok()).sum();
-    (reading, used)
-}
-
-async fn proxy_stats(admin: SocketAddr, reset: bool) -> Option<Value> {
-    let path = if reset { "/stats?reset=1" } else { "/stats" };
-    let (status, body) = client::get(admin, path).await.ok()?;
-    (status == 200).then(|| serde_json::from_slice(&body).ok())?
-}
-
-/// Runs `plan` against `target` and gathers every view of it: the client's,
-/// the proxy's (`admin`), the engine's prefix cache (`engine`) and the
-/// exact upstream in-flight peak (`in_flight`).
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn measure(
-    label: &str,
-    url: &str,
-    target: SocketAddr,
-    admin: Option<SocketAddr>,
-    engine: Option<SocketAddr>,
-    in_flight: Option<&Arc<InFlight>>,
-    workload: &Arc<Workload>,
-    plan: &Plan,
-) -> RunResult {
-    if let Some(admin) = admin {
-        proxy_stats(admin, true).await;
-    }
-    let predicted_before = predicted(admin).await;
-    let before = match engine {
-        Some(e) => metrics_of(e).await.as_deref().and_then(prefix_counters),
-        None => None,
-    };
-    if let Some(g) = in_flight {
-        g.take_max();
-    }
-    let progress = Progress::start(label, plan.requests as u64);
-    let outcomes = drive_with(target, workload, plan, progress.tick()).await;
-    progress.finish();
-    let upstream_max_in_flight = in_flight.map(|g| g.take_max());
-    let after = match engine {
-        Some(e) => metrics_of(e).await.as_deref().and_then(prefix_counters),
-        None => None,
-    };
-    let predicted_after = predicted(admin).await;
-    let stats = match admin {
-        Some(admin) => proxy_stats(admin, false).await,
-        None => None,
-    };
-    let proxy = stats.as_ref().map(|s| {
-        let series = s["series"]
-            .as_array()
-            .and_then(|a| {
-                a.iter()
-                    .find(|x| x["outcomes"].as_object().is_some_and(|o| !o.is_empty()))
-            })
-            .cloned()
-            .unwrap_or(Value::Null);
-        ProxyView {
-            policy: series["policy"].clone(),
-            outcomes: series["outcomes"].clone(),
-            total_ms: series["latency"]["total"].clone(),
-            queue_wait_ms: series["latency"]["queue_wait"].clone(),
-            service_ms: series["latency"]["service"].clone(),
-        }
-    });
-    // The proxy's own NVML readings when it ran; nvidia-smi for the direct baselines.
-    let (gpu, gpu_memory_mib) = match stats.as_ref().map(|s| &s["gpus"]) {
-        Some(gpus) if !gpus.is_null() => gpus_from_stats(gpus),
-        _ => gpu_reading().await,
-    };
-    RunResult {
-        label: label.to_string(),
-        target: url.to_string(),
-        plan: plan.clone(),
-        client: outcomes.summary(),
-        proxy,
-        prefix_cache: before.zip(after).map(|(b, a)| PrefixCache::between(b, a)),
-        predicted_prefix_cache: predicted_before
-            .zip(predicted_after)
-            .map(|(b, a)| PrefixCache::between(b, a)),
-        upstream_max_in_flight,
-        gpu,
-        gpu_memory_mib,
-    }
-}
 
 /// A whole benchmark report.
 #[derive(Debug, Clone, Serialize)]
@@ -369,7 +150,8 @@ impl Report {
     pub(crate) fn write_all(&self, dir: &Path, markdown: &str) -> anyhow::Result<PathBuf> {
         let json = self.write(dir)?;
         std::fs::write(json.with_extension("md"), markdown)?;
-        crate::plot::write_svg(self, &json.with_extension("svg"))?;
+        let title = format!("{} — {}", self.engine, self.created_utc);
+        crate::plot::write_svg(&title, &self.runs, &json.with_extension("svg"))?;
         Ok(json)
     }
 
@@ -622,47 +404,5 @@ mod tests {
         assert!(winner(&[Some(1.0), Some(1.005)], true).is_empty());
         assert_eq!(winner(&[Some(2.0)], true), [0]);
         assert_eq!(winner(&[Some(100.0), Some(99.5), Some(50.0)], true), [0, 1]);
-    }
-
-    #[test]
-    fn gpu_readings_sum_memory() {
-        let (text, mib) = gpu_lines("1024, 16376, 37\n2048, 16376, 5\n");
-        assert_eq!(
-            text,
-            "1024 / 16376 MiB, 37% util; 2048 / 16376 MiB, 5% util"
-        );
-        assert_eq!(mib, Some(3072.0));
-        assert_eq!(gpu_lines("").1, None);
-    }
-
-    #[test]
-    fn gpu_readings_from_the_proxys_stats() {
-        let gpus = serde_json::json!([
-            {"index": 0, "name": "H100", "memory_used_bytes": 1073741824u64,
-             "memory_total_bytes": 85899345920u64, "utilization": 0.37},
-            {"index": 1, "name": "H100", "memory_used_bytes": 2147483648u64,
-             "memory_total_bytes": 85899345920u64, "utilization": 0.05},
-        ]);
-        let (text, mib) = gpus_from_stats(&gpus);
-        assert_eq!(
-            text,
-            "1024 / 81920 MiB, 37% util; 2048 / 81920 MiB, 5% util"
-        );
-        assert_eq!(mib, Some(3072.0));
-        let none = serde_json::json!("n/a (no NVIDIA driver)");
-        assert_eq!(
-            gpus_from_stats(&none),
-            ("n/a (no NVIDIA driver)".into(), None)
-        );
-    }
-
-    #[test]
-    fn in_flight_peak() {
-        let g = InFlight::default();
-        g.enter();
-        g.enter();
-        g.leave();
-        assert_eq!(g.take_max(), 2);
-        assert_eq!(g.take_max(), 1);
     }
 }

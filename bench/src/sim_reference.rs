@@ -4,11 +4,11 @@
 //!
 //! Three figures per client mode, side by side with the reference and the
 //! error of each:
-//! - the engine model in virtual time (`sluice_bench::sim::reference`): the
+//! - the engine model in virtual time (`sluice_sim::reference`): the
 //!   profile's own timing with no HTTP, what the `rtx4080` fit is made on;
-//! - the same clients over HTTP (`bench run`'s batched and inngest loops)
-//!   against the simulator served in-process, so this machine's HTTP and
-//!   scheduling costs come on top;
+//! - the same clients over HTTP (the batched and inngest modes of
+//!   [`crate::load`]) against the simulator served in-process, so this
+//!   machine's HTTP and scheduling costs come on top;
 //! - the HTTP cap: the same over HTTP against a simulator whose every time
 //!   is zero, i.e. what this machine's load generator and server alone
 //!   allow.
@@ -22,11 +22,11 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use serde_json::Value;
-use sluice_bench::sim::Profile;
-use sluice_bench::sim::reference::{self, Clients, Point, REFERENCE, REFERENCE_REQUESTS};
-use sluice_bench::sim::tokenizer::Tokenizer;
+use sluice_sim::Profile;
+use sluice_sim::reference::{self, Clients, Point, REFERENCE, REFERENCE_REQUESTS};
+use sluice_sim::tokenizer::Tokenizer;
 
-use crate::run::{self, Mode, Plan};
+use crate::load::{self, Mode, Plan};
 use crate::workload::{Workload, WorkloadArgs};
 
 /// `bench sim-vs-reference` options.
@@ -177,7 +177,7 @@ async fn http(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr: SocketAddr = listener.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(sluice_bench::sim::serve(listener, profile.clone(), async {
+    let server = tokio::spawn(sluice_sim::serve(listener, profile.clone(), async {
         let _ = stopped.await;
     }));
     let (mode, wave, limit) = match clients {
@@ -196,8 +196,8 @@ async fn http(
         offset,
     };
     // Warm-up on other candidates: connections open, the rubric cached.
-    run::drive(addr, workload, &plan(100, requests)).await;
-    let out = run::drive(addr, workload, &plan(requests, 0)).await;
+    load::drive(addr, workload, &plan(100, requests)).await;
+    let out = load::drive(addr, workload, &plan(requests, 0)).await;
     let _ = stop.send(());
     server.await??;
     let s = out.summary();

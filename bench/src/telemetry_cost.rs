@@ -21,11 +21,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context, bail};
-use bytes::Bytes;
-
-use crate::load::{Target, fixed_count};
+use crate::client::{Read, Request};
+use crate::load::fixed_count;
 use crate::{fast_upstream, procs};
+use anyhow::{Context, bail};
 
 /// Flags of `bench telemetry-cost`.
 #[derive(Debug, clap::Args)]
@@ -111,16 +110,17 @@ async fn counted_run(
         // connections were spread over threads.
         &[("SLUICE_TELEMETRY", telemetry), ("SLUICE_WORKERS", "1")],
     )?;
-    let target = Target {
-        addr: proxy.addr,
-        path: "/v1/completions".into(),
-        body: Bytes::from_static(br#"{"model":"fast","prompt":"Say hello.","max_tokens":1}"#),
-    };
-    let result = fixed_count(&target, args.connections, requests).await?;
-    if result.errors > 0 || result.ok != requests {
+    let request = Request::post(
+        "/v1/completions",
+        &br#"{"model":"fast","prompt":"Say hello.","max_tokens":1}"#[..],
+    )
+    .read(Read::Status)
+    .timeout(None);
+    let result = fixed_count(proxy.addr, &request, args.connections, requests).await?;
+    if result.failed() > 0 || result.ok != requests {
         bail!(
             "{} of {requests} requests failed through the proxy under callgrind",
-            result.errors
+            result.failed()
         );
     }
     let status = proxy.terminate()?;

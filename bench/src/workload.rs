@@ -26,10 +26,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use bytes::Bytes;
 use serde_json::{Value, json};
-use sluice_bench::sim::engine::splitmix64;
-use sluice_bench::sim::tokenizer::Tokenizer;
+use sluice_sim::engine::splitmix64;
+use sluice_sim::tokenizer::Tokenizer;
+
+use crate::client::Request;
 
 /// Which OpenAI route the synthetic workload uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -78,15 +79,6 @@ pub(crate) struct WorkloadArgs {
     pub(crate) prompt_file: Option<std::path::PathBuf>,
 }
 
-/// One request of the workload.
-#[derive(Debug, Clone)]
-pub(crate) struct Item {
-    /// Route path.
-    pub(crate) path: &'static str,
-    /// JSON body.
-    pub(crate) body: Bytes,
-}
-
 /// The requests of a run, by index.
 #[derive(Debug, Clone)]
 pub(crate) struct Workload {
@@ -115,12 +107,12 @@ enum Source {
         stream: bool,
     },
     /// Bodies from a file, cycled.
-    File(Vec<Item>),
+    File(Vec<Request>),
 }
 
 impl Workload {
     /// The request for index `i`.
-    pub(crate) fn item(&self, i: usize) -> Item {
+    pub(crate) fn item(&self, i: usize) -> Request {
         match &self.source {
             Source::File(items) => items[i % items.len()].clone(),
             Source::Synthetic {
@@ -149,10 +141,7 @@ impl Workload {
                     }),
                 };
                 fill(&mut body, model.as_deref(), *max_tokens, *stream);
-                Item {
-                    path: path_for(&body),
-                    body: Bytes::from(body.to_string()),
-                }
+                Request::post(path_for(&body), body.to_string())
             }
         }
     }
@@ -359,10 +348,7 @@ fn from_file(
             n + 1
         );
         fill(&mut body, model, max_tokens, stream);
-        items.push(Item {
-            path: path_for(&body),
-            body: Bytes::from(body.to_string()),
-        });
+        items.push(Request::post(path_for(&body), body.to_string()));
     }
     anyhow::ensure!(!items.is_empty(), "{}: no requests", path.display());
     Ok(Workload {

@@ -7,8 +7,8 @@
 
 use std::process::Command;
 
-use sluice_bench::sim::calibrate::{fit_workloads, held_out_workloads};
-use sluice_bench::sim::profile::Profile;
+use sluice_sim::calibrate::{fit_workloads, held_out_workloads};
+use sluice_sim::profile::Profile;
 
 #[test]
 #[ignore = "needs a real vLLM: run just e2e"]

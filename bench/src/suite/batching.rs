@@ -26,14 +26,12 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use bytes::Bytes;
 use serde::Serialize;
 use serde_json::json;
-use sluice_bench::median;
 
 use super::{Args, Check, Engine, Op, short};
-use crate::run::client::Conn;
-use crate::workload::Item;
+use crate::client::{Conn, Request};
+use crate::stats::median;
 
 /// The targets: speedup over sequential at 3 and 5 agents.
 const TARGETS: [(usize, f64); 2] = [(3, 1.5), (5, 2.5)];
@@ -141,7 +139,7 @@ impl Batching {
     }
 }
 
-fn agent(engine: &Engine, tokens: u32, prompt: String) -> Item {
+fn agent(engine: &Engine, tokens: u32, prompt: String) -> Request {
     let mut body = json!({
         "prompt": prompt,
         "max_tokens": tokens,
@@ -151,10 +149,15 @@ fn agent(engine: &Engine, tokens: u32, prompt: String) -> Item {
     if let Some(model) = &engine.model {
         body["model"] = json!(model);
     }
-    Item {
-        path: "/v1/completions",
-        body: Bytes::from(body.to_string()),
-    }
+    Request::post("/v1/completions", body.to_string())
+}
+
+/// Sends `request` on `conn`: its output tokens, or the failure's kind.
+async fn send(conn: &mut Conn, request: &Request) -> Result<u64, String> {
+    conn.send(request)
+        .await
+        .map(|answer| answer.output_tokens)
+        .map_err(|failure| failure.kind)
 }
 
 /// Runs the category through the proxy at `proxy`.
@@ -171,9 +174,11 @@ pub(crate) async fn run(
     };
     let repeats = args.batching_repeats.max(1);
     // Warm-up: connections, the engine's first step.
-    let _ = Conn::new(proxy)
-        .send(&agent(engine, 8, prompt(0, 0, "warm-up", 0)))
-        .await;
+    let _ = send(
+        &mut Conn::new(proxy),
+        &agent(engine, 8, prompt(0, 0, "warm-up", 0)),
+    )
+    .await;
     let mut rows = Vec::new();
     for &n in &args.agents {
         let n = n.max(1);
@@ -185,7 +190,7 @@ pub(crate) async fn run(
             let tasks: Vec<_> = (0..n)
                 .map(|k| {
                     let item = agent(engine, args.agent_tokens, prompt(n, r, "concurrent", k));
-                    tokio::spawn(async move { Conn::new(proxy).send(&item).await })
+                    tokio::spawn(async move { send(&mut Conn::new(proxy), &item).await })
                 })
                 .collect();
             let mut results = Vec::with_capacity(n);
@@ -199,7 +204,7 @@ pub(crate) async fn run(
             let mut results = Vec::with_capacity(n);
             for k in 0..n {
                 let item = agent(engine, args.agent_tokens, prompt(n, r, "sequential", k));
-                results.push(conn.send(&item).await);
+                results.push(send(&mut conn, &item).await);
             }
             sequential_tokens.push(sequential.add(results, started.elapsed().as_secs_f64()));
         }

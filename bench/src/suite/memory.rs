@@ -50,7 +50,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use bytes::Bytes;
 use serde::Serialize;
 use serde_json::json;
 use sluice::classify::Prompt;
@@ -58,11 +57,10 @@ use sluice::prefix::{DEFAULT_BLOCK_SIZE, PrefixTracker};
 use sluice::tokens::CHARS_PER_TOKEN;
 
 use super::{Args, Check, Op, short};
+use crate::client::{self, Conn, Request};
+use crate::fast_upstream;
 use crate::procs::{self, Proc};
-use crate::run::client::{self, Conn};
-use crate::run::stats::prom_sum;
-use crate::workload::Item;
-use crate::{fast_upstream, run};
+use crate::stats::prom_sum;
 
 const MIB: f64 = 1024.0 * 1024.0;
 /// Linearity is judged only when the last level grew at least this much:
@@ -210,17 +208,14 @@ fn session_prompt(nonce: u64, i: usize, tokens: usize) -> String {
     s
 }
 
-fn session_item(nonce: u64, i: usize, tokens: usize) -> Item {
+fn session_item(nonce: u64, i: usize, tokens: usize) -> Request {
     let body = json!({
         "model": "fast",
         "prompt": session_prompt(nonce, i, tokens),
         "max_tokens": 1,
         "user": format!("session-{i}"),
     });
-    Item {
-        path: "/v1/completions",
-        body: Bytes::from(body.to_string()),
-    }
+    Request::post("/v1/completions", body.to_string())
 }
 
 /// Sends session `index(k)` for `k` in `0..count` over `concurrency`
@@ -229,7 +224,7 @@ async fn send_all(
     addr: SocketAddr,
     count: usize,
     concurrency: usize,
-    item: Arc<dyn Fn(usize) -> Item + Send + Sync>,
+    item: Arc<dyn Fn(usize) -> Request + Send + Sync>,
 ) -> u64 {
     let next = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -257,7 +252,7 @@ async fn send_all(
 }
 
 async fn hit_tokens(admin: SocketAddr) -> anyhow::Result<f64> {
-    let text = run::metrics_of(admin)
+    let text = client::metrics(admin)
         .await
         .context("the proxy's /metrics")?;
     Ok(prom_sum(&text, sluice::telemetry::PREFIX_HIT_TOKENS).unwrap_or(0.0))

@@ -42,19 +42,15 @@ mod resume;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::Context as _;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
-use serde_json::Value;
 
+use crate::client::post_json;
+use crate::engine::{EngineArgs, Upstream, engine_name, max_model_len, model_of};
+use crate::load::parse_duration;
 use crate::procs;
 use crate::report;
-use crate::run::{self, client};
 
 /// A category of the suite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -71,7 +67,7 @@ pub(crate) enum Category {
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
     #[command(flatten)]
-    pub(crate) engine: crate::compare::EngineArgs,
+    pub(crate) engine: EngineArgs,
     /// Categories to run (comma-separated); all by default.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub(crate) only: Vec<Category>,
@@ -105,7 +101,7 @@ pub(crate) struct Args {
     #[arg(long, default_value_t = 64)]
     pub(crate) memory_concurrency: usize,
     /// Memory: soak duration at steady load (e.g. 10m, 30s).
-    #[arg(long, default_value = "10m", value_parser = run::parse_duration)]
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
     pub(crate) soak: f64,
     /// Memory: requests per second during the soak.
     #[arg(long, default_value_t = 200.0)]
@@ -226,14 +222,14 @@ pub(crate) struct Engine {
 /// `bench suite`.
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let wants = |c: Category| args.only.is_empty() || args.only.contains(&c);
-    let crate::compare::Upstream {
+    let Upstream {
         addr: upstream,
         url,
         profile,
         ..
     } = args.engine.start().await?;
-    let name = report::engine_name(upstream, &url, profile.as_deref()).await;
-    let model = run::model_of(upstream).await;
+    let name = engine_name(upstream, &url, profile.as_deref()).await;
+    let model = model_of(upstream).await;
     let max_model_len = max_model_len(upstream).await;
     let tokenize = post_json(
         upstream,
@@ -349,39 +345,6 @@ fn write(suite: &SuiteReport, dir: &Path) -> anyhow::Result<PathBuf> {
     }
     std::fs::write(&path, serde_json::to_string_pretty(suite)? + "\n")?;
     Ok(path)
-}
-
-/// The engine's `max_model_len` from `/v1/models` (vLLM and the simulator
-/// both report it).
-async fn max_model_len(addr: SocketAddr) -> Option<u64> {
-    let (status, body) = client::get(addr, "/v1/models").await.ok()?;
-    if status != 200 {
-        return None;
-    }
-    let v: Value = serde_json::from_slice(&body).ok()?;
-    v["data"][0]["max_model_len"].as_u64()
-}
-
-/// `POST path` with a JSON body over a fresh connection: status and body.
-pub(crate) async fn post_json(
-    addr: SocketAddr,
-    path: &str,
-    body: &Value,
-) -> anyhow::Result<(u16, Bytes)> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    stream.set_nodelay(true)?;
-    let (mut sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
-    let request = http::Request::post(path)
-        .header(http::header::HOST, "bench")
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(serde_json::to_vec(body)?)))?;
-    let response = tokio::time::timeout(Duration::from_secs(60), sender.send_request(request))
-        .await
-        .context("POST timed out")??;
-    let status = response.status().as_u16();
-    let body = response.into_body().collect().await?.to_bytes();
-    Ok((status, body))
 }
 
 #[cfg(test)]

@@ -2,9 +2,10 @@
 //! the same context resumed (a new turn appended) once its prefix is cached.
 //!
 //! Each pair uses a context never sent before (the run's nonce is in its
-//! first line). Both requests stream; time to first token runs from sending
-//! the request to the first SSE chunk that carries text, as the proxy
-//! itself measures it. `max_tokens` is 2, so the figure is the prefill.
+//! first line). Both requests stream, each on a new connection; time to
+//! first token runs from sending the request to the first SSE event that
+//! carries text (read by [`crate::client`]). `max_tokens` is 2, so the
+//! figure is the prefill.
 //!
 //! Context sizes are in the engine's tokens. Against an engine with
 //! `POST /tokenize` (real vLLM) the prompt is sent as token ids cut to the
@@ -32,21 +33,17 @@
 //! ```
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde_json::{Value, json};
-use sluice::exchange::carries_tokens;
-use sluice::usage::UsageTap;
-use sluice_bench::median;
-use sluice_bench::sim::tokenizer::Tokenizer;
+use sluice_sim::tokenizer::Tokenizer;
+use tokio::time::Instant;
 
-use super::{Args, Check, Engine, Op, post_json, short};
+use super::{Args, Check, Engine, Op, short};
+use crate::client::{Conn, Request, post_json};
+use crate::stats::median;
 use crate::workload;
 
 /// The issue's target: resumed time to first token this many times faster.
@@ -63,9 +60,9 @@ pub(crate) struct Row {
     pub(crate) sent_tokens: Option<usize>,
     pub(crate) skipped: Option<String>,
     pub(crate) capped: Option<String>,
-    pub(crate) prompt_tokens: Option<u32>,
-    pub(crate) cold_cached_tokens: Option<u32>,
-    pub(crate) cached_tokens: Option<u32>,
+    pub(crate) prompt_tokens: Option<u64>,
+    pub(crate) cold_cached_tokens: Option<u64>,
+    pub(crate) cached_tokens: Option<u64>,
     pub(crate) cold_ttft_ms: Vec<f64>,
     pub(crate) resumed_ttft_ms: Vec<f64>,
     pub(crate) cold_ttft_ms_median: Option<f64>,
@@ -234,11 +231,12 @@ async fn resume(engine: &Engine, context: &Prompt, turn: &str) -> anyhow::Result
 /// What one streamed request measured.
 struct Streamed {
     ttft: Duration,
-    prompt_tokens: Option<u32>,
-    cached_tokens: Option<u32>,
+    prompt_tokens: Option<u64>,
+    cached_tokens: Option<u64>,
 }
 
-/// Sends one streaming completion to `addr` and times its first token.
+/// Sends one streaming completion to `addr` over a new connection and
+/// times its first token from the send.
 async fn stream(addr: SocketAddr, engine: &Engine, prompt: &Prompt) -> anyhow::Result<Streamed> {
     let mut body = json!({
         "prompt": prompt.json(),
@@ -251,44 +249,17 @@ async fn stream(addr: SocketAddr, engine: &Engine, prompt: &Prompt) -> anyhow::R
     if let Some(model) = &engine.model {
         body["model"] = json!(model);
     }
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
-    tcp.set_nodelay(true)?;
-    let (mut sender, connection) = http1::handshake(TokioIo::new(tcp)).await?;
-    tokio::spawn(connection);
-    let request = http::Request::post("/v1/completions")
-        .header(http::header::HOST, "bench")
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))?;
-    let exchange = async {
-        let sent = Instant::now();
-        let response = sender.send_request(request).await?;
-        let status = response.status();
-        let mut body = response.into_body();
-        if !status.is_success() {
-            let text = body.collect().await?.to_bytes();
-            bail!("HTTP {status}: {}", String::from_utf8_lossy(&text));
-        }
-        let mut tap = UsageTap::new(true);
-        let mut ttft = None;
-        while let Some(frame) = body.frame().await {
-            if let Ok(data) = frame?.into_data() {
-                if ttft.is_none() && carries_tokens(&data) {
-                    ttft = Some(sent.elapsed());
-                }
-                tap.push(&data);
-            }
-        }
-        let ttft = ttft.context("the stream carried no token")?;
-        let usage = tap.usage();
-        Ok(Streamed {
-            ttft,
-            prompt_tokens: usage.as_ref().map(|u| u.prompt_tokens),
-            cached_tokens: usage.and_then(|u| u.cached_tokens),
-        })
-    };
-    tokio::time::timeout(Duration::from_secs(300), exchange)
-        .await
-        .context("the streaming request timed out")?
+    let request =
+        Request::post("/v1/completions", body.to_string()).timeout(Some(Duration::from_secs(300)));
+    let mut conn = Conn::open(addr).await?;
+    let sent = Instant::now();
+    let answer = conn.send(&request).await?;
+    let first_token = answer.first_token.context("the stream carried no token")?;
+    Ok(Streamed {
+        ttft: first_token.duration_since(sent),
+        prompt_tokens: answer.prompt_tokens,
+        cached_tokens: answer.cached_tokens,
+    })
 }
 
 /// Runs the category through the proxy at `proxy`.

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 
 use serde_json::Value;
-use sluice_bench::sim::{Profile, serve};
+use sluice_sim::{Profile, serve};
 
 /// Field paths of a JSON value (`a.b[].c`), values ignored.
 fn shape(v: &Value, prefix: &str, out: &mut BTreeSet<String>) {

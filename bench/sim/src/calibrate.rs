@@ -21,10 +21,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use super::engine::NewSeq;
-use super::profile::Profile;
-use super::timeline::Timeline;
-use super::tokenizer::Tokenizer;
+use crate::engine::NewSeq;
+use crate::profile::Profile;
+use crate::timeline::Timeline;
+use crate::tokenizer::Tokenizer;
 
 /// A closed-loop workload: `concurrency` clients, `requests` in all.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -102,7 +102,7 @@ impl Workload {
         ));
         let mut x = i as u64 + 1;
         for _ in 0..self.words {
-            x = super::engine::splitmix64(x);
+            x = crate::engine::splitmix64(x);
             s.push(' ');
             s.push_str(WORDS[(x % WORDS.len() as u64) as usize]);
         }
@@ -416,9 +416,9 @@ fn loss(p: &Profile, points: &[(Workload, Measurement)]) -> f64 {
         .sum()
 }
 
-/// Fits `base`'s timing to `points` (see [`super::profile::fit`]).
+/// Fits `base`'s timing to `points` (see [`crate::profile::fit`]).
 pub fn fit(base: &Profile, points: &[(Workload, Measurement)]) -> (Profile, f64) {
-    let knobs: [super::profile::Knob; 7] = [
+    let knobs: [crate::profile::Knob; 7] = [
         |t| &mut t.step_base_ms,
         |t| &mut t.decode_seq_ms,
         |t| &mut t.prefill_token_ms,
@@ -427,12 +427,12 @@ pub fn fit(base: &Profile, points: &[(Workload, Measurement)]) -> (Profile, f64)
         |t| &mut t.api_in_ms,
         |t| &mut t.api_out_ms,
     ];
-    let search = super::profile::Search {
+    let search = crate::profile::Search {
         min_factor: 1.01,
         max_rounds: 40,
         min_gain: 1e-3,
     };
-    super::profile::fit(base, &knobs, search, |p| loss(p, points))
+    crate::profile::fit(base, &knobs, search, |p| loss(p, points))
 }
 
 /// `bench calibrate`.
@@ -555,11 +555,18 @@ struct Spread {
 impl Spread {
     /// Over the finite values (NaN throughout when there are none).
     fn of(values: impl Iterator<Item = f64>) -> Self {
-        let v: Vec<f64> = values.filter(|x| x.is_finite()).collect();
+        let mut v: Vec<f64> = values.filter(|x| x.is_finite()).collect();
+        v.sort_by(f64::total_cmp);
         let extreme =
             |pick: fn(f64, f64) -> f64| v.iter().copied().reduce(pick).unwrap_or(f64::NAN);
+        let n = v.len();
+        let median = match n {
+            0 => f64::NAN,
+            _ if n % 2 == 1 => v[n / 2],
+            _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        };
         Self {
-            median: crate::median(&v),
+            median,
             min: extreme(f64::min),
             max: extreme(f64::max),
         }
@@ -701,7 +708,7 @@ pub async fn versus(args: VersusArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let sim_url = format!("http://{}", listener.local_addr()?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(super::serve(listener, profile.clone(), async {
+    let server = tokio::spawn(crate::serve(listener, profile.clone(), async {
         let _ = stopped.await;
     }));
     println!(

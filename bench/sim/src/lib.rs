@@ -1,4 +1,7 @@
-//! `bench sim`: a simulated vLLM.
+//! Sluice's simulated vLLM: what `bench sim` serves, `bench calibrate` and
+//! `bench sim-vs-real` fit to a real engine, and `bench compare` and
+//! `bench suite` run against by default. A library of its own, so it is
+//! used and tested without the load generator.
 //!
 //! Serves vLLM's OpenAI routes and metrics from an engine model instead of
 //! a model: continuous batching under `max_num_seqs` and a per-step token
@@ -10,24 +13,30 @@
 //!
 //! # Layout
 //!
+//! Bottom to top: each module uses only those listed before it.
+//!
 //! - [`kv`]: the KV block pool and prefix cache (chained block hashes, LRU
 //!   eviction of free cached blocks).
+//! - [`metrics`]: vLLM's metric names and buckets.
+//! - [`tokenizer`]: the documented simple tokenizer, or a model's
+//!   `tokenizer.json`.
 //! - [`engine`]: the scheduler (continuous batching, token budget, chunked
 //!   prefill, preemption), a pure state machine driven by explicit time.
+//! - [`profile`]: engine shapes and step-time models, as TOML (the built-in
+//!   ones are `profiles/*.toml`, embedded).
 //! - [`timeline`]: the engine in time: the API server's serial work in
 //!   front of and behind it, and its steps, as a discrete-event model run
 //!   in virtual or real time.
+//! - [`reference`]: the reference GPU benchmark's two client modes run in
+//!   virtual time, and the `rtx4080` fit to them.
 //! - [`driver`]: runs a timeline in real time (a dedicated thread) or on
 //!   tokio's timer; submit, stream, abort.
 //! - [`api`]: the HTTP routes, JSON and SSE shapes, errors; [`serve`].
-//! - [`profile`]: engine shapes and step-time models, as TOML.
-//! - [`tokenizer`]: the documented simple tokenizer, or a model's
-//!   `tokenizer.json`.
-//! - [`metrics`]: vLLM's metric names and buckets.
-//! - [`reference`]: the reference GPU benchmark's two client modes run in
-//!   virtual time, and the `rtx4080` fit to them.
 //! - [`calibrate`]: measuring a real engine, fitting a profile, and
 //!   comparing the simulator with the real engine on held-out workloads.
+//! - this root: `bench sim`'s flags ([`Args`]) and [`run`].
+
+#![deny(missing_docs)]
 
 pub mod api;
 pub mod calibrate;

@@ -14,9 +14,9 @@ use http_body_util::{BodyExt as _, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
-use sluice_bench::sim::Profile;
-use sluice_bench::sim::api::serve_with;
-use sluice_bench::sim::tokenizer::SimTokenizer;
+use sluice_sim::Profile;
+use sluice_sim::api::serve_with;
+use sluice_sim::tokenizer::SimTokenizer;
 
 /// GPT-2's byte-to-character table (what ByteLevel pre-tokenizers use).
 fn byte_chars() -> Vec<char> {

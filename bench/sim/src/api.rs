@@ -1,6 +1,6 @@
 //! The HTTP face of the simulator: vLLM's OpenAI routes with the field
 //! names, SSE framing and error bodies of vLLM 0.32 (compared against the
-//! real server by `bench/tests/conformance.rs`).
+//! real server by `tests/conformance.rs`).
 //!
 //! Routes: `POST /v1/completions`, `POST /v1/chat/completions`,
 //! `GET /v1/models`, `GET /health`, `GET /metrics`.
@@ -23,10 +23,10 @@ use hyper::{Method, Request, Response, StatusCode, header};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-use super::driver::{Sim, Submission};
-use super::engine::{NewSeq, TokenEvent, splitmix64};
-use super::profile::Profile;
-use super::tokenizer::{SimTokenizer, Tokenizer};
+use crate::driver::{Sim, Submission};
+use crate::engine::{NewSeq, TokenEvent, splitmix64};
+use crate::profile::Profile;
+use crate::tokenizer::{SimTokenizer, Tokenizer};
 
 /// Response bodies: whole JSON or a live SSE stream.
 pub type SimBody = UnsyncBoxBody<Bytes, Infallible>;

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::stats::Summary;
+use crate::stats::Summary;
 
 /// Steps shorter than this many requests are too noisy to judge.
 pub(crate) const MIN_STEP_REQUESTS: usize = 20;
@@ -41,7 +41,7 @@ pub(crate) struct SweepArgs {
     #[arg(long, default_value_t = 10)]
     pub(crate) max_steps: usize,
     /// Sweep: how long each step sends (e.g. 10s).
-    #[arg(long, default_value = "10s", value_parser = super::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = crate::load::parse_duration)]
     pub(crate) step_duration: f64,
     /// Sweep: saturated below this fraction of the offered rate achieved.
     #[arg(long, default_value_t = 0.9)]
@@ -51,7 +51,7 @@ pub(crate) struct SweepArgs {
     pub(crate) max_error_rate: f64,
     /// Sweep: saturated when p99 exceeds this (e.g. 500ms); default 10× the
     /// first step's p99.
-    #[arg(long, value_parser = super::parse_duration)]
+    #[arg(long, value_parser = crate::load::parse_duration)]
     pub(crate) max_p99: Option<f64>,
 }
 
@@ -280,10 +280,10 @@ mod tests {
 
     #[test]
     fn offered_rate_is_the_realised_one() {
-        let c = crate::run::stats::Outcomes::default();
+        let c = crate::stats::Outcomes::default();
         let mut c = c;
         for _ in 0..50 {
-            c.record(crate::run::stats::Sample {
+            c.record(crate::stats::Sample {
                 result: Ok(1),
                 latency: Duration::from_millis(5),
                 ttft: None,

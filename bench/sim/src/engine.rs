@@ -26,8 +26,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
-use super::kv::{BlockId, BlockPool, chain_hashes};
-use super::metrics::{FinishReason, Gauges, Stats};
+use crate::kv::{BlockId, BlockPool, chain_hashes};
+use crate::metrics::{FinishReason, Gauges, Stats};
 
 /// Identifies a sequence (one request) in the engine.
 pub type SeqId = u64;

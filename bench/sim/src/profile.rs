@@ -1,6 +1,6 @@
 //! Profiles: an engine shape plus a step-time model, as TOML.
 //!
-//! Built-in profiles live in `bench/profiles/*.toml` and are embedded in the
+//! Built-in profiles live in `bench/sim/profiles/*.toml` and are embedded in the
 //! binary; `--profile PATH.toml` loads any other (for example one written by
 //! `bench calibrate` or `bench sim-vs-real --out`).
 //!
@@ -32,7 +32,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use super::engine::{Batch, EngineConfig, splitmix64};
+use crate::engine::{Batch, EngineConfig, splitmix64};
 
 /// A simulated engine's configuration and timing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -120,9 +120,9 @@ pub struct Timing {
 const BUILT_IN: &[(&str, &str)] = &[
     (
         "vllm-cpu-tiny",
-        include_str!("../../profiles/vllm-cpu-tiny.toml"),
+        include_str!("../profiles/vllm-cpu-tiny.toml"),
     ),
-    ("rtx4080", include_str!("../../profiles/rtx4080.toml")),
+    ("rtx4080", include_str!("../profiles/rtx4080.toml")),
 ];
 
 impl Profile {

@@ -12,9 +12,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use super::engine::NewSeq;
-use super::profile::Profile;
-use super::timeline::Timeline;
+use crate::engine::NewSeq;
+use crate::profile::Profile;
+use crate::timeline::Timeline;
 
 /// How the clients send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,7 +170,7 @@ pub fn fit(
     prompts: &[Vec<u32>],
     max_tokens: usize,
 ) -> (Profile, f64) {
-    let knobs: [super::profile::Knob; 6] = [
+    let knobs: [crate::profile::Knob; 6] = [
         |t| &mut t.step_base_ms,
         |t| &mut t.prefill_token_ms,
         |t| &mut t.decode_seq_ms,
@@ -178,12 +178,12 @@ pub fn fit(
         |t| &mut t.api_out_ms,
         |t| &mut t.request_overhead_ms,
     ];
-    let search = super::profile::Search {
+    let search = crate::profile::Search {
         min_factor: 1.005,
         max_rounds: 60,
         min_gain: 1e-4,
     };
-    super::profile::fit(base, &knobs, search, |p| {
+    crate::profile::fit(base, &knobs, search, |p| {
         loss(p, requests, prompts, max_tokens)
     })
 }

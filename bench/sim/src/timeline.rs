@@ -23,8 +23,8 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use super::engine::{Batch, Engine, NewSeq, SeqId, TokenEvent};
-use super::profile::{Profile, StepClock};
+use crate::engine::{Batch, Engine, NewSeq, SeqId, TokenEvent};
+use crate::profile::{Profile, StepClock};
 
 /// The engine, its step clock and the API server around it.
 #[derive(Debug)]
@@ -163,7 +163,7 @@ mod tests {
     use super::*;
 
     fn profile(api_in_ms: f64, api_out_ms: f64, overhead_ms: f64) -> Profile {
-        super::super::profile::test_profile(api_in_ms, api_out_ms, overhead_ms)
+        crate::profile::test_profile(api_in_ms, api_out_ms, overhead_ms)
     }
 
     fn seq(len: u32, max_tokens: usize) -> NewSeq {

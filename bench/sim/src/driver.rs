@@ -18,10 +18,10 @@ use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
-use super::engine::{Engine, NewSeq, SeqId, TokenEvent};
-use super::metrics;
-use super::profile::Profile;
-use super::timeline::Timeline;
+use crate::engine::{Engine, NewSeq, SeqId, TokenEvent};
+use crate::metrics;
+use crate::profile::Profile;
+use crate::timeline::Timeline;
 
 /// A running simulated engine. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -254,7 +254,7 @@ mod tests {
     use super::*;
 
     fn profile() -> Profile {
-        super::super::profile::test_profile(0.0, 0.0, 0.0)
+        crate::profile::test_profile(0.0, 0.0, 0.0)
     }
 
     fn seq(len: u32, max_tokens: usize) -> NewSeq {

@@ -1,4 +1,7 @@
-//! What one run measured, and the statistics reported from it.
+//! What a run measured and the statistics reported from it: each
+//! request's [`Sample`], a run's [`Outcomes`] (HDR histograms of
+//! microseconds), their [`Summary`]; counters read from Prometheus text;
+//! the [`median`] every report takes over repeats.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -7,7 +10,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::client::Answer;
+use crate::client::{Answer, Failure};
 
 /// One request's result, timed from its origin: its send, its wave's start,
 /// or its intended send time (open loop).
@@ -23,7 +26,7 @@ pub(crate) struct Sample {
 
 impl Sample {
     /// Times `result` from `origin`, now.
-    pub(crate) fn new(result: Result<Answer, String>, origin: Instant) -> Self {
+    pub(crate) fn new(result: Result<Answer, Failure>, origin: Instant) -> Self {
         let latency = origin.elapsed();
         match result {
             Ok(a) => Self {
@@ -31,8 +34,8 @@ impl Sample {
                 latency,
                 ttft: a.first_token.map(|t| t.saturating_duration_since(origin)),
             },
-            Err(kind) => Self {
-                result: Err(kind),
+            Err(failure) => Self {
+                result: Err(failure.kind),
                 latency,
                 ttft: None,
             },
@@ -111,14 +114,28 @@ impl Outcomes {
         let _ = self.ttft.add(other.ttft);
     }
 
+    /// Failed requests, every kind.
+    pub(crate) fn failed(&self) -> u64 {
+        self.errors.values().sum()
+    }
+
+    /// Successful requests per second of the run.
+    pub(crate) fn throughput(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// A latency quantile of the successful requests, in microseconds.
+    pub(crate) fn quantile_us(&self, q: f64) -> u64 {
+        self.latency.value_at_quantile(q)
+    }
+
     /// The reported summary.
     pub(crate) fn summary(&self) -> Summary {
         let secs = self.elapsed.as_secs_f64().max(1e-9);
-        let failed: u64 = self.errors.values().sum();
         Summary {
             sent: self.sent,
             ok: self.ok,
-            failed,
+            failed: self.failed(),
             errors: self.errors.clone(),
             success_rate: if self.sent == 0 {
                 0.0
@@ -126,13 +143,28 @@ impl Outcomes {
                 self.ok as f64 / self.sent as f64
             },
             elapsed_s: secs,
-            throughput_rps: self.ok as f64 / secs,
+            throughput_rps: self.throughput(),
             output_tokens: self.output_tokens,
             output_tokens_per_s: self.output_tokens as f64 / secs,
             latency_ms: Quantiles::of(&self.latency),
             ttft_ms: (!self.ttft.is_empty()).then(|| Quantiles::of(&self.ttft)),
             latency_cdf_ms: cdf(&self.latency),
         }
+    }
+}
+
+/// The median of `values`, its finite ones only (`NaN` when there are none).
+pub(crate) fn median(values: &[f64]) -> f64 {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
 
@@ -336,12 +368,36 @@ mod tests {
             Ok(Answer {
                 output_tokens: 3,
                 first_token,
+                ..Answer::default()
             }),
             origin,
         );
         assert_eq!(s.result, Ok(3));
         assert_eq!(s.latency, Duration::from_millis(100));
         assert_eq!(s.ttft, Some(Duration::from_millis(30)));
+    }
+
+    #[test]
+    fn quantiles_come_from_the_histogram() {
+        let mut result = Outcomes {
+            ok: 100,
+            elapsed: Duration::from_secs(2),
+            ..Outcomes::default()
+        };
+        for us in 1..=100u64 {
+            result.latency.record(us * 10).unwrap();
+        }
+        assert_eq!(result.quantile_us(0.5), 500);
+        assert_eq!(result.quantile_us(0.99), 990);
+        assert_eq!(result.throughput(), 50.0);
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(&[f64::NAN, 1.0, 2.0]), 1.5);
+        assert!(median(&[]).is_nan());
     }
 
     #[test]
