@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use hdrhistogram::Histogram;
 use sluice::admission::wasm::PolicyRuntime;
-use sluice::admission::{CompletionReport, RequestInfo};
-use sluice::admission::{Event, Policy, Snapshot};
+use sluice::admission::{CompletionReport, Event, Policy, RequestInfo, Snapshot};
 
 /// Flags of `bench policy-cost`.
 #[derive(Debug, clap::Args)]
