@@ -62,13 +62,6 @@ pub enum CliError {
     },
 }
 
-impl CliError {
-    /// `--help` or `--version`: print to stdout and exit 0.
-    pub fn is_help(&self) -> bool {
-        matches!(self, Self::Args(e) if !e.use_stderr())
-    }
-}
-
 /// Parses `args` (the program name first), the environment and the
 /// `--config` file into a validated [`Config`].
 pub fn load<I, T>(args: I) -> Result<Config, CliError>
@@ -84,8 +77,10 @@ where
     };
     let file = read_file(path)?;
     // The file's values join the command line only where neither a flag nor
-    // a variable set them; clap then parses them as it parses flags.
-    let mut merged = args;
+    // a variable set them; clap then parses them as it parses flags. They go
+    // right after the program name, as `--key=value` (a value may start with
+    // `-`, and the user's own arguments may end with `--`).
+    let mut from_file: Vec<OsString> = Vec::new();
     let mut file_policy_config = BTreeMap::new();
     for (key, value) in file {
         if key == "policy-config" {
@@ -105,10 +100,11 @@ where
             )
         })?;
         if !set_by_user(&matches, &id) {
-            merged.push(format!("--{key}").into());
-            merged.push(scalar(value).into());
+            from_file.push(format!("--{key}={}", scalar(value)).into());
         }
     }
+    let mut merged = args;
+    merged.splice(1.min(merged.len())..1.min(merged.len()), from_file);
     let cli = Cli::try_parse_from(merged).map_err(|e| file_error(path, e.to_string()))?;
     validate(cli.settings, file_policy_config)
 }
@@ -255,6 +251,9 @@ mod tests {
         std::fs::write(&path, "upstrem = \"typo\"\n").unwrap();
         let err = config(&["--config", p]).unwrap_err().to_string();
         assert!(err.contains("upstrem"), "{err}");
+        std::fs::write(&path, "tokenizer = \"-t.json\"\n").unwrap();
+        let c = config(&["--config", p]).unwrap();
+        assert_eq!(c.prefix.tokenizer.as_deref(), Some(Path::new("-t.json")));
         std::fs::write(&path, "max-queue = \"many\"\n").unwrap();
         let err = config(&["--config", p]).unwrap_err().to_string();
         assert!(err.contains(p) && err.contains("--max-queue"), "{err}");

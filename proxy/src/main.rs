@@ -19,8 +19,9 @@ const EXIT_BIND: u8 = 69;
 fn main() -> ExitCode {
     let config = match sluice::cli::load(std::env::args_os()) {
         Ok(config) => config,
-        Err(err) if err.is_help() => {
-            println!("{err}");
+        Err(sluice::cli::CliError::Args(err)) if !err.use_stderr() => {
+            // --help / --version
+            let _ = err.print();
             return ExitCode::SUCCESS;
         }
         Err(err) => {
