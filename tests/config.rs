@@ -25,6 +25,16 @@ fn workers(proxy: &ProxyProcess) -> usize {
         .unwrap_or_else(|| panic!("no workers field in {:?}", proxy.startup))
 }
 
+/// The "admission policy loaded" line (it carries the policy's description).
+async fn policy_loaded(proxy: &ProxyProcess) -> String {
+    proxy
+        .wait_for_log(Duration::from_secs(5), |l| {
+            l.contains("admission policy loaded")
+        })
+        .await
+        .expect("policy log line")
+}
+
 #[tokio::test]
 async fn a_flag_beats_the_environment_which_beats_the_file_which_beats_the_default() {
     let upstream = EchoUpstream::start().await;
@@ -64,24 +74,14 @@ async fn the_files_policy_config_table_reaches_the_policy_under_the_flags() {
         "{}",
         proxy.startup
     );
-    let loaded = proxy
-        .wait_for_log(Duration::from_secs(5), |l| {
-            l.contains("admission policy loaded")
-        })
-        .await
-        .expect("policy log line");
+    let loaded = policy_loaded(&proxy).await;
     assert!(loaded.contains("limit=3 key=tenant"), "{loaded}");
 
     let flagged = ProxyProcess::start(
         &upstream.url(),
         &["--config", &file, "--policy-config", "limit=7"],
     );
-    let loaded = flagged
-        .wait_for_log(Duration::from_secs(5), |l| {
-            l.contains("admission policy loaded")
-        })
-        .await
-        .expect("policy log line");
+    let loaded = policy_loaded(&flagged).await;
     assert!(loaded.contains("limit=7 key=tenant"), "{loaded}");
 }
 

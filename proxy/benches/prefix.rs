@@ -7,32 +7,17 @@
 //! measures `--tokenizer`'s extra cost: encoding the 4,000-token text, and
 //! lookup + insert with the tokenizer cutting it (the encode dominates).
 
+mod fixtures;
+
 use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use fixtures::{CAPACITY, PROMPT_BYTES, filler};
 use sluice::classify::{ChatMessage, Prompt};
 use sluice::prefix::{BlockUnit, PrefixTracker};
 use sluice::tokens::HfTokenizer;
 use sluice::tokens::Tokenizer;
-
-/// KV blocks of a mid-sized model on one 80 GB GPU.
-const CAPACITY: usize = 65_536;
-/// 4,000 tokens at the tracker's 4 bytes per token.
-const PROMPT_BYTES: usize = 16_000;
-
-/// Deterministic ASCII filler (an xorshift over lowercase letters and spaces).
-fn filler(seed: u64, len: usize) -> String {
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            char::from(b"abcdefghijklmnopqrstuvwxyz     "[(state % 31) as usize])
-        })
-        .collect()
-}
 
 /// A tracker whose table is full of other prompts, with `prompt` in it.
 fn warm(block_size: u32, prompt: &Prompt) -> PrefixTracker {

@@ -25,36 +25,22 @@
 //!
 //! `cargo bench -p sluice-proxy --bench prefix_lru`
 
+mod fixtures;
+
 use std::hash::BuildHasher;
 use std::hint::black_box;
 use std::num::NonZeroUsize;
 use std::sync::RwLock;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use fixtures::{CAPACITY, PROMPT_BYTES, filler};
 use lru::LruCache;
 use sluice::classify::Prompt;
 use sluice::prefix::PrefixTracker;
 
-/// KV blocks of a mid-sized model on one 80 GB GPU.
-const CAPACITY: usize = 65_536;
-/// 4,000 tokens at the tracker's 4 bytes per token.
-const PROMPT_BYTES: usize = 16_000;
 const BLOCK_SIZE: u32 = 16;
 /// Prompts in turn for the `miss` case: 75,000 blocks, more than `CAPACITY`.
 const CHURN: u64 = 300;
-
-/// Deterministic ASCII filler (an xorshift over lowercase letters and spaces).
-fn filler(seed: u64, len: usize) -> String {
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            char::from(b"abcdefghijklmnopqrstuvwxyz     "[(state % 31) as usize])
-        })
-        .collect()
-}
 
 /// The table under test: what the tracker does per request, in tokens hit.
 trait Table {

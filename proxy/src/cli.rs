@@ -70,7 +70,8 @@ where
     T: Into<OsString> + Clone,
 {
     let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
-    let matches = Cli::command().try_get_matches_from(&args)?;
+    let command = Cli::command();
+    let matches = command.clone().try_get_matches_from(&args)?;
     let cli = Cli::from_arg_matches(&matches)?;
     let Some(path) = &cli.config else {
         return validate(cli.settings, BTreeMap::new());
@@ -93,7 +94,7 @@ where
             file_policy_config = table.into_iter().map(|(k, v)| (k, scalar(v))).collect();
             continue;
         }
-        let id = setting_id(&key).ok_or_else(|| {
+        let id = setting_id(&command, &key).ok_or_else(|| {
             file_error(
                 path,
                 format!("unknown key `{key}` (keys are the flag names, see --help)"),
@@ -129,8 +130,8 @@ fn validate(
 }
 
 /// The clap id of the setting whose flag is `--{key}` (not `--config` itself).
-fn setting_id(key: &str) -> Option<String> {
-    Cli::command()
+fn setting_id(command: &clap::Command, key: &str) -> Option<String> {
+    command
         .get_arguments()
         .find(|arg| arg.get_long() == Some(key) && key != "config")
         .map(|arg| arg.get_id().to_string())

@@ -81,16 +81,18 @@ fn hold_all() -> (Box<dyn Policy>, Seen) {
     scripted("hold-all", |_, _| Ok(Decision::default()))
 }
 
+/// Room for every test's queue, a minute to wait, no rate limit.
+fn roomy(fallback_limit: u32) -> AdmissionConfig {
+    AdmissionConfig {
+        fallback_limit,
+        max_queue: 1000,
+        queue_timeout: Duration::from_secs(60),
+        limiter: None,
+    }
+}
+
 fn start(policy: Box<dyn Policy>, fallback_limit: u32) -> Admission {
-    Admission::start(
-        policy,
-        AdmissionConfig {
-            fallback_limit,
-            max_queue: 1000,
-            queue_timeout: Duration::from_secs(60),
-            limiter: None,
-        },
-    )
+    Admission::start(policy, roomy(fallback_limit))
 }
 
 fn request() -> RequestInfo {
@@ -175,10 +177,9 @@ async fn a_queued_request_times_out_and_is_cancelled() {
     let admission = Admission::start(
         policy,
         AdmissionConfig {
-            fallback_limit: 10,
             max_queue: 10,
             queue_timeout: Duration::from_secs(3),
-            limiter: None,
+            ..roomy(10)
         },
     );
     // Paused time: the runtime jumps to the deadline once every task is idle.
@@ -197,10 +198,8 @@ async fn a_full_queue_refuses_before_the_policy_is_asked() {
     let admission = Admission::start(
         policy,
         AdmissionConfig {
-            fallback_limit: 10,
             max_queue: 2,
-            queue_timeout: Duration::from_secs(60),
-            limiter: None,
+            ..roomy(10)
         },
     );
     let _waits = [arrive(&admission, 1), arrive(&admission, 2)];
