@@ -42,6 +42,8 @@ pub const POLICY_CALLS: &str = "sluice_policy_calls_total";
 pub const POLICY_RELOADS: &str = "sluice_policy_reloads_total";
 /// Whether the built-in fallback policy is active (1) or the plugin (0).
 pub const POLICY_FALLBACK: &str = "sluice_policy_fallback_active";
+/// Gauge: a number the policy publishes through its `gauge` import, by `name`.
+pub const POLICY_VALUE: &str = "sluice_policy_value";
 
 /// Prompt tokens the prefix tracker looked up.
 pub const PREFIX_QUERY_TOKENS: &str = "sluice_prefix_cache_query_tokens_total";
@@ -151,6 +153,10 @@ fn describe() {
     );
     describe_counter!(POLICY_CALLS, "Calls into the admission policy, by event.");
     describe_counter!(POLICY_RELOADS, "Policy reloads, by result.");
+    describe_gauge!(
+        POLICY_VALUE,
+        "A number the admission policy publishes (e.g. its current limit), by name."
+    );
     describe_gauge!(
         POLICY_FALLBACK,
         "1 while the built-in fallback policy replaces a faulty plugin."

@@ -1,10 +1,16 @@
 //! The batch-coalescing scheduler, in plain Rust: no bindings, no clock.
 //!
 //! [`Batcher`] holds arrivals until `max_batch` are queued or `window_ms`
-//! has passed since the oldest queued one, then admits them together, oldest
-//! first, at most `max_batch` per wave. Under [`Waves::Gather`] the next wave
-//! waits until every request of the current one has completed; under
-//! [`Waves::Overlap`] it does not.
+//! has passed since the oldest queued one, then admits them together, at
+//! most `max_batch` per wave, in [`FairQueue`] order: higher priority
+//! first, then tenants taking turns by weight, oldest first within a
+//! tenant. Under [`Waves::Gather`] the next wave waits until every request
+//! of the current one has completed; under [`Waves::Overlap`] it does not.
+//!
+//! With `reserve=N`, requests of priority ≥ `reserve_priority` do not wait
+//! for a wave: up to N of them run at once beside the waves, admitted on
+//! arrival, and they never hold a wave open. More wait in the queue, where
+//! their priority puts them first in the next wave.
 //!
 //! Time comes in with every event ([`Snapshot::now_us`]); a batch that is
 //! not yet full asks for a tick when the oldest request's window ends
@@ -17,10 +23,10 @@
 //! treated as the wave in progress, so the first wave of a new instance
 //! waits for them as it would for its own.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 
 use sluice_policy_sdk::{
-    self as sdk, Completion, ConfigError, Decision, Policy, Request, Snapshot,
+    self as sdk, Completion, ConfigError, Decision, FairQueue, Policy, Request, Snapshot,
 };
 
 use crate::config::{Config, Waves};
@@ -29,28 +35,21 @@ use crate::config::{Config, Waves};
 /// (early) tick, so a huge `window_ms` never hands the host an absurd timer.
 pub const MAX_WAKE_US: u64 = 60_000_000;
 
-/// A request waiting for its wave.
-#[derive(Debug, Clone, Copy)]
-struct Queued {
-    id: u64,
-    /// When its window started: its arrival on the host clock, never later than
-    /// the event that announced it.
-    since_us: u64,
-}
-
 /// The `batched` policy's state between events.
 #[derive(Debug)]
 pub struct Batcher {
     config: Config,
     /// `config.window_us()`, computed once.
     window_us: u64,
-    /// Requests waiting for admission, in arrival order.
-    queue: VecDeque<Queued>,
-    /// The ids in `queue`, for membership tests.
-    queued: HashSet<u64>,
-    /// Requests this instance admitted that have not completed. Under
-    /// [`Waves::Gather`] this is exactly the current wave.
+    /// Requests waiting for admission, in admission order. Each one's
+    /// `arrived_us` is when its window started: its arrival on the host
+    /// clock, never later than the event that announced it.
+    queue: FairQueue,
+    /// Requests this instance admitted in waves that have not completed.
+    /// Under [`Waves::Gather`] this is exactly the current wave.
     in_flight: HashSet<u64>,
+    /// Requests admitted to reserved slots, outside the waves, not completed.
+    reserved: HashSet<u64>,
     /// Requests the host had in flight that this instance did not admit
     /// (admitted before a hot reload). `None` until a snapshot has been seen.
     inherited: Option<u32>,
@@ -63,10 +62,10 @@ impl Batcher {
     pub fn new(config: Config) -> Self {
         Batcher {
             window_us: config.window_us(),
+            queue: FairQueue::new(config.weights.clone()),
             config,
-            queue: VecDeque::new(),
-            queued: HashSet::new(),
             in_flight: HashSet::new(),
+            reserved: HashSet::new(),
             inherited: None,
             warnings: Vec::new(),
         }
@@ -84,14 +83,14 @@ impl Batcher {
 
     /// How many requests this instance admitted that have not completed.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.len()
+        self.in_flight.len() + self.reserved.len()
     }
 
     /// Learns from a snapshot how many in-flight requests this instance did
     /// not admit. Only ever lowers the count after the first look, so a
     /// host that under-reports cannot make a wave wait forever.
     fn observe(&mut self, now: Snapshot) {
-        let own = u32::try_from(self.in_flight.len()).unwrap_or(u32::MAX);
+        let own = u32::try_from(self.in_flight()).unwrap_or(u32::MAX);
         let foreign = now.in_flight.saturating_sub(own);
         self.inherited = Some(self.inherited.map_or(foreign, |n| n.min(foreign)));
     }
@@ -101,38 +100,44 @@ impl Batcher {
         !self.in_flight.is_empty() || self.inherited.unwrap_or(0) > 0
     }
 
-    fn remove_queued(&mut self, id: u64) -> bool {
-        if !self.queued.remove(&id) {
-            return false;
-        }
-        if let Some(pos) = self.queue.iter().position(|q| q.id == id) {
-            self.queue.remove(pos);
-        }
-        true
-    }
-
-    /// Admits every wave that is ready at `now_us` and says when to look again.
+    /// Admits what the reserved slots allow, then every wave that is ready
+    /// at `now_us`, and says when to look again.
     fn release(&mut self, now_us: u64) -> Decision {
         let mut decision = Decision::default();
+        let reserve = usize::try_from(self.config.reserve).unwrap_or(usize::MAX);
+        let urgent = self.config.reserve_priority;
+        while self.reserved.len() < reserve {
+            let Some(queued) = self.queue.pop_where(|q| q.priority >= urgent) else {
+                break;
+            };
+            self.reserved.insert(queued.id);
+            decision.admit.push(queued.id);
+        }
         let max_batch = usize::try_from(self.config.max_batch).unwrap_or(usize::MAX);
-        while let Some(oldest) = self.queue.front() {
+        while let Some(oldest_us) = self.queue.oldest_arrival_us() {
             if self.config.waves == Waves::Gather && self.wave_open() {
                 // The last completion of the wave calls `release` again.
                 break;
             }
-            let deadline = oldest.since_us.saturating_add(self.window_us);
+            let deadline = oldest_us.saturating_add(self.window_us);
             if self.queue.len() < max_batch && now_us < deadline {
                 decision.wake_after_us = Some((deadline - now_us).min(MAX_WAKE_US));
                 break;
             }
-            let wave = self.queue.len().min(max_batch);
-            for Queued { id, .. } in self.queue.drain(..wave) {
-                self.queued.remove(&id);
-                self.in_flight.insert(id);
-                decision.admit.push(id);
+            for _ in 0..self.queue.len().min(max_batch) {
+                let Some(queued) = self.queue.pop() else {
+                    break;
+                };
+                self.in_flight.insert(queued.id);
+                decision.admit.push(queued.id);
             }
         }
         decision
+    }
+
+    /// Counts admitted request `id` as done; false when it is not ours.
+    fn finish(&mut self, id: u64) -> bool {
+        self.in_flight.remove(&id) || self.reserved.remove(&id)
     }
 }
 
@@ -149,18 +154,17 @@ impl Policy for Batcher {
     /// Request `req.id` joined the queue; its window starts at `req.arrived_us`
     /// (earlier than now when the host replays its queue after a reload).
     fn on_arrival(&mut self, now: Snapshot, req: &Request) -> Decision {
-        let Request { id, arrived_us, .. } = *req;
+        let id = req.id;
         self.observe(now);
-        if self.queued.contains(&id) || self.in_flight.contains(&id) {
+        let known = self.in_flight.contains(&id) || self.reserved.contains(&id);
+        let since = Request {
+            arrived_us: req.arrived_us.min(now.now_us),
+            ..req.clone()
+        };
+        if known || !self.queue.push(&since) {
             self.warnings.push(format!(
                 "batched: duplicate arrival of request {id} ignored"
             ));
-        } else {
-            self.queued.insert(id);
-            self.queue.push_back(Queued {
-                id,
-                since_us: arrived_us.min(now.now_us),
-            });
         }
         self.release(now.now_us)
     }
@@ -171,9 +175,9 @@ impl Policy for Batcher {
         let id = done.id;
         // The snapshot is not read here: whether its `in_flight` still counts
         // the request completing is the host's choice.
-        if self.in_flight.remove(&id) {
+        if self.finish(id) {
             // The usual case.
-        } else if self.remove_queued(id) {
+        } else if self.queue.remove(id).is_some() {
             self.warnings.push(format!(
                 "batched: completion of request {id}, which was never admitted; dropped from the queue"
             ));
@@ -195,9 +199,9 @@ impl Policy for Batcher {
     /// afterwards, and it is not a member of any wave.
     fn on_cancel(&mut self, now: Snapshot, id: u64) -> Decision {
         self.observe(now);
-        if self.remove_queued(id) {
+        if self.queue.remove(id).is_some() {
             // The usual case.
-        } else if self.in_flight.remove(&id) {
+        } else if self.finish(id) {
             // The host promises a completion, not a cancel, for admitted
             // requests; count it as done so that a wave cannot hang on it.
             self.warnings.push(format!(
@@ -235,6 +239,7 @@ mod tests {
             max_batch,
             window_ms,
             waves,
+            ..Config::default()
         }
     }
 
@@ -536,6 +541,63 @@ mod tests {
         }
         assert_eq!(b.in_flight(), 3);
         assert_eq!(b.queued(), 1);
+    }
+
+    fn arrive_as(b: &mut Batcher, now_us: u64, id: u64, tenant: &str, priority: i32) -> Decision {
+        let now = snap(b, now_us);
+        let req = Request {
+            tenant: tenant.into(),
+            priority,
+            ..arrival(id, now_us)
+        };
+        b.on_arrival(now, &req)
+    }
+
+    #[test]
+    fn higher_priority_goes_first_into_the_next_wave() {
+        let mut b = Batcher::new(config(2, 10, Waves::Gather));
+        arrive(&mut b, 0, 1);
+        assert_eq!(arrive(&mut b, 0, 2), admits(&[1, 2]));
+        for id in 3..=102 {
+            arrive(&mut b, 1, id);
+        }
+        arrive_as(&mut b, 2, 500, "", 10);
+        complete(&mut b, 3, 1);
+        assert_eq!(complete(&mut b, 3, 2), admits(&[500, 3]));
+    }
+
+    #[test]
+    fn reserved_slots_admit_high_priority_beside_the_waves() {
+        let mut b = Batcher::new(Config {
+            reserve: 1,
+            ..config(2, 10, Waves::Gather)
+        });
+        arrive(&mut b, 0, 1);
+        assert_eq!(arrive(&mut b, 0, 2), admits(&[1, 2]));
+        arrive(&mut b, 1, 3);
+        // A live request does not wait for the running wave…
+        assert_eq!(arrive_as(&mut b, 1, 100, "live", 1).admit, [100]);
+        // …but a second one waits for the reserved slot, ahead of the backlog.
+        assert!(arrive_as(&mut b, 1, 101, "live", 1).admit.is_empty());
+        assert_eq!(complete(&mut b, 2, 100).admit, [101]);
+        // The reserved request still running does not hold the next wave:
+        // request 3's window (from 1 µs) is all it waits for.
+        complete(&mut b, 3, 1);
+        assert_eq!(complete(&mut b, 3, 2), waits(10 * MS - 2));
+        assert_eq!(tick(&mut b, 10 * MS + 1), admits(&[3]));
+    }
+
+    #[test]
+    fn tenants_share_each_wave() {
+        let mut b = Batcher::new(config(4, 0, Waves::Gather));
+        assert_eq!(arrive(&mut b, 0, 1), admits(&[1]));
+        for id in 2..=10 {
+            arrive(&mut b, 0, id);
+        }
+        arrive_as(&mut b, 0, 100, "other", 0);
+        arrive_as(&mut b, 0, 101, "other", 0);
+        // The next wave takes turns between the tenants, oldest first in each.
+        assert_eq!(complete(&mut b, 1, 1), admits(&[2, 100, 3, 101]));
     }
 
     #[test]

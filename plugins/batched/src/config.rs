@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use sluice_policy_sdk::{self as sdk, ConfigError};
+use sluice_policy_sdk::{self as sdk, ConfigError, Weights};
 
 /// Whether admitted waves may overlap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +25,13 @@ pub struct Config {
     pub window_ms: u64,
     /// Whether waves overlap (`waves`: 1 = [`Waves::Gather`], 0 = [`Waves::Overlap`]).
     pub waves: Waves,
+    /// In-flight slots outside the waves for requests of priority ≥
+    /// [`Config::reserve_priority`], admitted at once (`reserve`; 0: none).
+    pub reserve: u32,
+    /// The priority that may use the reserved slots (`reserve_priority`).
+    pub reserve_priority: i32,
+    /// Tenants' shares of each wave (`weights=live:4,batch:1`; 1 each by default).
+    pub weights: Weights,
 }
 
 impl Default for Config {
@@ -33,6 +40,9 @@ impl Default for Config {
             max_batch: 50,
             window_ms: 10,
             waves: Waves::Gather,
+            reserve: 0,
+            reserve_priority: 1,
+            weights: Weights::default(),
         }
     }
 }
@@ -49,6 +59,11 @@ impl Config {
                 true => Waves::Gather,
                 false => Waves::Overlap,
             },
+            reserve: config.u32("reserve", .., default.reserve),
+            reserve_priority: config
+                .value("reserve_priority", "an integer", |v| v.parse().ok())
+                .unwrap_or(default.reserve_priority),
+            weights: Weights::read(config, "weights"),
         })
     }
 
@@ -69,7 +84,18 @@ impl fmt::Display for Config {
             f,
             "batched: max_batch={} window_ms={} waves={}",
             self.max_batch, self.window_ms, waves
-        )
+        )?;
+        if self.reserve > 0 {
+            write!(
+                f,
+                " reserve={} reserve_priority={}",
+                self.reserve, self.reserve_priority
+            )?;
+        }
+        if !self.weights.is_empty() {
+            write!(f, " weights={}", self.weights)?;
+        }
+        Ok(())
     }
 }
 
@@ -103,12 +129,18 @@ mod tests {
             Config {
                 max_batch: 8,
                 window_ms: 0,
-                waves: Waves::Overlap
+                waves: Waves::Overlap,
+                ..Config::default()
             }
         );
         assert_eq!(
             config.to_string(),
             "batched: max_batch=8 window_ms=0 waves=0"
+        );
+        let config = parse(&[("reserve", "4"), ("weights", "live:2")]).unwrap();
+        assert_eq!(
+            config.to_string(),
+            "batched: max_batch=50 window_ms=10 waves=1 reserve=4 reserve_priority=1 weights=live:2"
         );
     }
 
@@ -160,7 +192,7 @@ mod tests {
     fn unknown_keys_are_named() {
         assert_eq!(
             error(&[("max_batch", "5"), ("limit", "5")]),
-            "unknown key `limit` (expected one of: max_batch, window_ms, waves)"
+            "unknown key `limit` (expected one of: max_batch, window_ms, waves, reserve, reserve_priority, weights)"
         );
     }
 }

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use sluice_policy_sdk::{self as sdk, ConfigError};
+use sluice_policy_sdk::{self as sdk, ConfigError, Weights};
 
 /// What the limit applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +34,13 @@ pub struct Config {
     pub limit: u32,
     /// What the limit applies to (`key`: `global` or `tenant`).
     pub key: Key,
+    /// Slots of the limit only requests of priority ≥
+    /// [`Config::reserve_priority`] may take (`reserve`, below `limit`).
+    pub reserve: u32,
+    /// The priority that may use the reserved slots (`reserve_priority`).
+    pub reserve_priority: i32,
+    /// Tenants' shares of the queue (`weights=live:4,batch:1`; 1 each by default).
+    pub weights: Weights,
 }
 
 impl Default for Config {
@@ -41,6 +48,9 @@ impl Default for Config {
         Config {
             limit: 10,
             key: Key::Global,
+            reserve: 0,
+            reserve_priority: 1,
+            weights: Weights::default(),
         }
     }
 }
@@ -50,10 +60,33 @@ impl Config {
     /// error lists them. A bad value is reported by [`sdk::Config::parse`].
     pub fn read(config: &sdk::Config) -> Result<Config, ConfigError> {
         let default = Config::default();
-        Ok(Config {
+        let read = Config {
             limit: config.u32("limit", 1.., default.limit),
             key: config.choice("key", &Key::ALL, default.key),
-        })
+            reserve: config.u32("reserve", .., default.reserve),
+            reserve_priority: config
+                .value("reserve_priority", "an integer", |v| v.parse().ok())
+                .unwrap_or(default.reserve_priority),
+            weights: Weights::read(config, "weights"),
+        };
+        if read.reserve >= read.limit {
+            return Err(ConfigError::invalid(
+                "reserve",
+                &read.reserve.to_string(),
+                &format!("fewer slots than limit ({})", read.limit),
+            ));
+        }
+        Ok(read)
+    }
+
+    /// The slots a request of `priority` may fill: all of `limit`, or
+    /// `limit - reserve` below the reserved priority.
+    pub fn slots_for(&self, priority: i32) -> u32 {
+        if priority >= self.reserve_priority {
+            self.limit
+        } else {
+            self.limit - self.reserve
+        }
     }
 }
 
@@ -65,7 +98,18 @@ impl fmt::Display for Config {
             "concurrency: limit={} key={}",
             self.limit,
             self.key.as_str()
-        )
+        )?;
+        if self.reserve > 0 {
+            write!(
+                f,
+                " reserve={} reserve_priority={}",
+                self.reserve, self.reserve_priority
+            )?;
+        }
+        if !self.weights.is_empty() {
+            write!(f, " weights={}", self.weights)?;
+        }
+        Ok(())
     }
 }
 
@@ -90,15 +134,29 @@ mod tests {
 
     #[test]
     fn every_key_is_read() {
-        let config = parse(&[("limit", "3"), ("key", "tenant")]).unwrap();
+        let config = parse(&[
+            ("limit", "3"),
+            ("key", "tenant"),
+            ("reserve", "1"),
+            ("reserve_priority", "5"),
+            ("weights", "live:4"),
+        ])
+        .unwrap();
         assert_eq!(
             config,
             Config {
                 limit: 3,
-                key: Key::Tenant
+                key: Key::Tenant,
+                reserve: 1,
+                reserve_priority: 5,
+                weights: Weights::parse("live:4").unwrap(),
             }
         );
-        assert_eq!(config.to_string(), "concurrency: limit=3 key=tenant");
+        assert_eq!(
+            config.to_string(),
+            "concurrency: limit=3 key=tenant reserve=1 reserve_priority=5 weights=live:4"
+        );
+        assert_eq!((config.slots_for(5), config.slots_for(4)), (3, 2));
     }
 
     #[test]
@@ -108,7 +166,7 @@ mod tests {
             config,
             Config {
                 limit: 7,
-                key: Key::Global
+                ..Config::default()
             }
         );
     }
@@ -136,10 +194,18 @@ mod tests {
     }
 
     #[test]
+    fn the_reserve_must_leave_a_slot() {
+        assert_eq!(
+            error(&[("limit", "4"), ("reserve", "4")]),
+            "invalid value \"4\" for key `reserve`: expected fewer slots than limit (4)"
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_named() {
         assert_eq!(
             error(&[("max_batch", "50")]),
-            "unknown key `max_batch` (expected one of: limit, key)"
+            "unknown key `max_batch` (expected one of: limit, key, reserve, reserve_priority, weights)"
         );
     }
 }

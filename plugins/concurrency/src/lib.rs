@@ -1,17 +1,25 @@
 //! `concurrency`: a concurrency-cap admission policy for the Sluice proxy.
 //!
-//! At most `limit` requests in flight, admitted first in, first out, the way
-//! Inngest limits functions. With `key=tenant` the limit applies to each
-//! tenant (`request.tenant`) separately, like Inngest's concurrency keys:
-//! FIFO within a tenant, arrival order across tenants, and a tenant at its
-//! limit never holds up another.
+//! At most `limit` requests in flight, the way Inngest limits functions.
+//! Waiting requests go in the order of the SDK's `FairQueue`: higher
+//! priority (`X-Priority`) first; within a priority, tenants take turns in
+//! proportion to their `weights` (1 each by default), so one tenant's burst
+//! cannot starve another's trickle; first in, first out within a tenant.
+//! `reserve=N` keeps the last N slots for priority ≥ `reserve_priority`:
+//! a backlog never fills the engine ahead of live traffic. With
+//! `key=tenant` the limit applies to each tenant (`request.tenant`)
+//! separately, like Inngest's concurrency keys, and a tenant at its limit
+//! never holds up another.
 //!
 //! # Configuration
 //!
-//! | key     | default  | meaning                                        |
-//! |---------|----------|------------------------------------------------|
-//! | `limit` | 10       | most requests in flight (≥ 1), per `key`       |
-//! | `key`   | `global` | `global`: one shared limit; `tenant`: per tenant |
+//! | key                | default  | meaning                                          |
+//! |--------------------|----------|--------------------------------------------------|
+//! | `limit`            | 10       | most requests in flight (≥ 1), per `key`         |
+//! | `key`              | `global` | `global`: one shared limit; `tenant`: per tenant |
+//! | `reserve`          | 0        | slots (of `limit`) kept for high priority        |
+//! | `reserve_priority` | 1        | the priority that may use the reserved slots     |
+//! | `weights`          | (none)   | tenants' shares, e.g. `live:4,batch:1`           |
 //!
 //! # Layout
 //!

@@ -1,10 +1,13 @@
 //! The concurrency limiter, in plain Rust: no bindings, no clock.
 //!
-//! [`Limiter`] admits requests in arrival order while fewer than `limit` are
-//! in flight, and queues the rest. With [`Key::Tenant`] every tenant has its
-//! own limit and its own FIFO queue: a tenant at its limit waits without
-//! holding up the others. Requests are still admitted in arrival order
-//! across tenants, since each event can open a slot for one key only.
+//! [`Limiter`] admits queued requests while fewer than `limit` are in
+//! flight. What goes next is [`FairQueue`]'s order: higher priority first,
+//! then tenants taking turns by weight, first in, first out within a
+//! tenant. With `reserve=N`, the last N slots are kept for requests of
+//! priority ≥ `reserve_priority`, so a backlog can never fill the engine
+//! ahead of live traffic. With [`Key::Tenant`] every tenant has its own
+//! limit (and its own reserve): a tenant at its limit waits without
+//! holding up the others.
 //!
 //! The host may swap in a new instance while requests are in flight (hot
 //! reload). Those requests are unknown here, but the host's
@@ -14,64 +17,28 @@
 //!
 //! The limiter never asks for a tick: only a completion frees a slot.
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::Arc;
+use std::rc::Rc;
 
 use sluice_policy_sdk::{
-    self as sdk, Completion, ConfigError, Decision, Policy, Request, Snapshot,
+    self as sdk, Completion, ConfigError, Decision, FairQueue, FastMap, Policy, Queued, Request,
+    Snapshot,
 };
 
 use crate::config::{Config, Key};
-
-/// FxHash-style hasher: ids and tenant keys come from the host, and the
-/// policy runs under a per-call deadline, so speed matters more than
-/// resistance to crafted keys (a flood of colliding tenants only slows the
-/// policy into its deadline, where the host's fallback takes over).
-#[derive(Debug, Default, Clone, Copy)]
-struct FastHasher(u64);
-
-impl Hasher for FastHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.write_u64(u64::from_le_bytes(word));
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
-
-/// One key's share: its queue and how many of its requests are running.
-#[derive(Debug, Default)]
-struct Slot {
-    /// Waiting requests of this key, oldest first.
-    queue: VecDeque<u64>,
-    /// Requests of this key admitted and not completed.
-    in_flight: u32,
-}
 
 /// The `concurrency` policy's state between events.
 #[derive(Debug)]
 pub struct Limiter {
     config: Config,
-    /// Per key (the tenant, or `""` under [`Key::Global`]). A key with
-    /// nothing queued and nothing in flight is removed, so the map stays as
-    /// small as the set of active tenants.
-    slots: FastMap<Arc<str>, Slot>,
-    /// The key of every queued request.
-    queued: FastMap<u64, Arc<str>>,
-    /// The key of every request this instance admitted that has not completed.
-    in_flight: FastMap<u64, Arc<str>>,
+    /// Requests waiting, in admission order.
+    queue: FairQueue,
+    /// Requests this instance admitted that have not completed, with the
+    /// key whose slot each holds.
+    in_flight: FastMap<u64, Rc<str>>,
+    /// Per key (the tenant, or `""` under [`Key::Global`]): requests of
+    /// that key admitted and not completed. A key at zero is removed, so
+    /// the map stays as small as the set of busy tenants.
+    running: FastMap<Rc<str>, u32>,
     /// Requests the host had in flight that this instance did not admit
     /// (admitted before a hot reload). `None` until a snapshot has been seen.
     inherited: Option<u32>,
@@ -83,10 +50,10 @@ impl Limiter {
     /// A limiter with nothing queued and nothing in flight.
     pub fn new(config: Config) -> Self {
         Limiter {
+            queue: FairQueue::new(config.weights.clone()),
             config,
-            slots: FastMap::default(),
-            queued: FastMap::default(),
             in_flight: FastMap::default(),
+            running: FastMap::default(),
             inherited: None,
             warnings: Vec::new(),
         }
@@ -99,7 +66,7 @@ impl Limiter {
 
     /// How many requests are waiting for a slot.
     pub fn queued(&self) -> usize {
-        self.queued.len()
+        self.queue.len()
     }
 
     /// How many requests this instance admitted that have not completed.
@@ -116,51 +83,63 @@ impl Limiter {
         self.inherited = Some(self.inherited.map_or(foreign, |n| n.min(foreign)));
     }
 
-    /// Under [`Key::Global`], admits what the (possibly lower) inherited count
-    /// now allows. Under [`Key::Tenant`] no slot is shared, so nothing changes.
-    fn admit_global(&mut self, decision: &mut Decision) {
-        if self.config.key == Key::Global {
-            self.admit("", decision);
+    /// The key whose slot `queued` would take.
+    fn key_of<'q>(&self, queued: &'q Queued) -> &'q str {
+        match self.config.key {
+            Key::Global => "",
+            Key::Tenant => &queued.tenant,
         }
     }
 
-    /// Admits `key`'s oldest requests while it has free slots, then forgets
-    /// the key if it has nothing left.
-    fn admit(&mut self, key: &str, decision: &mut Decision) {
-        let Some(slot) = self.slots.get_mut(key) else {
-            return;
-        };
+    /// Admits, in queue order, every request whose key has a slot for its
+    /// priority.
+    fn admit(&mut self, decision: &mut Decision) {
         let held = match self.config.key {
             Key::Global => self.inherited.unwrap_or(0),
             Key::Tenant => 0,
         };
-        while slot.in_flight.saturating_add(held) < self.config.limit {
-            let Some(id) = slot.queue.pop_front() else {
+        loop {
+            let (config, running) = (&self.config, &self.running);
+            let has_slot = |q: &Queued| {
+                let key = match config.key {
+                    Key::Global => "",
+                    Key::Tenant => &*q.tenant,
+                };
+                let busy = running.get(key).copied().unwrap_or(0);
+                busy.saturating_add(held) < config.slots_for(q.priority)
+            };
+            let Some(queued) = self.queue.pop_where(has_slot) else {
                 break;
             };
-            slot.in_flight += 1;
-            let shared = self.queued.remove(&id).unwrap_or_else(|| Arc::from(key));
-            self.in_flight.insert(id, shared);
-            decision.admit.push(id);
-        }
-        if slot.queue.is_empty() && slot.in_flight == 0 {
-            self.slots.remove(key);
+            let key = self.key_of(&queued);
+            let shared: Rc<str> = match self.running.get_key_value(key) {
+                Some((shared, _)) => Rc::clone(shared),
+                None => Rc::from(key),
+            };
+            *self.running.entry(Rc::clone(&shared)).or_default() += 1;
+            self.in_flight.insert(queued.id, shared);
+            decision.admit.push(queued.id);
         }
     }
 
-    fn remove_queued(&mut self, id: u64) -> bool {
-        let Some(key) = self.queued.remove(&id) else {
+    /// Frees the slot of admitted request `id`; false when it is not ours.
+    fn release(&mut self, id: u64) -> bool {
+        let Some(key) = self.in_flight.remove(&id) else {
             return false;
         };
-        if let Some(slot) = self.slots.get_mut(&key) {
-            if let Some(pos) = slot.queue.iter().position(|&q| q == id) {
-                slot.queue.remove(pos);
-            }
-            if slot.queue.is_empty() && slot.in_flight == 0 {
-                self.slots.remove(&key);
+        if let Some(busy) = self.running.get_mut(&key) {
+            *busy = busy.saturating_sub(1);
+            if *busy == 0 {
+                self.running.remove(&key);
             }
         }
         true
+    }
+
+    fn decide(&mut self) -> Decision {
+        let mut decision = Decision::default();
+        self.admit(&mut decision);
+        decision
     }
 }
 
@@ -174,35 +153,16 @@ impl Policy for Limiter {
         self.config.to_string()
     }
 
-    /// Request `req.id` from `req.tenant` joined the queue.
+    /// Request `req.id` joined the queue.
     fn on_arrival(&mut self, now: Snapshot, req: &Request) -> Decision {
-        let (id, tenant) = (req.id, req.tenant.as_str());
         self.observe(now);
-        let mut decision = Decision::default();
-        if self.queued.contains_key(&id) || self.in_flight.contains_key(&id) {
+        let id = req.id;
+        if self.in_flight.contains_key(&id) || !self.queue.push(req) {
             self.warnings.push(format!(
                 "concurrency: duplicate arrival of request {id} ignored"
             ));
-            self.admit_global(&mut decision);
-            return decision;
         }
-        let key = match self.config.key {
-            Key::Global => "",
-            Key::Tenant => tenant,
-        };
-        // Keys are shared (`Arc`), so only a new tenant allocates.
-        let key: Arc<str> = match self.slots.get_key_value(key) {
-            Some((shared, _)) => Arc::clone(shared),
-            None => Arc::from(key),
-        };
-        self.slots
-            .entry(Arc::clone(&key))
-            .or_default()
-            .queue
-            .push_back(id);
-        self.queued.insert(id, Arc::clone(&key));
-        self.admit(&key, &mut decision);
-        decision
+        self.decide()
     }
 
     /// An admitted request finished, successfully or not: its slot is free.
@@ -211,13 +171,9 @@ impl Policy for Limiter {
         // the request completing is the host's choice.
         let _ = now;
         let id = done.id;
-        let mut decision = Decision::default();
-        if let Some(key) = self.in_flight.remove(&id) {
-            if let Some(slot) = self.slots.get_mut(&key) {
-                slot.in_flight = slot.in_flight.saturating_sub(1);
-            }
-            self.admit(&key, &mut decision);
-        } else if self.remove_queued(id) {
+        if self.release(id) {
+            // The usual case.
+        } else if self.queue.remove(id).is_some() {
             self.warnings.push(format!(
                 "concurrency: completion of request {id}, which was never admitted; dropped from the queue"
             ));
@@ -231,43 +187,35 @@ impl Policy for Limiter {
                     "concurrency: completion of unknown request {id} ignored"
                 )),
             }
-            self.admit_global(&mut decision);
         }
-        decision
+        self.decide()
     }
 
     /// A queued request left without being admitted; it is never admitted
     /// afterwards.
     fn on_cancel(&mut self, now: Snapshot, id: u64) -> Decision {
         self.observe(now);
-        if self.remove_queued(id) {
-            let mut decision = Decision::default();
-            self.admit_global(&mut decision);
-            return decision;
-        }
-        if self.in_flight.contains_key(&id) {
+        if self.queue.remove(id).is_some() {
+            // The usual case.
+        } else if self.release(id) {
             // The host promises a completion, not a cancel, for admitted
             // requests; free the slot so that it cannot leak.
             self.warnings.push(format!(
                 "concurrency: cancel of admitted request {id}; counted as completed"
             ));
-            return self.on_completion(now, Completion::new(id));
+        } else {
+            self.warnings.push(format!(
+                "concurrency: cancel of unknown request {id} ignored"
+            ));
         }
-        self.warnings.push(format!(
-            "concurrency: cancel of unknown request {id} ignored"
-        ));
-        let mut decision = Decision::default();
-        self.admit_global(&mut decision);
-        decision
+        self.decide()
     }
 
     /// A tick: nothing is timed here, but the snapshot may show that
     /// inherited requests have finished.
     fn on_tick(&mut self, now: Snapshot) -> Decision {
         self.observe(now);
-        let mut decision = Decision::default();
-        self.admit_global(&mut decision);
-        decision
+        self.decide()
     }
 
     /// Messages about events that broke the host contract (an unknown id, a
@@ -282,7 +230,11 @@ mod tests {
     use super::*;
 
     fn config(limit: u32, key: Key) -> Config {
-        Config { limit, key }
+        Config {
+            limit,
+            key,
+            ..Config::default()
+        }
     }
 
     /// A snapshot whose `in_flight` agrees with the limiter's own count.
@@ -342,7 +294,7 @@ mod tests {
         assert_eq!(complete(&mut l, 3), [] as [u64; 0]);
         assert_eq!(complete(&mut l, 4), [] as [u64; 0]);
         assert_eq!((l.in_flight(), l.queued()), (0, 0));
-        assert!(l.slots.is_empty());
+        assert!(l.running.is_empty());
         assert!(l.take_warnings().is_empty());
     }
 
@@ -394,10 +346,10 @@ mod tests {
         assert_eq!(complete(&mut l, 1), [2]);
         assert_eq!(complete(&mut l, 2), [4]);
         assert!(complete(&mut l, 6).is_empty());
-        assert_eq!(l.slots.len(), 2);
+        assert_eq!(l.running.len(), 2);
         complete(&mut l, 4);
         complete(&mut l, 5);
-        assert!(l.slots.is_empty());
+        assert!(l.running.is_empty());
     }
 
     #[test]
@@ -423,8 +375,9 @@ mod tests {
         arrive(&mut l, 3, "b");
         assert!(cancel(&mut l, 3).is_empty());
         complete(&mut l, 2);
-        assert_eq!(l.slots.len(), 1);
-        assert!(l.slots.contains_key("a"));
+        assert_eq!(l.running.len(), 1);
+        assert!(l.running.contains_key("a"));
+        assert!(l.queue.is_empty());
     }
 
     #[test]
@@ -523,6 +476,94 @@ mod tests {
         assert!(l.take_warnings().is_empty());
     }
 
+    fn request(id: u64, tenant: &str, priority: i32) -> Request {
+        Request {
+            tenant: tenant.to_owned(),
+            priority,
+            ..Request::new(id)
+        }
+    }
+
+    fn arrive_with(l: &mut Limiter, id: u64, tenant: &str, priority: i32) -> Vec<u64> {
+        let now = snap(l);
+        l.on_arrival(now, &request(id, tenant, priority)).admit
+    }
+
+    #[test]
+    fn a_higher_priority_is_admitted_next_even_behind_a_backlog() {
+        let mut l = Limiter::new(config(1, Key::Global));
+        assert_eq!(arrive(&mut l, 1, ""), [1]);
+        for id in 2..=101 {
+            assert!(arrive(&mut l, id, "").is_empty());
+        }
+        assert!(arrive_with(&mut l, 500, "", 10).is_empty());
+        assert_eq!(complete(&mut l, 1), [500]);
+        assert_eq!(complete(&mut l, 500), [2]);
+    }
+
+    #[test]
+    fn reserved_slots_go_only_to_high_priority() {
+        let mut l = Limiter::new(Config {
+            reserve: 2,
+            ..config(4, Key::Global)
+        });
+        // A backlog fills the two unreserved slots and waits.
+        for id in 1..=10 {
+            let admitted = arrive(&mut l, id, "batch");
+            assert_eq!(admitted.is_empty(), id > 2, "{id}");
+        }
+        // Live requests still find room, at once.
+        assert_eq!(arrive_with(&mut l, 100, "live", 1), [100]);
+        assert_eq!(arrive_with(&mut l, 101, "live", 5), [101]);
+        assert!(arrive_with(&mut l, 102, "live", 1).is_empty());
+        // A freed slot goes to the waiting live request first; the backlog
+        // gets one only while fewer than limit - reserve are in flight.
+        assert_eq!(complete(&mut l, 100), [102]);
+        assert!(complete(&mut l, 1).is_empty());
+        assert!(complete(&mut l, 101).is_empty());
+        assert_eq!(complete(&mut l, 102), [3]);
+        assert_eq!(l.in_flight(), 2);
+    }
+
+    #[test]
+    fn a_tenants_burst_shares_the_slots_with_anothers_trickle() {
+        let mut l = Limiter::new(config(1, Key::Global));
+        arrive(&mut l, 0, "burst");
+        for id in 1..=50 {
+            arrive(&mut l, id, "burst");
+        }
+        arrive(&mut l, 100, "trickle");
+        arrive(&mut l, 101, "trickle");
+        // Turns alternate, so the trickle waits one turn, not fifty.
+        let mut order = Vec::new();
+        let mut running = 0;
+        for _ in 0..6 {
+            let next = complete(&mut l, running);
+            running = next[0];
+            order.push(running);
+        }
+        assert_eq!(order, [1, 100, 2, 101, 3, 4]);
+    }
+
+    #[test]
+    fn weights_set_the_shares() {
+        let mut l = Limiter::new(Config {
+            weights: sdk::Weights::parse("live:3").unwrap(),
+            ..config(1, Key::Global)
+        });
+        arrive(&mut l, 0, "batch");
+        for id in 1..=20 {
+            arrive(&mut l, id, "batch");
+            arrive(&mut l, 100 + id, "live");
+        }
+        let (mut running, mut live) = (0, 0);
+        for _ in 0..20 {
+            running = complete(&mut l, running)[0];
+            live += usize::from(running >= 100);
+        }
+        assert_eq!(live, 15, "3 turns of 4 go to the tenant of weight 3");
+    }
+
     /// A deterministic xorshift generator, enough to shuffle events.
     struct Rng(u64);
 
@@ -537,7 +578,7 @@ mod tests {
 
     /// Random arrivals, cancels and completions against the host's rules:
     /// every admission names a queued id once; no key exceeds its limit;
-    /// each key is FIFO; and the limiter is work-conserving (after every
+    /// each tenant is FIFO; and the limiter is work-conserving (after every
     /// event, a key with waiters is at its limit).
     #[test]
     fn random_events_keep_the_contract() {
@@ -551,6 +592,7 @@ mod tests {
                 // (id, key) in arrival order.
                 let mut queued: Vec<(u64, &str)> = Vec::new();
                 let mut running: Vec<(u64, &str)> = Vec::new();
+                let mut tenant_of = std::collections::HashMap::new();
                 let key_of = |tenant: &'static str| match key {
                     Key::Global => "",
                     Key::Tenant => tenant,
@@ -561,6 +603,7 @@ mod tests {
                         0..=4 if step < 450 => {
                             let tenant = TENANTS[rng.below(4) as usize];
                             queued.push((next_id, key_of(tenant)));
+                            tenant_of.insert(next_id, tenant);
                             next_id += 1;
                             l.on_arrival(now, &arrival(next_id - 1, tenant))
                         }
@@ -581,9 +624,10 @@ mod tests {
                             .position(|&(q, _)| q == id)
                             .unwrap_or_else(|| panic!("seed {seed}: {id} is not queued"));
                         let (_, k) = queued.remove(pos);
+                        let tenant = tenant_of[&id];
                         assert!(
-                            queued[..pos].iter().all(|&(_, other)| other != k),
-                            "seed {seed}: {id} overtook an older request of its key"
+                            queued[..pos].iter().all(|&(q, _)| tenant_of[&q] != tenant),
+                            "seed {seed}: {id} overtook an older request of its tenant"
                         );
                         running.push((id, k));
                     }
@@ -605,7 +649,7 @@ mod tests {
                     }
                 }
                 assert!(queued.is_empty(), "seed {seed}: stuck");
-                assert!(l.slots.is_empty() && l.queued.is_empty() && l.in_flight.is_empty());
+                assert!(l.running.is_empty() && l.queue.is_empty() && l.in_flight.is_empty());
                 assert!(l.take_warnings().is_empty(), "seed {seed}");
             }
         }

@@ -79,7 +79,11 @@
 //! - [`config`]: [`Config`], the `key=value` pairs read through typed
 //!   getters; unknown keys and bad values become a [`ConfigError`] naming
 //!   the key and what it accepts.
-//! - [`policy`]: the [`Policy`] trait, and [`log`] to the host's log.
+//! - [`policy`]: the [`Policy`] trait, [`log`] to the host's log, and
+//!   [`gauge`] for numbers the host exports.
+//! - [`queue`]: [`FairQueue`], the admission order the bundled policies
+//!   share: strict priority, then a weighted fair share across tenants
+//!   ([`Weights`]), first in, first out within a tenant.
 //! - `glue` (wasm32 only): the bindings `wit-bindgen` generates from `wit/`
 //!   and the exports that forward to one `Policy` value, used through
 //!   [`export_policy!`].
@@ -87,13 +91,15 @@
 
 pub mod config;
 pub mod policy;
+pub mod queue;
 pub mod types;
 
 #[cfg(target_arch = "wasm32")]
 mod glue;
 
 pub use config::{Config, ConfigError};
-pub use policy::{Level, Policy, log};
+pub use policy::{Level, Policy, gauge, log};
+pub use queue::{FairQueue, FastMap, Queued, Weights};
 pub use types::{Completion, Decision, Request, Snapshot};
 
 /// Makes `$policy` (a type implementing [`Policy`]) the component's

@@ -1,5 +1,5 @@
-//! The [`Policy`] trait a scheduler implements, and [`log`] for what it
-//! wants the host's log to show.
+//! The [`Policy`] trait a scheduler implements, [`log`] for what it wants
+//! the host's log to show, and [`gauge`] for the numbers it publishes.
 
 use crate::config::{Config, ConfigError};
 use crate::types::{Completion, Decision, Request, Snapshot};
@@ -75,4 +75,14 @@ pub fn log(level: Level, message: &str) {
     crate::glue::bindings::log(level as u8, message);
     #[cfg(not(target_arch = "wasm32"))]
     eprintln!("[{level:?}] {message}");
+}
+
+/// Publishes `value` as the host's gauge `sluice_policy_value{name}` (the
+/// host keeps a plugin's first 16 names). Outside a component it does
+/// nothing.
+pub fn gauge(name: &str, value: f64) {
+    #[cfg(target_arch = "wasm32")]
+    crate::glue::bindings::gauge(name, value);
+    #[cfg(not(target_arch = "wasm32"))]
+    let _ = (name, value);
 }

@@ -2,7 +2,8 @@
 //! `sluice:policy@0.1.0` world (`wit/policy.wit`).
 //!
 //! - One [`PolicyRuntime`] per process: a wasmtime `Engine` with epoch
-//!   interruption, a `Linker` with the world's only import (`log`), and a
+//!   interruption, a `Linker` with the world's imports (`log`, and
+//!   `gauge`, which sets `sluice_policy_value{name}`), and a
 //!   ticker thread that advances the epoch every [`EPOCH_TICK`] while the
 //!   engine lives (it holds a weak reference).
 //! - One [`WasmPolicy`] per loaded plugin: a long-lived instance in its own
@@ -52,10 +53,16 @@ pub enum LoadError {
     },
 }
 
+/// Most distinct names one plugin instance may publish through `gauge`
+/// (a bound on the metric's label values).
+pub const MAX_GAUGES: usize = 16;
+
 /// Per-store host state.
 struct HostState {
     limits: StoreLimits,
     name: Arc<str>,
+    /// Names published through `gauge`, at most [`MAX_GAUGES`].
+    gauges: Vec<String>,
 }
 
 impl bindings::AdmissionImports for HostState {
@@ -68,6 +75,19 @@ impl bindings::AdmissionImports for HostState {
             3 => tracing::debug!(policy, "{message}"),
             _ => tracing::trace!(policy, "{message}"),
         }
+    }
+
+    fn gauge(&mut self, name: String, value: f64) {
+        if !value.is_finite() {
+            return;
+        }
+        if !self.gauges.contains(&name) {
+            if self.gauges.len() >= MAX_GAUGES {
+                return;
+            }
+            self.gauges.push(name.clone());
+        }
+        metrics::gauge!(telemetry::POLICY_VALUE, "name" => name).set(value);
     }
 }
 
@@ -157,6 +177,7 @@ impl PolicyRuntime {
             HostState {
                 limits,
                 name: Arc::clone(&name),
+                gauges: Vec::new(),
             },
         );
         store.limiter(|s| &mut s.limits);
