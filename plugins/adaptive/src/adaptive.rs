@@ -1,0 +1,390 @@
+//! The adaptive scheduler, in plain Rust: no bindings, no clock.
+//!
+//! [`Adaptive`] sorts waiting requests into live traffic (priority ≥
+//! `live_priority`) and batch work (the rest), in [`FairQueue`] order.
+//! Live requests are admitted at once (up to `max_limit` in flight in all).
+//! Batch requests are admitted while fewer than the batch limit run:
+//!
+//! - the **knee** ([`Climb`]): the in-flight level past which the engine's
+//!   throughput stops growing, learned from completions ([`Curve`]). A
+//!   batch job alone runs there: about the engine's best throughput, at
+//!   the lowest latency that gives it. With a short queue fewer run anyway.
+//! - while **live traffic** is present, the limit its latency objective
+//!   allows ([`Live`]): `live_p95_ms`, or by default `auto_factor` times
+//!   the unloaded service time the curve measured. The first guess comes
+//!   from the curve (the highest level whose service time fits the
+//!   objective); live completions then steer it. It never goes below the
+//!   level that keeps `min_batch_share` percent of the knee's throughput,
+//!   nor above the knee.
+//!
+//! The limit and the objective are published as gauges (`batch_limit`,
+//! `knee`, `live_p95_ms`, `objective_ms`), and a line is logged at info
+//! when the limit doubles or halves.
+
+use sluice_policy_sdk::{
+    self as sdk, Completion, ConfigError, Decision, FairQueue, FastMap, Level, Policy, Request,
+    Snapshot,
+};
+
+use crate::config::Config;
+use crate::curve::{Climb, Curve, LEVELS};
+use crate::live::Live;
+
+/// The live p95 over the mean service time the first guess assumes.
+const P95_OVER_MEAN: f64 = 1.4;
+
+/// An admitted request.
+#[derive(Debug, Clone, Copy)]
+struct Running {
+    live: bool,
+    /// Requests in flight when it was admitted, itself included.
+    level: u32,
+}
+
+/// The `adaptive` policy's state between events.
+#[derive(Debug)]
+pub struct Adaptive {
+    config: Config,
+    queue: FairQueue,
+    running: FastMap<u64, Running>,
+    live_running: u32,
+    batch_running: u32,
+    /// Requests the host had in flight that this instance did not admit
+    /// (admitted before a hot reload). `None` until a snapshot has been seen.
+    inherited: Option<u32>,
+    curve: Curve,
+    climb: Climb,
+    live: Live,
+    /// The batch limit the live objective allows, while live traffic is present.
+    steered: Option<f64>,
+    /// The batch limit last logged.
+    logged_limit: u32,
+    /// Gauges already published, to publish only changes.
+    published: FastMap<&'static str, f64>,
+    /// Host contract violations seen since the last [`Policy::take_warnings`].
+    warnings: Vec<String>,
+}
+
+impl Adaptive {
+    /// A scheduler with nothing learned yet.
+    pub fn new(config: Config) -> Self {
+        Adaptive {
+            queue: FairQueue::new(config.weights.clone()),
+            climb: Climb::new(config.max_limit),
+            config,
+            running: FastMap::default(),
+            live_running: 0,
+            batch_running: 0,
+            inherited: None,
+            curve: Curve::default(),
+            live: Live::default(),
+            steered: None,
+            logged_limit: 1,
+            published: FastMap::default(),
+            warnings: Vec::new(),
+        }
+    }
+
+    /// How many requests wait.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// How many requests this instance admitted that have not completed.
+    pub fn in_flight(&self) -> usize {
+        self.running.len()
+    }
+
+    /// The knee's in-flight level, once found.
+    pub fn knee(&self) -> Option<u32> {
+        self.climb.knee().map(|i| LEVELS[i])
+    }
+
+    /// The live objective now (µs): configured, or derived once the
+    /// unloaded service time is known.
+    pub fn objective_us(&self) -> Option<f64> {
+        if self.config.live_p95_ms > 0 {
+            return Some(self.config.live_p95_ms as f64 * 1_000.0);
+        }
+        Some(self.curve.unloaded_us()? * self.config.auto_factor)
+    }
+
+    /// The most batch requests that may run now.
+    pub fn batch_limit(&self, now_us: u64) -> u32 {
+        let knee = self.climb.limit();
+        match self.steered {
+            Some(steered) if self.live_present(now_us) => (steered.round() as u32).clamp(1, knee),
+            _ => knee,
+        }
+    }
+
+    fn live_present(&self, now_us: u64) -> bool {
+        let unloaded = self.curve.unloaded_us().unwrap_or(0.0);
+        self.live.present(now_us, unloaded)
+    }
+
+    fn observe(&mut self, now: Snapshot) {
+        let own = u32::try_from(self.running.len()).unwrap_or(u32::MAX);
+        let foreign = now.in_flight.saturating_sub(own);
+        self.inherited = Some(self.inherited.map_or(foreign, |n| n.min(foreign)));
+    }
+
+    /// Admits every live request that fits under `max_limit`, then batch
+    /// requests up to the batch limit.
+    fn admit(&mut self, now_us: u64) -> Decision {
+        let mut decision = Decision::default();
+        let held = self.inherited.unwrap_or(0);
+        let batch_limit = self.batch_limit(now_us);
+        let (max_limit, live_priority) = (self.config.max_limit, self.config.live_priority);
+        loop {
+            let total = self.live_running + self.batch_running + held;
+            let batch = self.batch_running + held;
+            let fits = |q: &sdk::Queued| {
+                total < max_limit && (q.priority >= live_priority || batch < batch_limit)
+            };
+            let Some(queued) = self.queue.pop_where(fits) else {
+                break;
+            };
+            let live = queued.priority >= live_priority;
+            if live {
+                self.live_running += 1;
+            } else {
+                self.batch_running += 1;
+            }
+            let level = total + 1;
+            self.running.insert(queued.id, Running { live, level });
+            decision.admit.push(queued.id);
+        }
+        self.publish(now_us, batch_limit);
+        decision
+    }
+
+    /// Whether batch work waits for a slot that the limit holds back.
+    fn backlogged(&self) -> bool {
+        self.queue.len() > self.queue.count_at_least(self.config.live_priority)
+    }
+
+    /// Learns from a completion: the curve, the climb, the live objective.
+    fn learn(&mut self, now_us: u64, done: &Completion, running: Running) {
+        if done.ok {
+            self.curve.record(running.level, done.e2e_us);
+        }
+        // The climb judges its own level only: while the live objective
+        // holds the batch below it, the curve fills in below the climb.
+        let limit = self.batch_limit(now_us);
+        let was_full = self.batch_running + self.inherited.unwrap_or(0) + 1 >= limit;
+        if self.backlogged() && was_full && !running.live && limit == self.climb.limit() {
+            self.climb.step(&mut self.curve);
+        }
+        if running.live && done.ok {
+            self.live
+                .record(now_us, done.queue_us.saturating_add(done.e2e_us));
+            self.steer();
+        }
+        if !self.live_present(now_us) {
+            self.steered = None;
+        }
+    }
+
+    /// Sets or adjusts the batch limit for the live objective.
+    fn steer(&mut self) {
+        let Some(objective) = self.objective_us() else {
+            return;
+        };
+        let knee = self.climb.index();
+        let share = f64::from(self.config.min_batch_share) / 100.0;
+        let floor = self
+            .curve
+            .lowest_with_share(knee, share)
+            .map_or(1.0, |i| f64::from(LEVELS[i]));
+        let ceiling = f64::from(LEVELS[knee]);
+        if self.steered.is_none() {
+            // First guess: the highest level whose mean service time, with
+            // the usual spread, fits the objective, when the curve knows a
+            // level above it that does not fit. Otherwise the live
+            // completions' first judgement decides.
+            let fits = self.curve.highest_within(knee, objective / P95_OVER_MEAN);
+            if fits.is_some() && fits != self.curve.highest_measured(knee) {
+                self.steered = fits.map(|i| f64::from(LEVELS[i]).max(floor));
+            }
+        }
+        let current = self.steered.unwrap_or(ceiling);
+        if let Some(next) = self.live.steer(objective, current, floor, ceiling) {
+            self.steered = Some(next);
+        }
+    }
+
+    /// Publishes what changed, and logs a limit that doubled or halved.
+    fn publish(&mut self, now_us: u64, batch_limit: u32) {
+        let ratio = f64::from(batch_limit) / f64::from(self.logged_limit.max(1));
+        if !(0.5..2.0).contains(&ratio) {
+            let live = if self.live_present(now_us) {
+                "live traffic present"
+            } else {
+                "no live traffic"
+            };
+            let knee = self
+                .knee()
+                .map_or("not yet found".into(), |k| k.to_string());
+            sdk::log(
+                Level::Info,
+                &format!(
+                    "adaptive: batch limit {} -> {batch_limit} ({live}; knee {knee})",
+                    self.logged_limit
+                ),
+            );
+            self.logged_limit = batch_limit;
+        }
+        let objective_ms = self.objective_us().map_or(0.0, |us| us / 1_000.0);
+        let live_p95_ms = self
+            .live
+            .last_p95_us()
+            .map_or(0.0, |us| us as f64 / 1_000.0);
+        let knee = self.knee().map_or(0.0, f64::from);
+        for (name, value) in [
+            ("batch_limit", f64::from(batch_limit)),
+            ("knee", knee),
+            ("objective_ms", objective_ms),
+            ("live_p95_ms", live_p95_ms),
+        ] {
+            if self.published.insert(name, value) != Some(value) {
+                sdk::gauge(name, value);
+            }
+        }
+    }
+}
+
+impl Policy for Adaptive {
+    fn init(config: &sdk::Config) -> Result<Self, ConfigError> {
+        Config::read(config).map(Adaptive::new)
+    }
+
+    fn describe(&self) -> String {
+        self.config.to_string()
+    }
+
+    fn on_arrival(&mut self, now: Snapshot, req: &Request) -> Decision {
+        self.observe(now);
+        let id = req.id;
+        if self.running.contains_key(&id) || !self.queue.push(req) {
+            self.warnings.push(format!(
+                "adaptive: duplicate arrival of request {id} ignored"
+            ));
+        }
+        self.admit(now.now_us)
+    }
+
+    fn on_completion(&mut self, now: Snapshot, done: Completion) -> Decision {
+        let id = done.id;
+        if let Some(running) = self.running.remove(&id) {
+            if running.live {
+                self.live_running -= 1;
+            } else {
+                self.batch_running -= 1;
+            }
+            self.learn(now.now_us, &done, running);
+        } else if self.queue.remove(id).is_some() {
+            self.warnings.push(format!(
+                "adaptive: completion of request {id}, which was never admitted; dropped from the queue"
+            ));
+        } else {
+            match &mut self.inherited {
+                Some(n) if *n > 0 => *n -= 1,
+                None => {}
+                Some(_) => self.warnings.push(format!(
+                    "adaptive: completion of unknown request {id} ignored"
+                )),
+            }
+        }
+        self.admit(now.now_us)
+    }
+
+    fn on_cancel(&mut self, now: Snapshot, id: u64) -> Decision {
+        self.observe(now);
+        if self.queue.remove(id).is_some() {
+            // The usual case.
+        } else if let Some(running) = self.running.remove(&id) {
+            if running.live {
+                self.live_running -= 1;
+            } else {
+                self.batch_running -= 1;
+            }
+            self.warnings.push(format!(
+                "adaptive: cancel of admitted request {id}; counted as completed"
+            ));
+        } else {
+            self.warnings
+                .push(format!("adaptive: cancel of unknown request {id} ignored"));
+        }
+        self.admit(now.now_us)
+    }
+
+    fn on_tick(&mut self, now: Snapshot) -> Decision {
+        self.observe(now);
+        self.admit(now.now_us)
+    }
+
+    fn take_warnings(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.warnings)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(id: u64, priority: i32) -> Request {
+        Request {
+            priority,
+            ..Request::new(id)
+        }
+    }
+
+    fn done(id: u64, e2e_us: u64) -> Completion {
+        Completion {
+            ok: true,
+            e2e_us,
+            ..Completion::new(id)
+        }
+    }
+
+    #[test]
+    fn it_starts_at_one_and_admits_live_traffic_at_once() {
+        let mut a = Adaptive::new(Config::default());
+        let now = Snapshot::at(0);
+        assert_eq!(a.on_arrival(now, &request(1, 0)).admit, [1]);
+        assert!(a.on_arrival(now, &request(2, 0)).admit.is_empty());
+        assert_eq!(a.on_arrival(now, &request(3, 5)).admit, [3]);
+        assert_eq!(a.on_completion(now, done(1, 1_000)).admit, [2]);
+        assert!(a.take_warnings().is_empty());
+    }
+
+    #[test]
+    fn a_priority_request_goes_before_a_backlog() {
+        let mut a = Adaptive::new(Config {
+            live_priority: 100,
+            ..Config::default()
+        });
+        let now = Snapshot::at(0);
+        a.on_arrival(now, &request(0, 0));
+        for id in 1..=100 {
+            a.on_arrival(now, &request(id, 0));
+        }
+        a.on_arrival(now, &request(500, 10));
+        assert_eq!(a.on_completion(now, done(0, 1_000)).admit, [500]);
+    }
+
+    #[test]
+    fn cancels_and_unknown_ids_keep_the_counts_right() {
+        let mut a = Adaptive::new(Config::default());
+        let now = Snapshot::at(0);
+        a.on_arrival(now, &request(1, 0));
+        a.on_arrival(now, &request(2, 0));
+        assert!(a.on_cancel(now, 2).admit.is_empty());
+        assert!(a.on_cancel(now, 99).admit.is_empty());
+        assert!(a.on_arrival(now, &request(1, 0)).admit.is_empty());
+        assert_eq!(a.take_warnings().len(), 2);
+        a.on_completion(now, done(1, 1_000));
+        assert_eq!((a.in_flight(), a.queued()), (0, 0));
+    }
+}
