@@ -214,3 +214,160 @@ async fn hot_reload_under_load_loses_nothing() {
     assert_eq!(stats["policy"]["queued"], 0, "{stats}");
     assert_eq!(stats["policy"]["fallback"], false, "{stats}");
 }
+
+/// A request that holds the policy's only slot: sent on a raw connection
+/// with a minute's delay; dropping the connection ends it (the proxy counts
+/// a client that left as a completion), which frees the slot.
+async fn blocker(proxy: &ProxyProcess, upstream: &EchoUpstream) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         x-test-id: blocker\r\nx-test-delay-ms: 60000\r\nx-tenant: blocker\r\n\
+         content-length: {}\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let reached = wait_until(Duration::from_secs(10), || async {
+        upstream.seen.total.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert!(reached, "the blocker never reached the upstream");
+    conn
+}
+
+/// Sends request `id` from `tenant` at `priority`, in the background.
+fn queue_one(
+    proxy: &ProxyProcess,
+    id: &str,
+    tenant: &str,
+    priority: i32,
+) -> tokio::task::JoinHandle<Reply> {
+    let url = format!("{}/v1/completions", proxy.url());
+    let (id, tenant, priority) = (id.to_owned(), tenant.to_owned(), priority.to_string());
+    tokio::spawn(async move {
+        let h = [
+            ("x-test-id", id.as_str()),
+            ("x-tenant", tenant.as_str()),
+            ("x-priority", priority.as_str()),
+        ];
+        send(Method::POST, &url, &h, Bytes::from_static(BODY.as_bytes())).await
+    })
+}
+
+/// Waits until the proxy holds `n` requests in its queue.
+async fn until_queued(proxy: &ProxyProcess, n: usize) {
+    let queued = wait_until(Duration::from_secs(20), || async {
+        proxy.metric("sluice_queued_requests").await == n as f64
+    })
+    .await;
+    assert!(queued, "the proxy never held {n} requests in its queue");
+}
+
+/// The `x-test-id` of every request the upstream saw, in arrival order.
+fn arrival_order(upstream: &EchoUpstream) -> Vec<String> {
+    let arrivals = upstream.seen.arrivals.lock().unwrap();
+    arrivals.iter().map(|(_, id)| id.clone()).collect()
+}
+
+#[tokio::test]
+async fn concurrency_admits_a_priority_request_ahead_of_a_backlog() {
+    let upstream = EchoUpstream::start().await;
+    let proxy = ProxyProcess::start(
+        &upstream.url(),
+        &[
+            "--policy",
+            &plugin("concurrency"),
+            "--policy-config",
+            "limit=1",
+        ],
+    );
+    let conn = blocker(&proxy, &upstream).await;
+    let mut waiting = Vec::new();
+    for i in 0..100 {
+        waiting.push(queue_one(&proxy, &format!("batch-{i}"), "batch", 0));
+        // One at a time, so that the queue's order is the order sent.
+        until_queued(&proxy, i + 1).await;
+    }
+    waiting.push(queue_one(&proxy, "urgent", "batch", 10));
+    until_queued(&proxy, 101).await;
+    drop(conn);
+    for reply in waiting {
+        assert_eq!(reply.await.unwrap().status, 200);
+    }
+    let order = arrival_order(&upstream);
+    assert_eq!(order.len(), 102);
+    assert_eq!(order[1], "urgent", "admitted after the blocker: {order:?}");
+    let batch: Vec<String> = (0..100).map(|i| format!("batch-{i}")).collect();
+    assert_eq!(order[2..], batch, "the backlog keeps its own order");
+}
+
+#[tokio::test]
+async fn concurrency_shares_turns_between_tenants_by_weight() {
+    let upstream = EchoUpstream::start().await;
+    let proxy = ProxyProcess::start(
+        &upstream.url(),
+        &[
+            "--policy",
+            &plugin("concurrency"),
+            "--policy-config",
+            "limit=1",
+            "--policy-config",
+            "weights=trickle:3",
+        ],
+    );
+    let conn = blocker(&proxy, &upstream).await;
+    let mut waiting = Vec::new();
+    // A burst of 40 from one tenant queues first, then 12 from another.
+    for i in 0..52 {
+        let (tenant, id) = if i < 40 {
+            ("burst", format!("burst-{i}"))
+        } else {
+            ("trickle", format!("trickle-{i}"))
+        };
+        waiting.push(queue_one(&proxy, &id, tenant, 0));
+        until_queued(&proxy, i + 1).await;
+    }
+    drop(conn);
+    for reply in waiting {
+        assert_eq!(reply.await.unwrap().status, 200);
+    }
+    let order = arrival_order(&upstream);
+    assert_eq!(order.len(), 53);
+    // Turns of 1 (burst) and 3 (trickle): the trickle's 12 are all in by
+    // the 16th admission, though they queued behind 40.
+    let first_16 = &order[1..17];
+    let trickle = first_16
+        .iter()
+        .filter(|id| id.starts_with("trickle"))
+        .count();
+    assert_eq!(trickle, 12, "{first_16:?}");
+}
+
+#[tokio::test]
+async fn adaptive_admits_live_traffic_while_the_batch_waits() {
+    let upstream = EchoUpstream::start().await;
+    let proxy = ProxyProcess::start(&upstream.url(), &["--policy", &plugin("adaptive")]);
+    // Adaptive starts at one batch request in flight.
+    let conn = blocker(&proxy, &upstream).await;
+    let mut waiting = Vec::new();
+    for i in 0..20 {
+        waiting.push(queue_one(&proxy, &format!("batch-{i}"), "batch", 0));
+    }
+    until_queued(&proxy, 20).await;
+    // Live traffic (priority ≥ 1) goes straight in, past the waiting batch.
+    let live = queue_one(&proxy, "live", "live", 5).await.unwrap();
+    assert_eq!(live.status, 200);
+    assert_eq!(arrival_order(&upstream)[..2], ["blocker", "live"]);
+    assert_eq!(proxy.metric("sluice_queued_requests").await, 20.0);
+    // Its limit is published as a gauge.
+    let limit = proxy
+        .metric("sluice_policy_value{name=\"batch_limit\"}")
+        .await;
+    assert_eq!(limit, 1.0);
+    drop(conn);
+    for reply in waiting {
+        assert_eq!(reply.await.unwrap().status, 200);
+    }
+    assert_each_forwarded_once(&upstream, 22);
+}
