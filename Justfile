@@ -9,13 +9,13 @@ vllm_port := env_var_or_default("SLUICE_VLLM_PORT", "8000")
 default:
     @just --list
 
-# The main job: admission policies side by side through the proxy vs batched/inngest clients (bench compare), on the simulated vLLM (profile rtx4080); e.g. `just bench --upstream http://127.0.0.1:8000` for a real one.
+# The main job: the client habits (waves, semaphore), naive clients and Sluice with each policy in the same scenarios — batch job, live traffic, mixed, the frontier (bench compare) — on the simulated vLLM (profile rtx4080), under 2 min; e.g. `just bench --upstream http://127.0.0.1:8000` for a real one.
 bench *ARGS: plugins build
     target/release/bench compare {{ARGS}}
 
-# The same comparison against the real CPU vLLM (`just vllm`), 200 requests per configuration (~2.5 min).
-bench-vllm: plugins build vllm
-    target/release/bench compare --upstream http://127.0.0.1:{{vllm_port}} --requests 200 --warmup 20
+# The same scenarios against the real CPU vLLM (`just vllm`), scaled down: a batch of 300, 8 s per live load (under 10 min).
+bench-vllm *ARGS: plugins build vllm
+    target/release/bench compare --upstream http://127.0.0.1:{{vllm_port}} --batch 300 --live-seconds 8 --warmup 10 {{ARGS}}
 
 # The benchmark suite: batching, cache resume and memory (with a 10-minute soak), each against its target, on the simulated vLLM (rtx4080); e.g. `just bench-suite --soak 1m`.
 bench-suite *ARGS: build

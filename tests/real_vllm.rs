@@ -567,3 +567,63 @@ async fn check_predictions(upstream: &str, proxy: &ProxyProcess, prompts: Vec<Va
         requests as f64
     );
 }
+
+#[tokio::test]
+#[ignore = "needs a real vLLM: run `just e2e`"]
+async fn a_live_request_is_admitted_ahead_of_a_queued_batch() {
+    let relay = CountingRelay::start(&vllm()).await;
+    let plugin = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../plugins/dist/concurrency.wasm"
+    );
+    let proxy = ProxyProcess::start(
+        &relay.url(),
+        &["--policy", plugin, "--policy-config", "limit=2"],
+    );
+    let url = format!("{}/v1/completions", proxy.url());
+    let post = |id: String, priority: &'static str| {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let body = json!({"model": "tiny-llama", "prompt": format!("{id}:"),
+                              "max_tokens": 96, "ignore_eos": true});
+            let h = [
+                ("content-type", "application/json"),
+                ("x-test-id", id.as_str()),
+                ("x-priority", priority),
+            ];
+            send(Method::POST, &url, &h, Bytes::from(body.to_string())).await
+        })
+    };
+    let batch: Vec<_> = (0..16).map(|i| post(format!("batch-{i}"), "0")).collect();
+    let backlog = wait_until(Duration::from_secs(60), || async {
+        proxy.metric("sluice_queued_requests").await >= 10.0
+    })
+    .await;
+    assert!(backlog, "the batch never queued behind the limit");
+    let arrived_before = relay.seen.total.load(Ordering::SeqCst);
+    let live = post("live".into(), "10").await.unwrap();
+    assert_eq!(live.status, 200, "{}", live.text());
+    let order: Vec<String> = relay
+        .seen
+        .arrivals
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, id)| id.clone())
+        .collect();
+    let at = order.iter().position(|id| id == "live").unwrap();
+    // Next in, or one after it when a batch request took a slot that freed
+    // while the live one was on its way.
+    assert!(
+        at <= arrived_before + 1,
+        "live arrived {at}th after {arrived_before}: {order:?}"
+    );
+    for reply in batch {
+        assert_eq!(reply.await.unwrap().status, 200);
+    }
+    let after = relay.seen.total.load(Ordering::SeqCst) - at - 1;
+    assert!(
+        after >= 8,
+        "only {after} batch requests were still queued behind it"
+    );
+}

@@ -16,6 +16,10 @@
 //!
 //! A plan ends after `requests` or `duration_s`, whichever comes first.
 //!
+//! [`arrivals`] sends open-loop arrivals as a client [`Habit`] says:
+//! at once, gathered into waves, or through a semaphore (`bench compare`'s
+//! live traffic, where a habit's queueing counts in the latency).
+//!
 //! [`closed_loop`], [`fixed_count`] and [`fixed_rate`] send one request
 //! over and over on connections opened beforehand (`bench overhead`,
 //! `bench telemetry-cost`).
@@ -28,7 +32,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use sluice_sim::engine::splitmix64;
@@ -91,13 +95,27 @@ pub(crate) async fn drive_with(
     plan: &Plan,
     tick: &Tick,
 ) -> Outcomes {
+    let (workload, offset) = (Arc::clone(workload), plan.offset);
+    drive_requests(addr, plan, move |i| workload.item(offset + i), tick).await
+}
+
+/// Sends `request(i)` for each index `i` of `plan` to `addr` as `plan`
+/// says (its `offset` is the caller's to apply), counting each finished
+/// request on `tick`.
+pub(crate) async fn drive_requests<R>(
+    addr: SocketAddr,
+    plan: &Plan,
+    request: R,
+    tick: &Tick,
+) -> Outcomes
+where
+    R: Fn(usize) -> Request + Clone + Send + 'static,
+{
     let deadline = plan
         .duration_s
         .map(|s| Instant::now() + Duration::from_secs_f64(s));
     let expired = move || deadline.is_some_and(|d| Instant::now() >= d);
     let start = Instant::now();
-    let (workload, offset) = (Arc::clone(workload), plan.offset);
-    let request = move |i: usize| workload.item(offset + i);
     let mut out = match plan.mode {
         Mode::Batched => {
             waves(
@@ -353,6 +371,180 @@ where
     out
 }
 
+/// How a client sends the requests that arrive for it (`bench compare`'s
+/// live traffic): a job worker's habit, or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Habit {
+    /// Each request is sent the moment it arrives.
+    Open,
+    /// What has arrived, up to `n`, is sent together, and the next wave
+    /// leaves when the whole wave has returned.
+    Waves(usize),
+    /// At most `n` in flight; arrivals wait in the client's queue.
+    Semaphore(usize),
+}
+
+/// What [`arrivals`] measured: every request timed from its arrival.
+#[derive(Debug, Default)]
+pub(crate) struct Arrived {
+    pub(crate) outcomes: Outcomes,
+    /// `[arrival s since the start, latency ms]` of each successful request.
+    pub(crate) timeline: Vec<[f64; 2]>,
+}
+
+/// Request `i` arrives at `offsets[i]` from now (none after `stop` is set)
+/// and is sent as `habit` says, each on a connection of its own pool;
+/// latency from each arrival, so time spent in the client's queue counts.
+pub(crate) async fn arrivals<R>(
+    addr: SocketAddr,
+    offsets: Vec<Duration>,
+    habit: Habit,
+    stop: Arc<AtomicBool>,
+    request: R,
+    tick: &Tick,
+) -> Arrived
+where
+    R: Fn(usize) -> Request + Clone + Send + 'static,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Instant)>();
+    let start = Instant::now();
+    pace(offsets, start, stop, tx);
+    // Each request's sample and arrival offset.
+    let send = move |mut conn: Conn, i: usize, at: Instant, tick: Tick| {
+        let request = request.clone();
+        tokio::spawn(async move {
+            let r = conn.send(&request(i)).await;
+            tick.record(r.is_ok());
+            (conn, Sample::new(r, at), at - start)
+        })
+    };
+    let mut done = Vec::new();
+    match habit {
+        Habit::Open => {
+            let pool = Arc::new(std::sync::Mutex::new(Vec::<Conn>::new()));
+            let mut tasks = Vec::new();
+            while let Some((i, at)) = rx.recv().await {
+                let (pool, send, tick) = (Arc::clone(&pool), send.clone(), tick.clone());
+                tasks.push(tokio::spawn(async move {
+                    let conn = pool.lock().ok().and_then(|mut p| p.pop());
+                    let conn = conn.unwrap_or_else(|| Conn::new(addr));
+                    let (conn, sample, offset) = send(conn, i, at, tick).await.ok()?;
+                    if let Ok(mut p) = pool.lock() {
+                        p.push(conn);
+                    }
+                    Some((sample, offset))
+                }));
+            }
+            for task in tasks {
+                done.push(task.await.ok().flatten());
+            }
+        }
+        Habit::Waves(n) => {
+            let mut conns: Vec<Conn> = (0..n.max(1)).map(|_| Conn::new(addr)).collect();
+            while let Some(first) = rx.recv().await {
+                let wave: Vec<_> = gather(&mut rx, first, n.max(1))
+                    .into_iter()
+                    .map(|(i, at)| {
+                        let conn = conns.pop().unwrap_or_else(|| Conn::new(addr));
+                        send(conn, i, at, tick.clone())
+                    })
+                    .collect();
+                for task in wave {
+                    match task.await {
+                        Ok((conn, sample, offset)) => {
+                            conns.push(conn);
+                            done.push(Some((sample, offset)));
+                        }
+                        Err(_) => done.push(None),
+                    }
+                }
+            }
+        }
+        Habit::Semaphore(n) => {
+            let rx = Arc::new(tokio::sync::Mutex::new(rx));
+            let workers: Vec<_> = (0..n.max(1))
+                .map(|_| {
+                    let (rx, send, tick) = (Arc::clone(&rx), send.clone(), tick.clone());
+                    tokio::spawn(async move {
+                        let mut conn = Conn::new(addr);
+                        let mut mine = Vec::new();
+                        loop {
+                            let next = rx.lock().await.recv().await;
+                            let Some((i, at)) = next else { break };
+                            match send(conn, i, at, tick.clone()).await {
+                                Ok((c, sample, offset)) => {
+                                    conn = c;
+                                    mine.push(Some((sample, offset)));
+                                }
+                                Err(_) => {
+                                    conn = Conn::new(addr);
+                                    mine.push(None);
+                                }
+                            }
+                        }
+                        mine
+                    })
+                })
+                .collect();
+            for worker in workers {
+                done.extend(worker.await.unwrap_or_default());
+            }
+        }
+    }
+    let mut out = Arrived::default();
+    for result in done {
+        match result {
+            Some((sample, offset)) => {
+                if sample.result.is_ok() {
+                    let ms = sample.latency.as_secs_f64() * 1000.0;
+                    out.timeline.push([offset.as_secs_f64(), ms]);
+                }
+                out.outcomes.record(sample);
+            }
+            None => out.outcomes.record(Sample::failed("client_panic")),
+        }
+    }
+    out.timeline.sort_by(|a, b| a[0].total_cmp(&b[0]));
+    out.outcomes.elapsed = start.elapsed();
+    out
+}
+
+/// Sends `(i, start + offsets[i])` on `tx` at each offset, from an OS
+/// thread (tokio's timer has 1 ms granularity), until the offsets run out
+/// or `stop` is set.
+fn pace(
+    offsets: Vec<Duration>,
+    start: Instant,
+    stop: Arc<AtomicBool>,
+    tx: tokio::sync::mpsc::UnboundedSender<(usize, Instant)>,
+) {
+    let std_start = std::time::Instant::now();
+    std::thread::spawn(move || {
+        for (i, offset) in offsets.into_iter().enumerate() {
+            let now = std_start.elapsed();
+            if offset > now {
+                std::thread::sleep(offset - now);
+            }
+            if stop.load(Ordering::Relaxed) || tx.send((i, start + offset)).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// A wave: `first`, then whatever else has already arrived on `rx`, up to
+/// `max` in all (a client gathering its queue without waiting for more).
+fn gather<T>(rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>, first: T, max: usize) -> Vec<T> {
+    let mut wave = vec![first];
+    while wave.len() < max {
+        match rx.try_recv() {
+            Ok(item) => wave.push(item),
+            Err(_) => break,
+        }
+    }
+    wave
+}
+
 /// Exponential gaps of a Poisson process at `rate`, deterministic in `seed`.
 pub(crate) fn poisson_offsets(rate: f64, n: usize, seed: u64) -> Vec<Duration> {
     let mut state = seed;
@@ -408,6 +600,18 @@ mod tests {
         let rate = 20_000.0 / offsets.last().unwrap().as_secs_f64();
         assert!((rate - 200.0).abs() < 6.0, "rate {rate}");
         assert_eq!(offsets, poisson_offsets(200.0, 20_000, 3));
+    }
+
+    #[test]
+    fn a_wave_gathers_what_has_arrived_up_to_its_size() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for i in 1..=5 {
+            tx.send(i).unwrap();
+        }
+        assert_eq!(gather(&mut rx, 0, 3), [0, 1, 2]);
+        // Fewer waiting than the wave's size: it leaves with what is there.
+        assert_eq!(gather(&mut rx, 9, 50), [9, 3, 4, 5]);
+        assert_eq!(gather(&mut rx, 7, 50), [7]);
     }
 
     #[test]

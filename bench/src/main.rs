@@ -16,6 +16,8 @@
 //!    - [`progress`]: a progress bar on a terminal, plain lines otherwise.
 //!    - [`procs`]: starting and stopping the proxy, `hyper-floor`
 //!      (`bench/floor`) and nginx as child processes.
+//!    - [`proxy`]: the proxy a configuration sends through (a child
+//!      process or in-process), its addresses and CPU time.
 //!    - [`fast_upstream`]: a minimal upstream that answers at once.
 //! 2. What is sent, and what came back.
 //!    - [`stats`]: each request's sample, a run's outcomes (HDR
@@ -25,17 +27,27 @@
 //!    - [`engine`]: the engine a benchmark drives (the in-process simulator
 //!      or one at a URL) and what it says about itself.
 //! 3. [`load`]: sending over time — the client modes (batched waves,
-//!    inngest semaphore, open-loop Poisson rate, naive clients) and the
-//!    fixed loops of `bench overhead`.
-//! 4. [`measure`]: one run driven and measured: the client's view, the
-//!    proxy's `/stats`, the engine's prefix cache, the GPUs.
+//!    inngest semaphore, open-loop Poisson rate, naive clients), open-loop
+//!    arrivals sent as a client habit says, and the fixed loops of
+//!    `bench overhead`.
+//! 4. What a run means.
+//!    - [`measure`]: one run driven and measured: the client's view, the
+//!      proxy's `/stats`, the engine's prefix cache, the GPUs.
+//!    - [`scenario`]: `bench compare`'s scenarios (batch job, live
+//!      traffic, mixed) driven against given targets, and their results.
 //! 5. [`sweep`]: open-loop rate steps judged for saturation.
-//! 6. [`plot`]: the runs' SVG plot (latency CDF, throughput bars).
-//! 7. [`report`]: the `benchmark_*.json` schema and the Markdown tables.
+//! 6. [`plot`]: the SVG plots (latency CDF and throughput bars; the
+//!    scenarios' panels).
+//! 7. Reports.
+//!    - [`report`]: the `benchmark_*.json` schema and the Markdown tables.
+//!    - [`scorecard`]: the `compare_*.json` schema, the scenarios' tables
+//!      and who wins each against the best client habit.
 //! 8. The commands, each on the layers below and none on another:
-//!    - [`compare`]: `bench compare` — what `just bench` runs: the same
-//!      workload through the proxy with each policy, and the two client
-//!      modes direct to the engine, in one table with a winner per row.
+//!    - [`compare`]: `bench compare` — what `just bench` runs: the client
+//!      habits, naive clients and Sluice with each policy in the same
+//!      scenarios (batch job, live traffic, mixed, the static frontier and
+//!      adaptive's SLO mode), with a winner per scenario; or, with
+//!      `--requests`, the single-table comparison.
 //!    - [`run`]: `bench run` — one client mode, or a rate sweep to
 //!      saturation, against any target.
 //!    - [`suite`]: `bench suite` — batching, cache resume and memory, each
@@ -61,8 +73,11 @@ mod plot;
 mod policy_cost;
 mod procs;
 mod progress;
+mod proxy;
 mod report;
 mod run;
+mod scenario;
+mod scorecard;
 mod sim_reference;
 mod stats;
 mod suite;
@@ -82,7 +97,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Admission policies side by side vs the two client habits (what `just bench` runs).
+    /// Admission policies vs the two client habits in job-worker scenarios (what `just bench` runs).
     Compare(compare::Args),
     /// One client mode (batched, inngest, rate, naive) against one target.
     Run(run::Args),

@@ -120,6 +120,26 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// Now, as `YYYY-MM-DDTHH:MM:SSZ`.
+pub(crate) fn now_utc() -> String {
+    let (y, mo, d, h, mi, s) = utc(now_secs());
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z")
+}
+
+/// A path `dir/{prefix}_YYYYMMDD_HHMMSS.json` for a report created at
+/// `created_utc`, not yet taken (`_2`, `_3`, … otherwise).
+pub(crate) fn fresh_path(dir: &Path, prefix: &str, created_utc: &str) -> PathBuf {
+    let stamp: String = created_utc.chars().filter(char::is_ascii_digit).collect();
+    let (day, time) = stamp.split_at(8.min(stamp.len()));
+    let mut path = dir.join(format!("{prefix}_{day}_{time}.json"));
+    let mut n = 1;
+    while path.exists() {
+        n += 1;
+        path = dir.join(format!("{prefix}_{day}_{time}_{n}.json"));
+    }
+    path
+}
+
 impl Report {
     /// A report of `runs`, stamped now.
     pub(crate) fn new(
@@ -129,10 +149,9 @@ impl Report {
         workload: &Workload,
         runs: Vec<RunResult>,
     ) -> Self {
-        let (y, mo, d, h, mi, s) = utc(now_secs());
         Self {
             schema: SCHEMA,
-            created_utc: format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z"),
+            created_utc: now_utc(),
             engine,
             profile,
             model,
@@ -158,21 +177,7 @@ impl Report {
     /// Writes `dir/benchmark_YYYYMMDD_HHMMSS.json`; returns its path.
     pub(crate) fn write(&self, dir: &Path) -> anyhow::Result<PathBuf> {
         std::fs::create_dir_all(dir)?;
-        let stamp: String = self
-            .created_utc
-            .chars()
-            .filter(char::is_ascii_digit)
-            .collect();
-        let mut path = dir.join(format!("benchmark_{}_{}.json", &stamp[..8], &stamp[8..]));
-        let mut n = 1;
-        while path.exists() {
-            n += 1;
-            path = dir.join(format!(
-                "benchmark_{}_{}_{n}.json",
-                &stamp[..8],
-                &stamp[8..]
-            ));
-        }
+        let path = fresh_path(dir, "benchmark", &self.created_utc);
         std::fs::write(&path, serde_json::to_string_pretty(self)? + "\n")?;
         Ok(path)
     }

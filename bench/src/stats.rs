@@ -1,7 +1,7 @@
 //! What a run measured and the statistics reported from it: each
 //! request's [`Sample`], a run's [`Outcomes`] (HDR histograms of
-//! microseconds), their [`Summary`]; counters read from Prometheus text;
-//! the [`median`] every report takes over repeats.
+//! microseconds), their [`Summary`] and [`goodput`]; counters read from
+//! Prometheus text; the [`median`] every report takes over repeats.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -151,6 +151,13 @@ impl Outcomes {
             latency_cdf_ms: cdf(&self.latency),
         }
     }
+}
+
+/// Goodput: the successful requests that took at most `slo`, per second
+/// of `span` (the time over which they were offered).
+pub(crate) fn goodput(outcomes: &Outcomes, slo: Duration, span: Duration) -> f64 {
+    let within = outcomes.latency.count_between(1, micros(slo));
+    within as f64 / span.as_secs_f64().max(1e-9)
 }
 
 /// The median of `values`, its finite ones only (`NaN` when there are none).
@@ -390,6 +397,22 @@ mod tests {
         assert_eq!(result.quantile_us(0.5), 500);
         assert_eq!(result.quantile_us(0.99), 990);
         assert_eq!(result.throughput(), 50.0);
+    }
+
+    #[test]
+    fn goodput_counts_what_finished_within_the_slo() {
+        let mut a = Outcomes::default();
+        for ms in 1..=100u64 {
+            a.record(ok(1, ms, None));
+        }
+        a.record(Sample::failed("http_503"));
+        let span = Duration::from_secs(2);
+        assert_eq!(goodput(&a, Duration::from_millis(50), span), 25.0);
+        assert_eq!(goodput(&a, Duration::from_secs(1), span), 50.0);
+        assert_eq!(
+            goodput(&Outcomes::default(), Duration::from_secs(1), span),
+            0.0
+        );
     }
 
     #[test]

@@ -154,7 +154,9 @@ async fn turns_between_tenants_and_priority_first_by_counting() {
     let before_urgent = done.load(Ordering::SeqCst);
     let left = BACKLOG + TRICKLE - before_urgent;
     let urgent = spawn("backlog", 10).await.unwrap();
-    eprintln!("priority request queued after {before_urgent} completions, {left} left; finished {urgent}th");
+    eprintln!(
+        "priority request queued after {before_urgent} completions, {left} left; finished {urgent}th"
+    );
     assert!(
         left > 4 * LIMIT,
         "too little left behind the priority request ({left})"
