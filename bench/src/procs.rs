@@ -180,7 +180,13 @@ pub(crate) fn start_proxy_wrapped(
             "127.0.0.1:0",
         ])
         .args(extra)
-        .env("SLUICE_LOG", "warn,proxy=info")
+        .env(
+            "SLUICE_LOG",
+            match std::env::var_os("SLUICE_BENCH_CHILD_LOG") {
+                Some(_) => "info",
+                None => "warn,proxy=info",
+            },
+        )
         .envs(env.iter().copied())
         .envs(std::env::var("SLUICE_PROXY_WORKERS").map(|w| ("SLUICE_WORKERS", w)))
         .stdout(Stdio::piped())
@@ -209,7 +215,12 @@ fn listening_line(
 ) -> anyhow::Result<String> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        // SLUICE_BENCH_CHILD_LOG=1 shows the child's log lines on stderr.
+        let echo = std::env::var_os("SLUICE_BENCH_CHILD_LOG").is_some();
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if echo {
+                eprintln!("{line}");
+            }
             if line.contains(marker) {
                 let _ = tx.send(line);
             }

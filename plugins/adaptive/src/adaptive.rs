@@ -27,11 +27,25 @@ use sluice_policy_sdk::{
 };
 
 use crate::config::Config;
-use crate::curve::{Climb, Curve, LEVELS};
+use crate::curve::{Climb, Curve, Fit, LEVELS, level_index};
 use crate::live::Live;
 
-/// The live p95 over the mean service time the first guess assumes.
+/// The live p95 over the curve's mean service time that the first guess
+/// assumes.
 const P95_OVER_MEAN: f64 = 1.4;
+
+/// Most change of the in-flight count, from a request's admission to its
+/// end, for its service time to count as a point of the curve.
+const LEVEL_SWING: f64 = 1.25;
+
+/// What each window of live completions aims for, as a share of the objective.
+pub const SETPOINT: f64 = 0.95;
+
+/// A live request this many times over the objective brakes the batch…
+const BRAKE_OVER: f64 = 2.0;
+
+/// …by this factor.
+const BRAKE: f64 = 0.9;
 
 /// An admitted request.
 #[derive(Debug, Clone, Copy)]
@@ -103,8 +117,8 @@ impl Adaptive {
     /// The live objective now (µs): configured, or derived once the
     /// unloaded service time is known.
     pub fn objective_us(&self) -> Option<f64> {
-        if self.config.live_p95_ms > 0 {
-            return Some(self.config.live_p95_ms as f64 * 1_000.0);
+        if self.config.live_p95_ms > 0.0 {
+            return Some(self.config.live_p95_ms * 1_000.0);
         }
         Some(self.curve.unloaded_us()? * self.config.auto_factor)
     }
@@ -113,7 +127,7 @@ impl Adaptive {
     pub fn batch_limit(&self, now_us: u64) -> u32 {
         let knee = self.climb.limit();
         match self.steered {
-            Some(steered) if self.live_present(now_us) => (steered.round() as u32).clamp(1, knee),
+            Some(steered) if self.live_present(now_us) => (steered.round() as u32).max(1),
             _ => knee,
         }
     }
@@ -165,53 +179,107 @@ impl Adaptive {
     }
 
     /// Learns from a completion: the curve, the climb, the live objective.
-    fn learn(&mut self, now_us: u64, done: &Completion, running: Running) {
-        if done.ok {
-            self.curve.record(running.level, done.e2e_us);
+    /// `ending` is how many were in flight as it ended, itself included.
+    fn learn(&mut self, now_us: u64, done: &Completion, running: Running, ending: u32) {
+        // A point of the curve is a request that ran with about the same
+        // number in flight from start to end: a limit held by a backlog.
+        // One that saw the count swing (a burst arriving, a queue
+        // draining) measured no single level.
+        let (low, high) = (running.level.min(ending), running.level.max(ending));
+        if done.ok && f64::from(high) <= f64::from(low.max(1)) * LEVEL_SWING {
+            self.curve.record((low + high).div_ceil(2), done.e2e_us);
         }
         // The climb judges its own level only: while the live objective
         // holds the batch below it, the curve fills in below the climb.
         let limit = self.batch_limit(now_us);
         let was_full = self.batch_running + self.inherited.unwrap_or(0) + 1 >= limit;
         if self.backlogged() && was_full && !running.live && limit == self.climb.limit() {
-            self.climb.step(&mut self.curve);
+            let waiting = self.queue.len() - self.queue.count_at_least(self.config.live_priority);
+            let demand = self.batch_running + self.inherited.unwrap_or(0) + waiting as u32;
+            self.climb.step(&mut self.curve, demand);
         }
-        if running.live && done.ok {
-            self.live
-                .record(now_us, done.queue_us.saturating_add(done.e2e_us));
-            self.steer();
-        }
-        if !self.live_present(now_us) {
+        // Live traffic steers the batch only while there is a batch: with
+        // none, the next one beside live traffic starts from the curve.
+        let batch_idle = self.batch_running == 0 && !self.backlogged();
+        if batch_idle || !self.live_present(now_us) {
             self.steered = None;
+        }
+        if running.live && done.ok && !batch_idle {
+            let latency = done.queue_us.saturating_add(done.e2e_us);
+            self.live.record(now_us, latency, None);
+            self.steer(latency as f64);
         }
     }
 
-    /// Sets or adjusts the batch limit for the live objective.
-    fn steer(&mut self) {
-        let Some(objective) = self.objective_us() else {
-            return;
+    /// The batch limit's bounds beside live traffic: the level that keeps
+    /// `min_batch_share` of the best throughput measured, and the knee (or
+    /// the climb's level while it probes above it); `max_limit` while no
+    /// knee is known, since the climb cannot look for one while live
+    /// traffic holds the batch below it.
+    fn bounds(&self) -> (f64, f64) {
+        let (top, ceiling) = match self.climb.knee() {
+            Some(knee) => {
+                let top = knee.max(self.climb.index());
+                (top, f64::from(LEVELS[top]))
+            }
+            None => (
+                level_index(self.config.max_limit),
+                f64::from(self.config.max_limit),
+            ),
         };
-        let knee = self.climb.index();
         let share = f64::from(self.config.min_batch_share) / 100.0;
         let floor = self
             .curve
-            .lowest_with_share(knee, share)
+            .lowest_with_share(top, share)
             .map_or(1.0, |i| f64::from(LEVELS[i]));
-        let ceiling = f64::from(LEVELS[knee]);
-        if self.steered.is_none() {
-            // First guess: the highest level whose mean service time, with
-            // the usual spread, fits the objective, when the curve knows a
-            // level above it that does not fit. Otherwise the live
-            // completions' first judgement decides.
-            let fits = self.curve.highest_within(knee, objective / P95_OVER_MEAN);
-            if fits.is_some() && fits != self.curve.highest_measured(knee) {
-                self.steered = fits.map(|i| f64::from(LEVELS[i]).max(floor));
+        (floor.min(ceiling), ceiling)
+    }
+
+    /// The first guess beside live traffic: the batch limit at which the
+    /// curve's mean service time, times the usual spread of live latency
+    /// over it, meets the objective (less the live request itself), as far
+    /// as the curve has been measured.
+    fn modelled_limit(&self, objective: f64) -> f64 {
+        let (floor, ceiling) = self.bounds();
+        let budget = objective / P95_OVER_MEAN;
+        let top = level_index(ceiling.round() as u32);
+        let limit = match self.curve.level_within(top, budget) {
+            Fit::Between(in_flight) => in_flight - 1.0,
+            Fit::None => floor,
+            // Nothing measured is too slow: start from the highest level
+            // measured, and let the live completions say how much higher.
+            Fit::AtLeast(in_flight) => in_flight - 1.0,
+        };
+        limit.clamp(floor, ceiling)
+    }
+
+    /// Steers the batch limit by a live request's latency: a first guess
+    /// from the curve; a brake on each request far over the objective;
+    /// and, every window of live completions, a move in proportion to how
+    /// far its p95 is from the objective (down at once, up by half the gap).
+    fn steer(&mut self, latency_us: f64) {
+        let Some(objective) = self.objective_us() else {
+            return;
+        };
+        let (floor, ceiling) = self.bounds();
+        let mut limit = match self.steered {
+            Some(limit) => limit,
+            None => self.modelled_limit(objective),
+        };
+        if latency_us > BRAKE_OVER * objective {
+            limit *= BRAKE;
+        }
+        if let Some(judgement) = self.live.judge() {
+            // Windows of 20 are noisy: steering each to the objective would
+            // leave the run's p95 over it, so each aims a little under.
+            let ratio = SETPOINT * objective / judgement.p95_us;
+            if ratio < 1.0 {
+                limit *= ratio.max(0.5);
+            } else if ratio > 1.0 {
+                limit *= (1.0 + (ratio - 1.0) / 2.0).min(1.5);
             }
         }
-        let current = self.steered.unwrap_or(ceiling);
-        if let Some(next) = self.live.steer(objective, current, floor, ceiling) {
-            self.steered = Some(next);
-        }
+        self.steered = Some(limit.clamp(floor, ceiling));
     }
 
     /// Publishes what changed, and logs a limit that doubled or halved.
@@ -236,10 +304,7 @@ impl Adaptive {
             self.logged_limit = batch_limit;
         }
         let objective_ms = self.objective_us().map_or(0.0, |us| us / 1_000.0);
-        let live_p95_ms = self
-            .live
-            .last_p95_us()
-            .map_or(0.0, |us| us as f64 / 1_000.0);
+        let live_p95_ms = self.live.last().map_or(0.0, |j| j.p95_us / 1_000.0);
         let knee = self.knee().map_or(0.0, f64::from);
         for (name, value) in [
             ("batch_limit", f64::from(batch_limit)),
@@ -277,12 +342,14 @@ impl Policy for Adaptive {
     fn on_completion(&mut self, now: Snapshot, done: Completion) -> Decision {
         let id = done.id;
         if let Some(running) = self.running.remove(&id) {
+            // In flight as it ends, itself included.
+            let ending = self.live_running + self.batch_running + self.inherited.unwrap_or(0);
             if running.live {
                 self.live_running -= 1;
             } else {
                 self.batch_running -= 1;
             }
-            self.learn(now.now_us, &done, running);
+            self.learn(now.now_us, &done, running, ending);
         } else if self.queue.remove(id).is_some() {
             self.warnings.push(format!(
                 "adaptive: completion of request {id}, which was never admitted; dropped from the queue"

@@ -9,8 +9,9 @@ use sluice_policy_sdk::{self as sdk, ConfigError, Weights};
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// The live traffic's latency objective: its p95, queue plus service,
-    /// in ms (`live_p95_ms`; 0: derived from the unloaded service time).
-    pub live_p95_ms: u64,
+    /// in ms, fractions allowed (`live_p95_ms`; 0: derived from the
+    /// unloaded service time).
+    pub live_p95_ms: f64,
     /// The derived objective, in unloaded service times (`auto_factor`).
     pub auto_factor: f64,
     /// Requests of this priority or higher are live traffic (`live_priority`).
@@ -27,8 +28,8 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            live_p95_ms: 0,
-            auto_factor: 2.5,
+            live_p95_ms: 0.0,
+            auto_factor: 2.0,
             live_priority: 1,
             min_batch_share: 60,
             max_limit: 256,
@@ -43,7 +44,17 @@ impl Config {
     pub fn read(config: &sdk::Config) -> Result<Config, ConfigError> {
         let default = Config::default();
         Ok(Config {
-            live_p95_ms: config.u64("live_p95_ms", ..=3_600_000, default.live_p95_ms),
+            live_p95_ms: config
+                .value(
+                    "live_p95_ms",
+                    "a number of milliseconds from 0 to 3600000",
+                    |v| {
+                        v.parse::<f64>()
+                            .ok()
+                            .filter(|ms| (0.0..=3_600_000.0).contains(ms))
+                    },
+                )
+                .unwrap_or(default.live_p95_ms),
             auto_factor: config
                 .value("auto_factor", "a number from 1 to 100", |v| {
                     v.parse::<f64>().ok().filter(|f| (1.0..=100.0).contains(f))
@@ -60,11 +71,11 @@ impl Config {
 }
 
 /// One line for the host's log, e.g.
-/// `adaptive: live_p95_ms=auto(2.5x) live_priority=1 min_batch_share=60 max_limit=256`.
+/// `adaptive: live_p95_ms=auto(2x) live_priority=1 min_batch_share=60 max_limit=256`.
 impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("adaptive: live_p95_ms=")?;
-        if self.live_p95_ms == 0 {
+        if self.live_p95_ms == 0.0 {
             write!(f, "auto({}x)", self.auto_factor)?;
         } else {
             write!(f, "{}", self.live_p95_ms)?;
@@ -95,10 +106,10 @@ mod tests {
         assert_eq!(config, Config::default());
         assert_eq!(
             config.to_string(),
-            "adaptive: live_p95_ms=auto(2.5x) live_priority=1 min_batch_share=60 max_limit=256"
+            "adaptive: live_p95_ms=auto(2x) live_priority=1 min_batch_share=60 max_limit=256"
         );
         let config = parse(&[
-            ("live_p95_ms", "40"),
+            ("live_p95_ms", "40.5"),
             ("live_priority", "5"),
             ("min_batch_share", "0"),
             ("max_limit", "64"),
@@ -108,7 +119,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             config.to_string(),
-            "adaptive: live_p95_ms=40 live_priority=5 min_batch_share=0 max_limit=64 weights=a:2"
+            "adaptive: live_p95_ms=40.5 live_priority=5 min_batch_share=0 max_limit=64 weights=a:2"
         );
         assert_eq!(config.auto_factor, 3.0);
     }

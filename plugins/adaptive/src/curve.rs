@@ -19,7 +19,7 @@ pub const LEVELS: [u32; 24] = [
 ];
 
 /// The least throughput gain that justifies one step up the ladder.
-pub const MIN_GAIN: f64 = 0.02;
+pub const MIN_GAIN: f64 = 0.04;
 
 /// Rounds held at the knee between probes.
 const HOLD_ROUNDS: u32 = 12;
@@ -49,10 +49,15 @@ struct Point {
     in_flight: f64,
 }
 
+/// Levels whose service time counts as unloaded: 1, 2 and 3 in flight.
+const UNLOADED_LEVELS: usize = 3;
+
 /// Service time by in-flight level; see the [module docs](self).
 #[derive(Debug, Clone, Default)]
 pub struct Curve {
     points: [Point; LEVELS.len()],
+    /// The least service time measured at the unloaded levels (µs).
+    unloaded_us: Option<f64>,
 }
 
 impl Curve {
@@ -67,6 +72,12 @@ impl Curve {
         let weight = (1.0 / f64::from(point.samples)).max(0.1);
         point.service_us += weight * (service_us as f64 - point.service_us);
         point.in_flight += weight * (f64::from(in_flight.max(1)) - point.in_flight);
+        let index = level_index(in_flight);
+        if index < UNLOADED_LEVELS
+            && let Some(service) = self.service_us(index)
+        {
+            self.unloaded_us = Some(self.unloaded_us.map_or(service, |u| u.min(service)));
+        }
     }
 
     /// The service time at level `index` (µs), once measured.
@@ -82,16 +93,26 @@ impl Curve {
         Some(self.points[index].in_flight * 1e6 / self.service_us(index)?)
     }
 
-    /// The service time with the engine nearly idle (levels 1 to 3), µs.
+    /// The service time with the engine nearly idle: the least measured at
+    /// 1 to 3 in flight (µs). The least, because a busy engine also slows
+    /// the requests admitted while few were in flight.
     pub fn unloaded_us(&self) -> Option<f64> {
-        (0..3).find_map(|i| self.service_us(i))
+        self.unloaded_us
     }
 
-    /// The lowest level whose throughput is at least `share` of level
-    /// `best`'s, among the measured levels up to `best`.
-    pub fn lowest_with_share(&self, best: usize, share: f64) -> Option<usize> {
-        let target = self.throughput(best)? * share;
-        (0..=best).find(|&i| self.throughput(i).is_some_and(|t| t >= target))
+    /// The lowest level whose throughput is at least `share` of the best
+    /// measured at any level up to `ceiling`, when the measured level just
+    /// below it falls short (or it is level 1): a level not measured might
+    /// be the lowest.
+    pub fn lowest_with_share(&self, ceiling: usize, share: f64) -> Option<usize> {
+        let measured: Vec<(usize, f64)> = (0..=ceiling)
+            .filter_map(|i| Some((i, self.throughput(i)?)))
+            .collect();
+        let best = measured.iter().map(|&(_, t)| t).fold(0.0, f64::max);
+        let at = measured.iter().position(|&(_, t)| t >= best * share)?;
+        let (index, _) = measured[at];
+        let below_falls_short = at > 0 && measured[at - 1].0 + 1 == index;
+        (index == 0 || below_falls_short).then_some(index)
     }
 
     /// The highest measured level up to `ceiling` whose service time is at
@@ -100,6 +121,26 @@ impl Curve {
         (0..=ceiling)
             .rev()
             .find(|&i| self.service_us(i).is_some_and(|s| s <= budget_us))
+    }
+
+    /// The in-flight count (a fraction, between measured levels) at which
+    /// the service time reaches `budget_us`, looking at measured levels up
+    /// to `ceiling`; see [`Fit`].
+    pub fn level_within(&self, ceiling: usize, budget_us: f64) -> Fit {
+        let measured: Vec<(f64, f64)> = (0..=ceiling.min(LEVELS.len() - 1))
+            .filter_map(|i| Some((self.points[i].in_flight, self.service_us(i)?)))
+            .collect();
+        let Some(last_fit) = measured.iter().rposition(|&(_, s)| s <= budget_us) else {
+            return Fit::None;
+        };
+        let (c0, s0) = measured[last_fit];
+        match measured.get(last_fit + 1) {
+            Some(&(c1, s1)) if s1 > s0 && c1 > c0 => {
+                Fit::Between(c0 + (c1 - c0) * (budget_us - s0) / (s1 - s0))
+            }
+            Some(_) => Fit::Between(c0),
+            None => Fit::AtLeast(c0),
+        }
     }
 
     /// The highest measured level up to `ceiling`.
@@ -114,6 +155,17 @@ impl Curve {
     fn judged(&mut self, index: usize) {
         self.points[index].fresh = 0;
     }
+}
+
+/// Where the service time reaches a budget, by [`Curve::level_within`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Fit {
+    /// Even the lowest measured level is slower.
+    None,
+    /// At about this in-flight count: a measured level above it is slower.
+    Between(f64),
+    /// At this in-flight count or more: no measured level is slower.
+    AtLeast(f64),
 }
 
 /// Where the climb is.
@@ -174,22 +226,32 @@ impl Climb {
 
     /// After a completion while a backlog kept the limit full: once the
     /// current level has a round of fresh samples, judges it and maybe
-    /// moves. True when the limit moved.
-    pub fn step(&mut self, curve: &mut Curve) -> bool {
+    /// moves, never up to a level above `demand` (the requests running and
+    /// waiting), which could not be filled to be judged. True when the
+    /// limit moved.
+    pub fn step(&mut self, curve: &mut Curve, demand: u32) -> bool {
         let i = self.index;
-        let round = LEVELS[i].max(MIN_SAMPLES);
+        // Two rounds from 16 up, where one step's gain is a few percent
+        // and a round's mean is noisier than that.
+        let rounds = if LEVELS[i] >= 16 { 2 } else { 1 };
+        let round = LEVELS[i].max(MIN_SAMPLES) * rounds;
         if curve.fresh(i) < round {
             return false;
         }
         curve.judged(i);
-        let gained = |from: usize, to: usize| match (curve.throughput(from), curve.throughput(to)) {
-            (Some(a), Some(b)) => b >= a * (1.0 + MIN_GAIN),
+        let gained_by = |from: usize, to: usize, gain: f64| match (
+            curve.throughput(from),
+            curve.throughput(to),
+        ) {
+            (Some(a), Some(b)) => b >= a * (1.0 + gain),
             _ => true,
         };
+        let gained = |from: usize, to: usize| gained_by(from, to, MIN_GAIN);
         let before = self.index;
+        let can_rise = i < self.max_index && LEVELS[i + 1] <= demand;
         match self.phase {
             Phase::Up if i == 0 || gained(i - 1, i) => {
-                if i < self.max_index {
+                if can_rise {
                     self.index = i + 1;
                 } else {
                     self.settle(i);
@@ -198,7 +260,7 @@ impl Climb {
             Phase::Up => self.settle(i - 1),
             Phase::Hold(rounds) if rounds + 1 < HOLD_ROUNDS => self.phase = Phase::Hold(rounds + 1),
             Phase::Hold(_) => {
-                let up = self.probe_up_next && i < self.max_index;
+                let up = self.probe_up_next && can_rise;
                 let down = !up && i > 0;
                 self.probe_up_next = !self.probe_up_next;
                 if up {
@@ -211,8 +273,9 @@ impl Climb {
                     self.phase = Phase::Hold(0);
                 }
             }
-            // One step above the knee pays after all: climb on.
-            Phase::ProbeUp if gained(i - 1, i) => self.phase = Phase::Up,
+            // One step above the knee pays after all (by twice the usual
+            // gain, so that noise does not walk the knee up): climb on.
+            Phase::ProbeUp if gained_by(i - 1, i, 2.0 * MIN_GAIN) => self.phase = Phase::Up,
             Phase::ProbeUp => self.settle(i - 1),
             // The knee's step no longer pays: the knee is lower now.
             Phase::ProbeDown if !gained(i, i + 1) => self.settle(i),
@@ -234,7 +297,7 @@ mod tests {
 
     /// A curve from a service-time function of the in-flight level.
     fn feed(curve: &mut Curve, index: usize, service: impl Fn(u32) -> u64) {
-        for _ in 0..LEVELS[index].max(MIN_SAMPLES) {
+        for _ in 0..LEVELS[index].max(MIN_SAMPLES) * 2 {
             curve.record(LEVELS[index], service(LEVELS[index]));
         }
     }
@@ -246,7 +309,7 @@ mod tests {
         let mut visited = Vec::new();
         for _ in 0..rounds {
             feed(&mut curve, climb.index(), &service);
-            climb.step(&mut curve);
+            climb.step(&mut curve, u32::MAX);
             visited.push(climb.limit());
         }
         (climb, visited)
@@ -273,6 +336,17 @@ mod tests {
     }
 
     #[test]
+    fn the_climb_never_rises_past_the_demand() {
+        let (mut curve, mut climb) = (Curve::default(), Climb::new(256));
+        for _ in 0..40 {
+            // An engine that batches for free, fed by 20 clients.
+            feed(&mut curve, climb.index(), |_| 1_000);
+            climb.step(&mut curve, 20);
+        }
+        assert_eq!(climb.limit(), 16, "24 could never be filled by 20");
+    }
+
+    #[test]
     fn a_flat_engine_stays_at_one() {
         // Every request takes twice as long with two in flight: no gain.
         let (climb, _) = climb(|c| 1_000 * u64::from(c), 10);
@@ -287,13 +361,13 @@ mod tests {
         let slow = |c: u32| 1_000 + 1_000 * u64::from(c.saturating_sub(32)) / 32;
         for _ in 0..30 {
             feed(&mut curve, climb.index(), fast);
-            climb.step(&mut curve);
+            climb.step(&mut curve, u32::MAX);
         }
         assert_eq!(climb.knee().map(|k| LEVELS[k]), Some(8));
         // The engine now batches four times as much for free.
         for _ in 0..400 {
             feed(&mut curve, climb.index(), slow);
-            climb.step(&mut curve);
+            climb.step(&mut curve, u32::MAX);
         }
         assert_eq!(climb.knee().map(|k| LEVELS[k]), Some(32));
     }
@@ -318,5 +392,9 @@ mod tests {
             Some(16)
         );
         assert_eq!(curve.highest_within(9, 10.0), None);
+        // 1.5 ms is half way from 8 (1 ms) to 16 (2 ms) in flight.
+        assert_eq!(curve.level_within(9, 1_500.0), Fit::Between(12.0));
+        assert_eq!(curve.level_within(9, 999.0), Fit::None);
+        assert_eq!(curve.level_within(9, 1e9), Fit::AtLeast(32.0));
     }
 }

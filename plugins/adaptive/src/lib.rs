@@ -14,8 +14,8 @@
 //!
 //! | key               | default | meaning                                                        |
 //! |-------------------|---------|----------------------------------------------------------------|
-//! | `live_p95_ms`     | 0       | live traffic's p95 objective in ms; 0: `auto_factor` × unloaded service time |
-//! | `auto_factor`     | 2.5     | the derived objective, in unloaded service times (1–100)       |
+//! | `live_p95_ms`     | 0       | live traffic's p95 objective in ms (fractions allowed); 0: `auto_factor` × unloaded service time |
+//! | `auto_factor`     | 2       | the derived objective, in unloaded service times (1–100)       |
 //! | `live_priority`   | 1       | requests of this priority or higher are live traffic           |
 //! | `min_batch_share` | 60      | percent of its best throughput the batch keeps beside live traffic |
 //! | `max_limit`       | 256     | most requests in flight, live and batch                        |
