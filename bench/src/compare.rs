@@ -43,7 +43,7 @@ use crate::measure::measure;
 use crate::proxy::{self, Proxy, ProxyMode, policy_flags};
 use crate::report::{Report, now_utc};
 use crate::scenario::{
-    self, BatchRun, Feed, FrontierPoint, Job, LiveRun, LiveStep, MixedRun, Sender,
+    self, BatchRun, Beside, Feed, FrontierPoint, Job, LiveRun, LiveStep, MixedRun, Sender, Tag,
 };
 use crate::scorecard::{Scorecard, Settings, SloMode};
 use crate::workload::{Workload, WorkloadArgs};
@@ -81,6 +81,13 @@ pub(crate) struct Args {
     /// SLO mode: adaptive's objective is this × the live p95 alone.
     #[arg(long, default_value_t = 2.0)]
     pub(crate) objective_factor: f64,
+    /// A second engine, a vLLM started with `--scheduling-policy priority`
+    /// (e.g. `SLUICE_VLLM_PORT=8001 SLUICE_VLLM_ARGS='--scheduling-policy
+    /// priority' scripts/vllm.sh start`): the mixed scenario then also runs
+    /// against it, live requests carrying `"priority": -10`, for the
+    /// engine's own answer to live traffic beside a batch.
+    #[arg(long)]
+    pub(crate) priority_upstream: Option<String>,
     /// Only the configurations whose label contains one of these (e.g.
     /// `adaptive,naive → vLLM`); all by default. The frontier and SLO mode
     /// still run unless `--frontier ''`.
@@ -368,6 +375,11 @@ async fn scenarios(args: &Args) -> anyhow::Result<Scorecard> {
     eprintln!("bench compare: live traffic alone at {live_rate:.1} req/s");
     let alone = scenario::live(straight, &feed, live_rate, span, seed).await;
     let live_alone = alone.outcomes.summary();
+    let beside = |sender: Sender| Beside {
+        sender,
+        tag: Tag::Live,
+        rate: live_rate,
+    };
     let mut mixed = Vec::new();
     for (c, b) in configs.iter().zip(&batch) {
         eprintln!("bench compare: mixed, {}", c.label);
@@ -379,8 +391,7 @@ async fn scenarios(args: &Args) -> anyhow::Result<Scorecard> {
         };
         let expected = Duration::from_secs_f64(b.client.elapsed_s);
         let before = c.cpu();
-        let both =
-            scenario::mixed(c.sender, live_sender, &feed, job, live_rate, expected, seed).await;
+        let both = scenario::mixed(c.sender, beside(live_sender), &feed, job, expected, seed).await;
         let carried = both.batch.sent
             + if c.proxy.is_some() {
                 both.live.outcomes.sent
@@ -395,6 +406,33 @@ async fn scenarios(args: &Args) -> anyhow::Result<Scorecard> {
             batch_alone_rps: b.client.throughput_rps,
             live_timeline: both.live.timeline,
             proxy_cpu_us: cpu_per_request(before, c.cpu(), carried),
+        });
+    }
+    if let Some(url) = &args.priority_upstream {
+        // The engine's own answer: vLLM scheduling by the body's priority,
+        // both kinds of traffic sent to it straight.
+        let label = "naive → vLLM priority scheduling".to_string();
+        eprintln!("bench compare: mixed, {label} ({url})");
+        let sender = Sender {
+            addr: crate::client::resolve(url).await?,
+            habit: Habit::Open,
+        };
+        let naive_alone = batch.iter().find(|b| b.label == "naive → vLLM");
+        let batch_alone_rps = naive_alone.map_or(capacity, |b| b.client.throughput_rps);
+        let expected = Duration::from_secs_f64(args.batch as f64 / batch_alone_rps);
+        let live = Beside {
+            tag: Tag::LiveForEngine,
+            ..beside(sender)
+        };
+        let both = scenario::mixed(sender, live, &feed, job, expected, seed).await;
+        mixed.push(MixedRun {
+            label,
+            habit: false,
+            live: both.live.outcomes.summary(),
+            batch: both.batch.summary(),
+            batch_alone_rps,
+            live_timeline: both.live.timeline,
+            proxy_cpu_us: None,
         });
     }
     drop(configs);
@@ -415,7 +453,7 @@ async fn scenarios(args: &Args) -> anyhow::Result<Scorecard> {
         };
         let expected = Duration::from_secs_f64(args.batch as f64 / capacity);
         let before = proxy.cpu_seconds();
-        let both = scenario::mixed(through, straight, &feed, job, live_rate, expected, seed).await;
+        let both = scenario::mixed(through, beside(straight), &feed, job, expected, seed).await;
         let cpu = cpu_per_request(before, proxy.cpu_seconds(), both.batch.sent);
         frontier.push(point(label, Some(n), &both, live_alone_p95, capacity, cpu));
     }
@@ -447,8 +485,7 @@ async fn scenarios(args: &Args) -> anyhow::Result<Scorecard> {
                     let expected = Duration::from_secs_f64(args.batch as f64 / capacity);
                     let before = proxy.cpu_seconds();
                     let both =
-                        scenario::mixed(through, through, &feed, job, live_rate, expected, seed)
-                            .await;
+                        scenario::mixed(through, beside(through), &feed, job, expected, seed).await;
                     let carried = both.batch.sent + both.live.outcomes.sent;
                     let cpu = cpu_per_request(before, proxy.cpu_seconds(), carried);
                     let p = point(label, None, &both, live_alone_p95, capacity, cpu);

@@ -8,8 +8,9 @@
 //! - [`mixed`]: live arrivals at a steady rate beside a batch job, until
 //!   the batch ends.
 //!
-//! Live requests carry `X-Priority: 10` and `X-Tenant: live`, batch ones
-//! `X-Priority: 0` and `X-Tenant: batch` ([`Tag`]); every request of a
+//! Live requests carry `X-Priority: 10` and `X-Tenant: live` (and, for a
+//! vLLM that schedules by priority, `"priority": -10` in the body), batch
+//! ones `X-Priority: 0` and `X-Tenant: batch` ([`Tag`]); every request of a
 //! comparison evaluates a candidate of its own ([`Feed`]). The result types
 //! here are what the scorecard reports.
 
@@ -30,11 +31,19 @@ use crate::workload::Workload;
 /// The priority of live requests (higher is more urgent; 0 is the default).
 pub(crate) const LIVE_PRIORITY: u32 = 10;
 
+/// The body's `priority` of live requests sent to a vLLM that schedules
+/// by priority (`--scheduling-policy priority`; lower goes first, 0 is the
+/// default).
+pub(crate) const ENGINE_LIVE_PRIORITY: i64 = -10;
+
 /// Which traffic a request belongs to, in its headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Tag {
     /// `X-Priority: 10`, `X-Tenant: live`.
     Live,
+    /// [`Tag::Live`], and the body's `priority` set for vLLM's own
+    /// priority scheduling ([`ENGINE_LIVE_PRIORITY`]).
+    LiveForEngine,
     /// `X-Priority: 0`, `X-Tenant: batch`.
     Batch,
 }
@@ -42,9 +51,16 @@ pub(crate) enum Tag {
 impl Tag {
     fn apply(self, mut request: Request) -> Request {
         let (priority, tenant) = match self {
-            Tag::Live => (LIVE_PRIORITY, "live"),
+            Tag::Live | Tag::LiveForEngine => (LIVE_PRIORITY, "live"),
             Tag::Batch => (0, "batch"),
         };
+        if self == Tag::LiveForEngine
+            && let Ok(serde_json::Value::Object(mut body)) =
+                serde_json::from_slice::<serde_json::Value>(&request.body)
+        {
+            body.insert("priority".into(), ENGINE_LIVE_PRIORITY.into());
+            request.body = serde_json::Value::Object(body).to_string().into();
+        }
         request
             .headers
             .insert("x-priority", HeaderValue::from(priority));
@@ -167,22 +183,35 @@ pub(crate) struct Both {
     pub(crate) live: Arrived,
 }
 
-/// The batch job of [`batch_job`] with live arrivals at `rate` beside it,
-/// from its start until it ends (`expected`, the batch's time alone, only
-/// sizes the arrivals drawn).
+/// Live traffic beside a batch job: where it goes, how tagged, how often.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Beside {
+    pub(crate) sender: Sender,
+    pub(crate) tag: Tag,
+    /// Arrivals per second.
+    pub(crate) rate: f64,
+}
+
+/// The batch job of [`batch_job`] with live arrivals beside it, from its
+/// start until it ends (`expected`, the batch's time alone, only sizes the
+/// arrivals drawn).
 pub(crate) async fn mixed(
     batch: Sender,
-    live: Sender,
+    live: Beside,
     feed: &Feed,
     job: Job,
-    rate: f64,
     expected: Duration,
     seed: u64,
 ) -> Both {
+    let Beside {
+        sender: live,
+        tag,
+        rate,
+    } = live;
     let most = ((expected.as_secs_f64() * 4.0 + 5.0) * rate).ceil() as usize;
     let offsets = poisson_offsets(rate, most.max(1), seed);
     let stop = Arc::new(AtomicBool::new(false));
-    let requests = feed.take(offsets.len(), Tag::Live);
+    let requests = feed.take(offsets.len(), tag);
     let tick = Tick::default();
     let live_run = arrivals(
         live.addr,

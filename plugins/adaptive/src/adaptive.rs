@@ -147,6 +147,16 @@ impl Adaptive {
     /// requests up to the batch limit.
     fn admit(&mut self, now_us: u64) -> Decision {
         let mut decision = Decision::default();
+        // Live traffic beside batch work and no limit yet: the curve's
+        // first guess holds the batch from now, not from the first live
+        // completion a service time later.
+        if self.steered.is_none()
+            && self.live_present(now_us)
+            && (self.batch_running > 0 || self.backlogged())
+            && let Some(objective) = self.objective_us()
+        {
+            self.steered = Some(self.modelled_limit(objective));
+        }
         let held = self.inherited.unwrap_or(0);
         let batch_limit = self.batch_limit(now_us);
         let (max_limit, live_priority) = (self.config.max_limit, self.config.live_priority);
@@ -207,7 +217,7 @@ impl Adaptive {
         if running.live && done.ok && !batch_idle {
             let latency = done.queue_us.saturating_add(done.e2e_us);
             self.live.record(now_us, latency, None);
-            self.steer(latency as f64);
+            self.steer(now_us, latency as f64);
         }
     }
 
@@ -257,7 +267,7 @@ impl Adaptive {
     /// from the curve; a brake on each request far over the objective;
     /// and, every window of live completions, a move in proportion to how
     /// far its p95 is from the objective (down at once, up by half the gap).
-    fn steer(&mut self, latency_us: f64) {
+    fn steer(&mut self, now_us: u64, latency_us: f64) {
         let Some(objective) = self.objective_us() else {
             return;
         };
@@ -269,7 +279,7 @@ impl Adaptive {
         if latency_us > BRAKE_OVER * objective {
             limit *= BRAKE;
         }
-        if let Some(judgement) = self.live.judge() {
+        if let Some(judgement) = self.live.judge(now_us, objective) {
             // Windows of 20 are noisy: steering each to the objective would
             // leave the run's p95 over it, so each aims a little under.
             let ratio = SETPOINT * objective / judgement.p95_us;
@@ -335,6 +345,8 @@ impl Policy for Adaptive {
             self.warnings.push(format!(
                 "adaptive: duplicate arrival of request {id} ignored"
             ));
+        } else if req.priority >= self.config.live_priority {
+            self.live.arrived(now.now_us);
         }
         self.admit(now.now_us)
     }

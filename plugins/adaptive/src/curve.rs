@@ -7,10 +7,12 @@
 //! `c / service(c)` per second: [`Curve::throughput`]. That grows with `c`
 //! while the engine batches for free, then flattens: the knee.
 //!
-//! [`Climb`] moves a limit along the ladder by what the curve shows: up
-//! while a step adds at least [`MIN_GAIN`] throughput, back one step when
-//! it does not (the knee), then holds, probing one step up and one step
-//! down now and then so that it follows an engine whose curve moves.
+//! [`Climb`] moves a limit along the ladder by what the curve shows: it
+//! doubles while a doubling adds at least [`MIN_GAIN`] throughput (looking
+//! one doubling past a miss, for engines whose curve has a plateau),
+//! settles on the best level (the knee), then holds, probing one step up
+//! and one step down now and then so that it follows an engine whose curve
+//! moves.
 
 /// In-flight levels the curve is measured at, about 1.5× apart.
 pub const LEVELS: [u32; 24] = [
@@ -18,7 +20,7 @@ pub const LEVELS: [u32; 24] = [
     3072, 4096,
 ];
 
-/// The least throughput gain that justifies one step up the ladder.
+/// The least throughput gain that justifies doubling the level.
 pub const MIN_GAIN: f64 = 0.04;
 
 /// Rounds held at the knee between probes.
@@ -171,8 +173,14 @@ pub enum Fit {
 /// Where the climb is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// Going up while each step pays.
-    Up,
+    /// Doubling the level while it pays: `best` is the best level so far,
+    /// `misses` the doublings since that did not beat it.
+    Up {
+        /// The best level so far (an index into [`LEVELS`]).
+        best: usize,
+        /// Doublings since `best` that did not beat it by [`MIN_GAIN`].
+        misses: u8,
+    },
     /// At the knee, counting rounds to the next probe.
     Hold(u32),
     /// Trying one step above the knee.
@@ -198,7 +206,7 @@ impl Climb {
         Climb {
             index: 0,
             max_index: level_index(max_limit),
-            phase: Phase::Up,
+            phase: Phase::Up { best: 0, misses: 0 },
             knee: None,
             probe_up_next: true,
         }
@@ -229,35 +237,49 @@ impl Climb {
     /// moves, never up to a level above `demand` (the requests running and
     /// waiting), which could not be filled to be judged. True when the
     /// limit moved.
+    ///
+    /// The first climb doubles the level while a doubling adds at least
+    /// [`MIN_GAIN`] over the best so far, and looks one doubling past a
+    /// miss (an engine's curve can have a plateau: on a CPU engine 4 and 8
+    /// in flight give about the same, 16 a fifth more). Then it settles on
+    /// the best, and probes one ladder step up or down now and then, where
+    /// a step is half a doubling and needs half the gain (up: the whole
+    /// gain, so that noise does not walk the knee up).
     pub fn step(&mut self, curve: &mut Curve, demand: u32) -> bool {
         let i = self.index;
-        // Two rounds from 16 up, where one step's gain is a few percent
-        // and a round's mean is noisier than that.
-        let rounds = if LEVELS[i] >= 16 { 2 } else { 1 };
-        let round = LEVELS[i].max(MIN_SAMPLES) * rounds;
-        if curve.fresh(i) < round {
+        if curve.fresh(i) < LEVELS[i].max(MIN_SAMPLES) {
             return false;
         }
         curve.judged(i);
-        let gained_by = |from: usize, to: usize, gain: f64| match (
+        let gained = |from: usize, to: usize, gain: f64| match (
             curve.throughput(from),
             curve.throughput(to),
         ) {
             (Some(a), Some(b)) => b >= a * (1.0 + gain),
             _ => true,
         };
-        let gained = |from: usize, to: usize| gained_by(from, to, MIN_GAIN);
         let before = self.index;
-        let can_rise = i < self.max_index && LEVELS[i + 1] <= demand;
+        let fits = |level: u32| level <= demand;
+        let can_rise = i < self.max_index && fits(LEVELS[i + 1]);
         match self.phase {
-            Phase::Up if i == 0 || gained(i - 1, i) => {
-                if can_rise {
-                    self.index = i + 1;
+            Phase::Up { best, misses } => {
+                let (best, misses) = if i == best || gained(best, i, MIN_GAIN) {
+                    (i, 0)
                 } else {
-                    self.settle(i);
+                    (best, misses + 1)
+                };
+                // The highest level up to twice this one that the demand fills.
+                let double = (i + 1..=self.max_index)
+                    .take_while(|&n| LEVELS[n] <= 2 * LEVELS[i] && fits(LEVELS[n]))
+                    .last();
+                match double {
+                    Some(next) if misses < 2 => {
+                        self.index = next;
+                        self.phase = Phase::Up { best, misses };
+                    }
+                    _ => self.settle(best),
                 }
             }
-            Phase::Up => self.settle(i - 1),
             Phase::Hold(rounds) if rounds + 1 < HOLD_ROUNDS => self.phase = Phase::Hold(rounds + 1),
             Phase::Hold(_) => {
                 let up = self.probe_up_next && can_rise;
@@ -273,12 +295,13 @@ impl Climb {
                     self.phase = Phase::Hold(0);
                 }
             }
-            // One step above the knee pays after all (by twice the usual
-            // gain, so that noise does not walk the knee up): climb on.
-            Phase::ProbeUp if gained_by(i - 1, i, 2.0 * MIN_GAIN) => self.phase = Phase::Up,
+            // One step above the knee pays after all: climb on from there.
+            Phase::ProbeUp if gained(i - 1, i, MIN_GAIN) => {
+                self.phase = Phase::Up { best: i, misses: 0 };
+            }
             Phase::ProbeUp => self.settle(i - 1),
             // The knee's step no longer pays: the knee is lower now.
-            Phase::ProbeDown if !gained(i, i + 1) => self.settle(i),
+            Phase::ProbeDown if !gained(i, i + 1, MIN_GAIN / 2.0) => self.settle(i),
             Phase::ProbeDown => self.settle(i + 1),
         }
         self.index != before
@@ -328,11 +351,31 @@ mod tests {
     fn the_climb_stops_where_throughput_stops_growing() {
         // Free batching up to 24 in flight, then each request slows the rest.
         let (climb, visited) = climb(|c| 2_000 + 2_000 * u64::from(c.saturating_sub(24)) / 24, 40);
+        // Doubling finds 32 (as fast as 24), looks two doublings past it,
+        // settles, and a probe down finds that 24 does as well.
         assert_eq!(climb.knee().map(|k| LEVELS[k]), Some(24), "{visited:?}");
         assert!(
-            visited.iter().all(|&l| l <= 32),
-            "never past one step over the knee"
+            visited.iter().all(|&l| l <= 128),
+            "never more than two doublings past the best: {visited:?}"
         );
+    }
+
+    #[test]
+    fn a_plateau_does_not_stop_the_climb() {
+        // Like vLLM on CPU: 4 and 8 in flight give the same throughput,
+        // 16 and 32 more, then nothing more.
+        let throughput_per_ms = |c: u32| match c {
+            0..=4 => f64::from(c),
+            5..=8 => 4.0,
+            9..=16 => 5.0,
+            _ => 6.0,
+        };
+        let (climb, visited) = climb(
+            |c| (f64::from(c) / throughput_per_ms(c) * 1_000.0) as u64,
+            60,
+        );
+        let knee = climb.knee().map(|k| LEVELS[k]);
+        assert!(matches!(knee, Some(24 | 32)), "{knee:?}: {visited:?}");
     }
 
     #[test]

@@ -2,15 +2,23 @@
 //!
 //! [`Live`] keeps the latest live requests' latencies (queue plus service,
 //! as the proxy saw them), each beside the service time the curve
-//! predicted for it. Every [`ADJUST_EVERY`] of them it gives a
+//! predicted for it. Every [`ADJUST_EVERY`] of them (or fewer, when live
+//! traffic is slow) it gives a
 //! [`Judgement`]: their p95, and how it compares with the prediction (the
 //! spread of live latency over the curve's mean service time). The samples
 //! are then dropped, so each judgement sees only the limit it judges.
 
 use std::collections::VecDeque;
 
-/// Live completions per judgement.
+/// Live completions per judgement…
 pub const ADJUST_EVERY: usize = 20;
+
+/// …or at least this many, once the window has lasted [`WINDOW_OBJECTIVES`]
+/// times the objective (slow live traffic would otherwise wait long for 20).
+pub const ADJUST_AT_LEAST: usize = 5;
+
+/// See [`ADJUST_AT_LEAST`].
+pub const WINDOW_OBJECTIVES: f64 = 5.0;
 
 /// How long after its last completion live traffic counts as present, in
 /// unloaded service times (and at least a second).
@@ -31,10 +39,12 @@ pub struct Judgement {
 pub struct Live {
     /// (latency, predicted service time) since the last judgement (µs).
     samples: VecDeque<(u64, Option<f64>)>,
-    /// The last live completion (host µs).
+    /// The last live arrival or completion (host µs).
     last_seen_us: Option<u64>,
     /// The last judgement.
     last: Option<Judgement>,
+    /// When the current window began (host µs).
+    window_start_us: Option<u64>,
 }
 
 impl Live {
@@ -42,14 +52,20 @@ impl Live {
     /// predicted `predicted_us` of service for it.
     pub fn record(&mut self, now_us: u64, latency_us: u64, predicted_us: Option<f64>) {
         self.last_seen_us = Some(now_us);
+        self.window_start_us.get_or_insert(now_us);
         if self.samples.len() == ADJUST_EVERY {
             self.samples.pop_front();
         }
         self.samples.push_back((latency_us, predicted_us));
     }
 
-    /// Whether live traffic has finished recently, given the unloaded
-    /// service time.
+    /// A live request arrived at `now_us`: live traffic is present.
+    pub fn arrived(&mut self, now_us: u64) {
+        self.last_seen_us = Some(self.last_seen_us.map_or(now_us, |seen| seen.max(now_us)));
+    }
+
+    /// Whether live traffic has arrived or finished recently, given the
+    /// unloaded service time.
     pub fn present(&self, now_us: u64, unloaded_us: f64) -> bool {
         let idle_us = (unloaded_us * IDLE_SERVICE_TIMES).max(1e6) as u64;
         self.last_seen_us
@@ -61,11 +77,17 @@ impl Live {
         self.last
     }
 
-    /// Once [`ADJUST_EVERY`] samples are in: their judgement.
-    pub fn judge(&mut self) -> Option<Judgement> {
-        if self.samples.len() < ADJUST_EVERY {
+    /// Once [`ADJUST_EVERY`] samples are in, or [`ADJUST_AT_LEAST`] over
+    /// [`WINDOW_OBJECTIVES`] × `objective_us`: their judgement.
+    pub fn judge(&mut self, now_us: u64, objective_us: f64) -> Option<Judgement> {
+        let lasted = now_us.saturating_sub(self.window_start_us.unwrap_or(now_us)) as f64;
+        let long_enough = lasted >= WINDOW_OBJECTIVES * objective_us;
+        let enough = self.samples.len() >= ADJUST_EVERY
+            || (self.samples.len() >= ADJUST_AT_LEAST && long_enough);
+        if !enough {
             return None;
         }
+        self.window_start_us = None;
         let window: Vec<(u64, Option<f64>)> = self.samples.drain(..).collect();
         let mut latencies: Vec<u64> = window.iter().map(|&(l, _)| l).collect();
         latencies.sort_unstable();
@@ -90,15 +112,27 @@ mod tests {
         let mut live = Live::default();
         for i in 1..ADJUST_EVERY as u64 {
             live.record(0, i * 100, Some(500.0));
-            assert_eq!(live.judge(), None);
+            assert_eq!(live.judge(0, 1_000.0), None);
         }
         live.record(0, 2_000, Some(500.0));
         // Nearest-rank p95 of 100, 200, …, 1900, 2000: the 19th, 1900.
-        let judgement = live.judge().unwrap();
+        let judgement = live.judge(0, 1_000.0).unwrap();
         assert_eq!(judgement.p95_us, 1_900.0);
         assert_eq!(judgement.spread, Some(3.8));
         assert_eq!(live.last(), Some(judgement));
-        assert_eq!(live.judge(), None);
+        assert_eq!(live.judge(0, 1_000.0), None);
+    }
+
+    #[test]
+    fn slow_live_traffic_is_judged_on_fewer_samples() {
+        let mut live = Live::default();
+        for i in 0..ADJUST_AT_LEAST as u64 {
+            live.record(i, 1_000, None);
+        }
+        // Five samples, but the window has not lasted 5 objectives yet.
+        assert_eq!(live.judge(4_999, 1_000.0), None);
+        let judgement = live.judge(5_000, 1_000.0).unwrap();
+        assert_eq!(judgement.p95_us, 1_000.0);
     }
 
     #[test]
@@ -107,7 +141,7 @@ mod tests {
         for i in 0..ADJUST_EVERY {
             live.record(0, 1_000, (i > 0).then_some(500.0));
         }
-        assert_eq!(live.judge().unwrap().spread, None);
+        assert_eq!(live.judge(0, 1_000.0).unwrap().spread, None);
     }
 
     #[test]
