@@ -103,9 +103,9 @@ impl Curve {
     }
 
     /// The lowest level whose throughput is at least `share` of the best
-    /// measured at any level up to `ceiling`, when the measured level just
-    /// below it falls short (or it is level 1): a level not measured might
-    /// be the lowest.
+    /// measured at any level up to `ceiling`, when a level measured at most
+    /// a doubling below it falls short (or it is level 1): further below,
+    /// a level not measured might be the lowest.
     pub fn lowest_with_share(&self, ceiling: usize, share: f64) -> Option<usize> {
         let measured: Vec<(usize, f64)> = (0..=ceiling)
             .filter_map(|i| Some((i, self.throughput(i)?)))
@@ -113,7 +113,9 @@ impl Curve {
         let best = measured.iter().map(|&(_, t)| t).fold(0.0, f64::max);
         let at = measured.iter().position(|&(_, t)| t >= best * share)?;
         let (index, _) = measured[at];
-        let below_falls_short = at > 0 && measured[at - 1].0 + 1 == index;
+        // The level below must be measured within a doubling (two ladder
+        // steps), the climb's stride.
+        let below_falls_short = at > 0 && measured[at - 1].0 + 2 >= index;
         (index == 0 || below_falls_short).then_some(index)
     }
 
@@ -387,6 +389,28 @@ mod tests {
             climb.step(&mut curve, 20);
         }
         assert_eq!(climb.limit(), 16, "24 could never be filled by 20");
+    }
+
+    #[test]
+    fn the_share_floor_works_on_the_climbs_doublings() {
+        // Measured at 1, 2, 4, 8, 16 only (as the first climb leaves it):
+        // 1 request per ms per request in flight up to 8, then no more.
+        let mut curve = Curve::default();
+        for level in [1, 2, 4, 8, 16] {
+            feed(&mut curve, level_index(level), |c| {
+                1_000 * u64::from(c.max(8)) / 8
+            });
+        }
+        let floor = curve.lowest_with_share(level_index(16), 0.6);
+        assert_eq!(floor.map(|i| LEVELS[i]), Some(8));
+        // With a gap of more than a doubling below it, no floor is claimed.
+        let mut sparse = Curve::default();
+        for level in [1, 8, 16] {
+            feed(&mut sparse, level_index(level), |c| {
+                1_000 * u64::from(c.max(8)) / 8
+            });
+        }
+        assert_eq!(sparse.lowest_with_share(level_index(16), 0.6), None);
     }
 
     #[test]
