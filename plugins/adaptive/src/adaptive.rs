@@ -133,8 +133,8 @@ impl Adaptive {
     }
 
     fn live_present(&self, now_us: u64) -> bool {
-        let unloaded = self.curve.unloaded_us().unwrap_or(0.0);
-        self.live.present(now_us, unloaded)
+        let window_us = self.config.live_window_s.saturating_mul(1_000_000);
+        self.live.present(now_us, window_us)
     }
 
     fn observe(&mut self, now: Snapshot) {

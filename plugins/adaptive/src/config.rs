@@ -21,6 +21,10 @@ pub struct Config {
     pub min_batch_share: u32,
     /// Most requests in flight, live and batch together (`max_limit`).
     pub max_limit: u32,
+    /// How long after the last live request live traffic still counts as
+    /// present, in seconds (`live_window_s`): a batch that starts within it
+    /// is held for live traffic from its first request.
+    pub live_window_s: u64,
     /// Tenants' shares of the queue (`weights=live:4,batch:1`; 1 each by default).
     pub weights: Weights,
 }
@@ -33,6 +37,7 @@ impl Default for Config {
             live_priority: 1,
             min_batch_share: 60,
             max_limit: 256,
+            live_window_s: 30,
             weights: Weights::default(),
         }
     }
@@ -65,13 +70,14 @@ impl Config {
                 .unwrap_or(default.live_priority),
             min_batch_share: config.u32("min_batch_share", ..=100, default.min_batch_share),
             max_limit: config.u32("max_limit", 1..=4096, default.max_limit),
+            live_window_s: config.u64("live_window_s", 1..=86_400, default.live_window_s),
             weights: Weights::read(config, "weights"),
         })
     }
 }
 
 /// One line for the host's log, e.g.
-/// `adaptive: live_p95_ms=auto(2x) live_priority=1 min_batch_share=60 max_limit=256`.
+/// `adaptive: live_p95_ms=auto(2x) live_priority=1 min_batch_share=60 max_limit=256 live_window_s=30`.
 impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("adaptive: live_p95_ms=")?;
@@ -82,8 +88,8 @@ impl fmt::Display for Config {
         }
         write!(
             f,
-            " live_priority={} min_batch_share={} max_limit={}",
-            self.live_priority, self.min_batch_share, self.max_limit
+            " live_priority={} min_batch_share={} max_limit={} live_window_s={}",
+            self.live_priority, self.min_batch_share, self.max_limit, self.live_window_s
         )?;
         if !self.weights.is_empty() {
             write!(f, " weights={}", self.weights)?;
@@ -106,7 +112,7 @@ mod tests {
         assert_eq!(config, Config::default());
         assert_eq!(
             config.to_string(),
-            "adaptive: live_p95_ms=auto(2x) live_priority=1 min_batch_share=60 max_limit=256"
+            "adaptive: live_p95_ms=auto(2x) live_priority=1 min_batch_share=60 max_limit=256 live_window_s=30"
         );
         let config = parse(&[
             ("live_p95_ms", "40.5"),
@@ -119,7 +125,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             config.to_string(),
-            "adaptive: live_p95_ms=40.5 live_priority=5 min_batch_share=0 max_limit=64 weights=a:2"
+            "adaptive: live_p95_ms=40.5 live_priority=5 min_batch_share=0 max_limit=64 live_window_s=30 weights=a:2"
         );
         assert_eq!(config.auto_factor, 3.0);
     }

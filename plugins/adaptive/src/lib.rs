@@ -19,6 +19,7 @@
 //! | `live_priority`   | 1       | requests of this priority or higher are live traffic           |
 //! | `min_batch_share` | 60      | percent of its best throughput the batch keeps beside live traffic |
 //! | `max_limit`       | 256     | most requests in flight, live and batch                        |
+//! | `live_window_s`   | 30      | live traffic counts as present this long after its last request |
 //! | `weights`         | (none)  | tenants' shares, e.g. `live:4,batch:1`                         |
 //!
 //! # Layout

@@ -20,10 +20,6 @@ pub const ADJUST_AT_LEAST: usize = 5;
 /// See [`ADJUST_AT_LEAST`].
 pub const WINDOW_OBJECTIVES: f64 = 5.0;
 
-/// How long after its last completion live traffic counts as present, in
-/// unloaded service times (and at least a second).
-const IDLE_SERVICE_TIMES: f64 = 200.0;
-
 /// One window of live completions, judged.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Judgement {
@@ -64,12 +60,10 @@ impl Live {
         self.last_seen_us = Some(self.last_seen_us.map_or(now_us, |seen| seen.max(now_us)));
     }
 
-    /// Whether live traffic has arrived or finished recently, given the
-    /// unloaded service time.
-    pub fn present(&self, now_us: u64, unloaded_us: f64) -> bool {
-        let idle_us = (unloaded_us * IDLE_SERVICE_TIMES).max(1e6) as u64;
+    /// Whether live traffic has arrived or finished within `window_us`.
+    pub fn present(&self, now_us: u64, window_us: u64) -> bool {
         self.last_seen_us
-            .is_some_and(|seen| now_us.saturating_sub(seen) <= idle_us)
+            .is_some_and(|seen| now_us.saturating_sub(seen) <= window_us)
     }
 
     /// The last judgement.
@@ -147,11 +141,12 @@ mod tests {
     #[test]
     fn presence_lapses() {
         let mut live = Live::default();
-        assert!(!live.present(0, 1_000.0));
+        assert!(!live.present(0, 1_000_000));
         live.record(5_000_000, 1_000, None);
-        assert!(live.present(5_500_000, 1_000.0));
-        assert!(!live.present(6_500_000, 1_000.0));
-        // A slow engine keeps live traffic present for longer.
-        assert!(live.present(6_500_000, 10_000.0));
+        assert!(live.present(5_500_000, 1_000_000));
+        assert!(!live.present(6_500_000, 1_000_000));
+        // An arrival counts as much as a completion.
+        live.arrived(6_400_000);
+        assert!(live.present(6_500_000, 1_000_000));
     }
 }
