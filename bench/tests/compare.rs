@@ -218,3 +218,96 @@ fn compare_accounts_for_every_request_and_the_policy_caps_the_upstream() {
     assert!(winners.contains_key("throughput (req/s)"), "{winners:?}");
     let _ = std::fs::remove_dir_all(&out_dir);
 }
+
+/// The `compare_*.json` in `dir`, after checking that its Markdown and SVG
+/// were written beside it.
+fn only_scorecard(dir: &Path) -> Value {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 3, "{files:?}");
+    let json = &files[0];
+    assert!(json.to_string_lossy().ends_with(".json"), "{files:?}");
+    assert_eq!(files[1], json.with_extension("md"));
+    assert_eq!(files[2], json.with_extension("svg"));
+    serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap()
+}
+
+#[test]
+fn the_scenarios_run_every_configuration_against_the_same_load() {
+    let out_dir =
+        std::env::temp_dir().join(format!("sluice-bench-scenarios-{}", std::process::id()));
+    let batch = 120;
+    let stdout = bench_compare(
+        &out_dir,
+        &[
+            "--batch",
+            &batch.to_string(),
+            "--batch-clients",
+            "10",
+            "--live-seconds",
+            "0.3",
+            "--live-load",
+            "0.5",
+            "--frontier",
+            "4",
+            "--unloaded",
+            "5",
+            "--warmup",
+            "10",
+        ],
+    );
+    for heading in [
+        "## Summary",
+        "## 1. Batch job",
+        "## 2. Live traffic",
+        "## 3. Mixed",
+        "## 4. Frontier",
+        "SLO mode:",
+    ] {
+        assert!(stdout.contains(heading), "{heading} missing:\n{stdout}");
+    }
+    let card = only_scorecard(&out_dir);
+    assert_eq!(card["schema"], "sluice-compare/1");
+    let labels: Vec<&str> = card["batch"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        labels,
+        [
+            "waves of 50 → vLLM",
+            "semaphore of 10 → vLLM",
+            "naive → vLLM",
+            "naive → sluice (no policy)",
+            "naive → sluice + batched.wasm",
+            "naive → sluice + concurrency.wasm",
+            "naive → sluice + adaptive.wasm",
+        ]
+    );
+    // The same batch for every configuration, every request answered.
+    for run in card["batch"].as_array().unwrap() {
+        assert_eq!(run["client"]["sent"], batch, "{run}");
+        assert_eq!(run["client"]["ok"], batch, "{run}");
+    }
+    for run in card["mixed"].as_array().unwrap() {
+        assert_eq!(run["batch"]["ok"], batch, "{run}");
+        assert!(run["live"]["ok"].as_u64().unwrap() > 0, "{run}");
+    }
+    // Every live step offers the same load to each configuration.
+    let offered: Vec<u64> = card["live"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|run| run["steps"][0]["client"]["sent"].as_u64().unwrap())
+        .collect();
+    assert!(offered.windows(2).all(|w| w[0] == w[1]), "{offered:?}");
+    let frontier = card["frontier"].as_array().unwrap();
+    assert_eq!(frontier.len(), 2, "limit=4 and adaptive's SLO mode");
+    assert!(card["slo_mode"]["objective_ms"].as_f64().unwrap() > 0.0);
+    let _ = std::fs::remove_dir_all(&out_dir);
+}
