@@ -6,20 +6,26 @@
 //! Batch requests are admitted while fewer than the batch limit run:
 //!
 //! - the **knee** ([`Climb`]): the in-flight level past which the engine's
-//!   throughput stops growing, learned from completions ([`Curve`]). A
-//!   batch job alone runs there: about the engine's best throughput, at
-//!   the lowest latency that gives it. With a short queue fewer run anyway.
-//! - while **live traffic** is present, the limit its latency objective
-//!   allows ([`Live`]): `live_p95_ms`, or by default `auto_factor` times
-//!   the unloaded service time the curve measured. The first guess comes
-//!   from the curve (the highest level whose service time fits the
-//!   objective); live completions then steer it. It never goes below the
-//!   level that keeps `min_batch_share` percent of the knee's throughput,
-//!   nor above the knee.
+//!   throughput stops growing, learned from completions ([`Curve`]; only
+//!   requests that ran with about the same number in flight from start to
+//!   end count). A batch job alone runs there: about the engine's best
+//!   throughput. With a short queue fewer run anyway.
+//! - while **live traffic** is present (a live request arrived or finished
+//!   within `live_window_s`), the limit its latency objective allows:
+//!   `live_p95_ms`, or by default `auto_factor` times the unloaded service
+//!   time the curve measured. The first guess comes from the curve, as
+//!   soon as live traffic and batch work meet: the highest level whose
+//!   service time, times the usual spread of live latency, fits the
+//!   objective. Then each window of live completions ([`Live`]) moves it
+//!   in proportion to how far the window's p95 is from 95% of the
+//!   objective, and each live request over twice the objective brakes it.
+//!   It never goes below the level that keeps `min_batch_share` percent of
+//!   the best throughput measured, nor above the knee.
 //!
 //! The limit and the objective are published as gauges (`batch_limit`,
-//! `knee`, `live_p95_ms`, `objective_ms`), and a line is logged at info
-//! when the limit doubles or halves.
+//! `knee`, `live_p95_ms`, `objective_ms`); a line is logged at info when
+//! the limit doubles or halves, and when live traffic first meets batch
+//! work.
 
 use sluice_policy_sdk::{
     self as sdk, Completion, ConfigError, Decision, FairQueue, FastMap, Level, Policy, Request,
@@ -155,7 +161,15 @@ impl Adaptive {
             && (self.batch_running > 0 || self.backlogged())
             && let Some(objective) = self.objective_us()
         {
-            self.steered = Some(self.modelled_limit(objective));
+            let limit = self.modelled_limit(objective);
+            sdk::log(
+                Level::Info,
+                &format!(
+                    "adaptive: live traffic beside batch work: batch limit {limit:.0} from the curve (objective {:.2} ms)",
+                    objective / 1_000.0
+                ),
+            );
+            self.steered = Some(limit);
         }
         let held = self.inherited.unwrap_or(0);
         let batch_limit = self.batch_limit(now_us);
