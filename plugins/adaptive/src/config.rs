@@ -49,25 +49,9 @@ impl Config {
     pub fn read(config: &sdk::Config) -> Result<Config, ConfigError> {
         let default = Config::default();
         Ok(Config {
-            live_p95_ms: config
-                .value(
-                    "live_p95_ms",
-                    "a number of milliseconds from 0 to 3600000",
-                    |v| {
-                        v.parse::<f64>()
-                            .ok()
-                            .filter(|ms| (0.0..=3_600_000.0).contains(ms))
-                    },
-                )
-                .unwrap_or(default.live_p95_ms),
-            auto_factor: config
-                .value("auto_factor", "a number from 1 to 100", |v| {
-                    v.parse::<f64>().ok().filter(|f| (1.0..=100.0).contains(f))
-                })
-                .unwrap_or(default.auto_factor),
-            live_priority: config
-                .value("live_priority", "an integer", |v| v.parse().ok())
-                .unwrap_or(default.live_priority),
+            live_p95_ms: config.f64("live_p95_ms", 0.0, 3_600_000.0, default.live_p95_ms),
+            auto_factor: config.f64("auto_factor", 1.0, 100.0, default.auto_factor),
+            live_priority: config.i32("live_priority", default.live_priority),
             min_batch_share: config.u32("min_batch_share", ..=100, default.min_batch_share),
             max_limit: config.u32("max_limit", 1..=4096, default.max_limit),
             live_window_s: config.u64("live_window_s", 1..=86_400, default.live_window_s),

@@ -60,9 +60,7 @@ impl Config {
                 false => Waves::Overlap,
             },
             reserve: config.u32("reserve", .., default.reserve),
-            reserve_priority: config
-                .value("reserve_priority", "an integer", |v| v.parse().ok())
-                .unwrap_or(default.reserve_priority),
+            reserve_priority: config.i32("reserve_priority", default.reserve_priority),
             weights: Weights::read(config, "weights"),
         })
     }

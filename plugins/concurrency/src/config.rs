@@ -64,9 +64,7 @@ impl Config {
             limit: config.u32("limit", 1.., default.limit),
             key: config.choice("key", &Key::ALL, default.key),
             reserve: config.u32("reserve", .., default.reserve),
-            reserve_priority: config
-                .value("reserve_priority", "an integer", |v| v.parse().ok())
-                .unwrap_or(default.reserve_priority),
+            reserve_priority: config.i32("reserve_priority", default.reserve_priority),
             weights: Weights::read(config, "weights"),
         };
         if read.reserve >= read.limit {

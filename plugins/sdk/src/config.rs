@@ -123,6 +123,20 @@ impl Config {
         self.integer(key, lo, hi, &describe_range(lo, hi, u64::MAX), default)
     }
 
+    /// Any `i32`, e.g. a priority: `config.i32("reserve_priority", 1)`.
+    pub fn i32(&self, key: &str, default: i32) -> i32 {
+        self.value(key, "an integer", |v| v.parse().ok())
+            .unwrap_or(default)
+    }
+
+    /// A number (fractions allowed) in `lo..=hi`, e.g.
+    /// `config.f64("live_p95_ms", 0.0, 3.6e6, 0.0)`.
+    pub fn f64(&self, key: &str, lo: f64, hi: f64, default: f64) -> f64 {
+        let expected = format!("a number from {lo} to {hi}");
+        let in_range = |v: &str| v.parse().ok().filter(|n: &f64| (lo..=hi).contains(n));
+        self.value(key, &expected, in_range).unwrap_or(default)
+    }
+
     /// A duration in whole milliseconds (`window_ms=10`), as a number of
     /// milliseconds: the host clock counts whole µs, so there is nothing
     /// finer to keep.
@@ -295,6 +309,23 @@ mod tests {
     fn an_absent_key_gives_the_default() {
         let read = |c: &Config| Ok((c.u32("a", .., 7), c.bool("b", true), c.millis("c", 9)));
         assert_eq!(Config::parse([("", ""); 0], read), Ok((7, true, 9)));
+    }
+
+    #[test]
+    fn signed_integers_and_fractions() {
+        let read = |c: &Config| Ok((c.i32("p", 1), c.f64("ms", 0.0, 10.0, 0.0)));
+        assert_eq!(
+            Config::parse([("p", "-10"), ("ms", "2.5")], read),
+            Ok((-10, 2.5))
+        );
+        assert_eq!(
+            error(&[("ms", "11")], read),
+            "invalid value \"11\" for key `ms`: expected a number from 0 to 10"
+        );
+        assert_eq!(
+            error(&[("p", "high")], read),
+            "invalid value \"high\" for key `p`: expected an integer"
+        );
     }
 
     #[test]
