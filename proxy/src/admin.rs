@@ -22,7 +22,10 @@ pub const MAX_POLICY_BYTES: usize = 64 << 20;
 pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<ProxyBody> {
     let result = match (request.method(), request.uri().path()) {
         (&Method::GET, "/metrics") => Ok(text(
-            app.metrics.render(),
+            {
+                crate::resources::sample();
+                app.metrics.render()
+            },
             "text/plain; version=0.0.4; charset=utf-8",
         )),
         (&Method::GET, "/healthz") => Ok(json(StatusCode::OK, serde_json::json!({"status": "ok"}))),

@@ -22,7 +22,8 @@
 //!    [`prefix`] (chained block hashes in an LRU → predicted cached tokens).
 //! 4. **Measurement.** [`stats`] (exact HDR percentiles for `/stats`), then
 //!    [`telemetry`] (every Prometheus metric, described once), [`gpu`] (the
-//!    NVML sampler), [`scrape`] (the upstream's own `/metrics`).
+//!    NVML sampler), [`scrape`] (the upstream's own `/metrics`),
+//!    [`resources`] (the proxy's memory, CPU and open connections).
 //! 5. **Admission.** [`admission`]: the `Policy` trait, the wasm host and the
 //!    fallback behind it, the scheduler task, the `Admission` handle.
 //! 6. **One request.** [`exchange`] (its timings; the single place it is
@@ -48,6 +49,7 @@ pub mod observed;
 pub mod pool;
 pub mod prefix;
 pub mod proxy;
+pub mod resources;
 pub mod scrape;
 pub mod server;
 pub mod stats;

@@ -62,9 +62,14 @@ pub async fn run(
     let graceful = GracefulShutdown::new();
     let (stop_tx, stop_rx) = watch::channel(false);
     let workers = Workers::start(app.config.server.workers(), &app.proxy)?;
+    let max_connections = app.config.server.max_connections;
+    let main_limit = Arc::new(Semaphore::new(max_connections));
+    crate::resources::watch_listener("main", &main_limit, max_connections);
+    let admin_limit = Arc::new(Semaphore::new(ADMIN_CONNECTIONS));
+    crate::resources::watch_listener("admin", &admin_limit, ADMIN_CONNECTIONS);
     let main = accept_loop(
         listeners.main,
-        Arc::new(Semaphore::new(app.config.server.max_connections)),
+        main_limit,
         stop_rx.clone(),
         &graceful,
         |accepted| workers.hand_off(accepted),
@@ -73,7 +78,7 @@ pub async fn run(
     let admin_builder = http_builder();
     let admin = accept_loop(
         listeners.admin,
-        Arc::new(Semaphore::new(64)),
+        admin_limit,
         stop_rx,
         &graceful,
         move |accepted: Accepted| {
@@ -107,6 +112,9 @@ pub async fn run(
     drop(workers);
     Ok(())
 }
+
+/// Connections the admin listener serves at once.
+const ADMIN_CONNECTIONS: usize = 64;
 
 /// A connection just accepted, with what serving it needs; `S` is the
 /// socket: tokio's while on a runtime, std's while handed between threads

@@ -45,6 +45,13 @@ pub const POLICY_RELOADS: &str = "sluice_policy_reloads_total";
 pub const POLICY_FALLBACK: &str = "sluice_policy_fallback_active";
 /// Gauge: a number the policy publishes through its `gauge` import, by `name`.
 pub const POLICY_VALUE: &str = "sluice_policy_value";
+/// Gauge: the proxy's resident memory (bytes), sampled at scrape time.
+pub const PROCESS_RESIDENT_MEMORY: &str = "sluice_process_resident_memory_bytes";
+/// Gauge: CPU time the proxy has used, user and system (seconds); its
+/// `rate()` is the cores in use.
+pub const PROCESS_CPU: &str = "sluice_process_cpu_seconds";
+/// Gauge: client connections open, by `listener` (`main`, `admin`).
+pub const OPEN_CONNECTIONS: &str = "sluice_open_connections";
 
 /// Prompt tokens the prefix tracker looked up.
 pub const PREFIX_QUERY_TOKENS: &str = "sluice_prefix_cache_query_tokens_total";
@@ -178,6 +185,20 @@ fn describe() {
     );
     describe_counter!(POLICY_CALLS, "Calls into the admission policy, by event.");
     describe_counter!(POLICY_RELOADS, "Policy reloads, by result.");
+    describe_gauge!(
+        PROCESS_RESIDENT_MEMORY,
+        Unit::Bytes,
+        "The proxy's resident memory, sampled when /metrics is scraped."
+    );
+    describe_gauge!(
+        PROCESS_CPU,
+        Unit::Seconds,
+        "CPU time the proxy has used, user and system; rate() gives cores in use."
+    );
+    describe_gauge!(
+        OPEN_CONNECTIONS,
+        "Client connections open, by listener (main, admin)."
+    );
     describe_gauge!(
         POLICY_VALUE,
         "A number the admission policy publishes (e.g. its current limit), by name."

@@ -1,0 +1,109 @@
+//! The proxy's own resources as metrics: resident memory, CPU time and
+//! open connections, sampled when `/metrics` is scraped (so an unscraped
+//! proxy does no work for them).
+//!
+//! - [`watch_listener`]: the server registers each listener's connection
+//!   limit; open connections are the permits taken.
+//! - [`sample`]: sets [`telemetry::PROCESS_RESIDENT_MEMORY`],
+//!   [`telemetry::PROCESS_CPU`] (from `/proc/self`, Linux only) and
+//!   [`telemetry::OPEN_CONNECTIONS`].
+
+use std::sync::{Arc, Mutex, Weak};
+
+use metrics::gauge;
+use tokio::sync::Semaphore;
+
+use crate::telemetry;
+
+/// Clock ticks per second of `/proc/<pid>/stat`'s CPU times: `USER_HZ`,
+/// 100 on every Linux architecture the proxy builds for.
+const USER_HZ: f64 = 100.0;
+
+/// A listener's connection limit: its name, its semaphore, its size.
+type Watched = (&'static str, Weak<Semaphore>, usize);
+
+static LISTENERS: Mutex<Vec<Watched>> = Mutex::new(Vec::new());
+
+/// Counts `limit`'s taken permits (of `max`) as `listener`'s open
+/// connections from now on.
+pub fn watch_listener(listener: &'static str, limit: &Arc<Semaphore>, max: usize) {
+    if let Ok(mut listeners) = LISTENERS.lock() {
+        listeners.retain(|(name, weak, _)| *name != listener && weak.strong_count() > 0);
+        listeners.push((listener, Arc::downgrade(limit), max));
+    }
+}
+
+/// Samples the process and the listeners into their gauges.
+pub fn sample() {
+    if let Some(rss) = resident_bytes() {
+        gauge!(telemetry::PROCESS_RESIDENT_MEMORY).set(rss);
+    }
+    if let Some(cpu) = cpu_seconds() {
+        gauge!(telemetry::PROCESS_CPU).set(cpu);
+    }
+    let Ok(listeners) = LISTENERS.lock() else {
+        return;
+    };
+    for (listener, weak, max) in listeners.iter() {
+        if let Some(limit) = weak.upgrade() {
+            let open = max.saturating_sub(limit.available_permits());
+            gauge!(telemetry::OPEN_CONNECTIONS, "listener" => *listener).set(open as f64);
+        }
+    }
+}
+
+/// Resident memory from `/proc/self/status` (`VmRSS`, in kB).
+fn resident_bytes() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024.0)
+}
+
+/// User plus system CPU time from `/proc/self/stat` (fields 14 and 15,
+/// counted after the parenthesised command name, which may hold spaces).
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // `after_name` starts at field 3 (state): utime is field 14, stime 15.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / USER_HZ)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn the_process_reads_itself() {
+        let rss = resident_bytes().expect("VmRSS on Linux");
+        assert!(rss > 1e6, "a test binary holds more than a megabyte: {rss}");
+        // Burn some CPU, then the counter has moved.
+        let before = cpu_seconds().expect("utime on Linux");
+        let mut x = 0u64;
+        while cpu_seconds().unwrap() < before + 0.02 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        }
+        std::hint::black_box(x);
+    }
+
+    #[test]
+    fn open_connections_are_the_permits_taken() {
+        let limit = Arc::new(Semaphore::new(8));
+        watch_listener("test", &limit, 8);
+        let _held = Arc::clone(&limit).try_acquire_many_owned(3).unwrap();
+        let listeners = LISTENERS.lock().unwrap();
+        let (_, weak, max) = listeners.iter().find(|(n, _, _)| *n == "test").unwrap();
+        let open = max - weak.upgrade().unwrap().available_permits();
+        assert_eq!(open, 3);
+    }
+}
