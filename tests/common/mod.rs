@@ -4,6 +4,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod policies;
+pub mod prometheus;
 pub mod upstream;
 
 use std::io::{BufRead, BufReader};
