@@ -96,3 +96,54 @@ async fn a_bad_value_in_the_file_names_the_file_and_the_key() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&file) && err.contains("--max-queue"), "{err}");
 }
+
+#[tokio::test]
+async fn a_bare_policy_flag_is_found_in_plugins_dist_and_the_files_table_applies() {
+    let upstream = EchoUpstream::start().await;
+    // The flag names the policy, the file's table configures it.
+    let file = config_file("limit-one.toml", "[policy-config]\nlimit = 1\n");
+    let proxy = ProxyProcess::start(
+        &upstream.url(),
+        &["--policy", "concurrency.wasm", "--config", &file],
+    );
+    assert!(
+        proxy.startup.contains("plugins/dist/concurrency.wasm"),
+        "{}",
+        proxy.startup
+    );
+    let loaded = policy_loaded(&proxy).await;
+    assert!(loaded.contains("limit=1"), "{loaded}");
+    // And it decides: six requests at once reach the upstream one at a time.
+    let url = format!("{}/v1/completions", proxy.url());
+    let replies = common::spawn_all(6, |_| {
+        let url = url.clone();
+        async move {
+            common::send(
+                http::Method::POST,
+                &url,
+                &[("x-test-delay-ms", "20")],
+                bytes::Bytes::from_static(br#"{"model":"m","prompt":"hi","max_tokens":1}"#),
+            )
+            .await
+        }
+    })
+    .await
+    .unwrap();
+    assert!(replies.iter().all(|r| r.status == 200));
+    let seen = &upstream.seen;
+    assert_eq!(seen.total.load(std::sync::atomic::Ordering::SeqCst), 6);
+    assert_eq!(
+        seen.max_in_flight.load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+
+    // As the README's quick start runs it.
+    let batched = ProxyProcess::start(&upstream.url(), &["--policy", "batched.wasm"]);
+    assert!(
+        batched.startup.contains("plugins/dist/batched.wasm"),
+        "{}",
+        batched.startup
+    );
+    let loaded = policy_loaded(&batched).await;
+    assert!(loaded.contains("plugins/dist/batched.wasm"), "{loaded}");
+}

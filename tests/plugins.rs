@@ -101,6 +101,41 @@ async fn concurrency_per_tenant_limits_each_tenant() {
             "key=tenant",
         ],
     );
+    // Tenant a takes both of its slots and queues a third request.
+    let a1 = blocker_for(&proxy, &upstream, "a", 1).await;
+    let a2 = blocker_for(&proxy, &upstream, "a", 2).await;
+    let a3 = queue_one(&proxy, "a-3", "a", 0);
+    until_queued(&proxy, 1).await;
+    // Tenant b is not held up by a's full limit: both of its requests are
+    // forwarded and answered while a's third still waits.
+    for id in ["b-1", "b-2"] {
+        let reply = tokio::time::timeout(Duration::from_secs(20), queue_one(&proxy, id, "b", 0))
+            .await
+            .expect("tenant b waited behind tenant a's limit")
+            .unwrap();
+        assert_eq!(reply.status, 200);
+    }
+    let order = arrival_order(&upstream);
+    assert_eq!(
+        order,
+        ["blocker", "blocker", "b-1", "b-2"],
+        "a-3 must still wait"
+    );
+    assert_eq!(proxy.metric("sluice_queued_requests").await, 1.0);
+    // A slot of a's frees: its third goes in.
+    drop(a1);
+    assert_eq!(a3.await.unwrap().status, 200);
+    assert_eq!(arrival_order(&upstream).last().unwrap(), "a-3");
+    drop(a2);
+    let idle = wait_until(Duration::from_secs(10), || async {
+        upstream.seen.in_flight.load(Ordering::SeqCst) == 0
+    })
+    .await;
+    assert!(idle, "the blockers' upstream requests were not ended");
+
+    // Under a burst from two tenants the upstream never sees more than both limits.
+    let before = upstream.seen.total.load(Ordering::SeqCst);
+    upstream.seen.max_in_flight.store(0, Ordering::SeqCst);
     let replies = burst(&proxy, 20, &[("x-test-delay-ms", "40")], |i| {
         format!("tenant-{}", i % 2)
     })
@@ -111,7 +146,7 @@ async fn concurrency_per_tenant_limits_each_tenant() {
         max <= 4,
         "two tenants with limit=2 each, upstream saw {max}"
     );
-    assert_each_forwarded_once(&upstream, 20);
+    assert_eq!(upstream.seen.total.load(Ordering::SeqCst), before + 20);
 }
 
 #[tokio::test]
@@ -124,17 +159,19 @@ async fn batched_releases_waves_of_max_batch() {
             &plugin("batched"),
             "--policy-config",
             "max_batch=10",
+            // Long enough that only full waves are ever released, however
+            // slowly a loaded machine delivers the burst.
             "--policy-config",
-            "window_ms=1000",
+            "window_ms=60000",
         ],
     );
-    let replies = burst(&proxy, 30, &[("x-test-delay-ms", "200")], one_tenant).await;
+    let replies = burst(&proxy, 30, &[("x-test-delay-ms", "50")], one_tenant).await;
     assert!(replies.iter().all(|r| r.status == 200));
     assert_each_forwarded_once(&upstream, 30);
-    // Waves: arrivals at the upstream come in clusters of 10, each cluster
-    // only after the previous wave finished (gather semantics, waves=1).
-    let waves = upstream.seen.arrival_clusters(Duration::from_millis(150));
-    assert_eq!(waves, [10, 10, 10], "arrival clusters at the upstream");
+    // Waves (gather semantics, waves=1): each request of wave k arrived
+    // after the 10·k answers before it and before any later wave's.
+    let waves = upstream.seen.waves_by_completions(10);
+    assert_eq!(waves, [10, 10, 10], "arrivals grouped by completed answers");
     assert!(upstream.seen.max_in_flight.load(Ordering::SeqCst) <= 10);
 }
 
@@ -219,17 +256,27 @@ async fn hot_reload_under_load_loses_nothing() {
 /// with a minute's delay; dropping the connection ends it (the proxy counts
 /// a client that left as a completion), which frees the slot.
 async fn blocker(proxy: &ProxyProcess, upstream: &EchoUpstream) -> tokio::net::TcpStream {
+    blocker_for(proxy, upstream, "blocker", 1).await
+}
+
+/// [`blocker`] from `tenant`, once the upstream has seen `nth` requests in all.
+async fn blocker_for(
+    proxy: &ProxyProcess,
+    upstream: &EchoUpstream,
+    tenant: &str,
+    nth: usize,
+) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt;
     let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     let head = format!(
         "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
-         x-test-id: blocker\r\nx-test-delay-ms: 60000\r\nx-tenant: blocker\r\n\
+         x-test-id: blocker\r\nx-test-delay-ms: 60000\r\nx-tenant: {tenant}\r\n\
          content-length: {}\r\n\r\n{BODY}",
         BODY.len()
     );
     conn.write_all(head.as_bytes()).await.unwrap();
     let reached = wait_until(Duration::from_secs(10), || async {
-        upstream.seen.total.load(Ordering::SeqCst) == 1
+        upstream.seen.total.load(Ordering::SeqCst) == nth
     })
     .await;
     assert!(reached, "the blocker never reached the upstream");

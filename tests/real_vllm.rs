@@ -375,7 +375,20 @@ async fn vllm_metrics_are_mirrored_and_its_block_size_learned() {
     .await
     .json();
     assert_eq!(stats["upstream"]["block_size"], 32, "{stats}");
-    assert_eq!(stats["gpus"], "n/a (no NVIDIA driver)");
+    // GPU readings exactly when NVML, asked here directly, sees a GPU.
+    let gpus = nvml_wrapper::Nvml::init()
+        .and_then(|nvml| nvml.device_count())
+        .unwrap_or(0);
+    if gpus == 0 {
+        assert_eq!(stats["gpus"], "n/a (no NVIDIA driver)", "{stats}");
+    } else {
+        let readings = stats["gpus"].as_array().expect("GPU readings in /stats");
+        assert!(!readings.is_empty(), "{stats}");
+        for r in readings {
+            assert!(r["memory_total_bytes"].as_u64() > Some(0), "{stats}");
+        }
+        assert!(proxy.metric("sluice_gpu_memory_total_bytes").await > 0.0);
+    }
 }
 
 /// A proxy in front of vLLM that has learned vLLM's block size (32).

@@ -187,6 +187,7 @@ impl App {
             return Err(ProxyError::InvalidRequest("no --policy configured".into()));
         };
         let bytes = tokio::fs::read(path).await.map_err(|e| {
+            telemetry::count_reload("rejected");
             ProxyError::InvalidRequest(format!("cannot read {}: {e}", path.display()))
         })?;
         let name = path

@@ -7,6 +7,7 @@
 //! Canonical-ABI layout used by the core modules: a `decision` is returned
 //! through a pointer to 32 bytes — admit (ptr, len) at +0/+4, reject
 //! (ptr, len) at +8/+12, `wake-after-us` discriminant at +16, value at +24.
+//! A reject entry is 16 bytes: the id at +0, the reason (ptr, len) at +8/+12.
 #![allow(dead_code, unreachable_pub)]
 
 const WRAPPER: &str = include_str!("../fixtures/policy-component.wat.in");
@@ -63,6 +64,19 @@ fn admit(ids: &[&str]) -> String {
 /// Admits every arrival at once (a well-behaved pass-through policy).
 pub fn admit_each() -> String {
     component(&admit(&["(local.get $id)"]), "")
+}
+
+/// Rejects every arrival with the reason "too busy".
+pub fn rejects_each() -> String {
+    component(
+        "(i64.store (i32.const 0x200) (local.get $id))
+         (i32.store (i32.const 0x208) (i32.const 0x500))
+         (i32.store (i32.const 0x20c) (i32.const 8))
+         (i32.store (i32.const 0x108) (i32.const 0x200))
+         (i32.store (i32.const 0x10c) (i32.const 1))
+         (i32.const 0x100)",
+        r#"(data (i32.const 0x500) "too busy")"#,
+    )
 }
 
 /// Never admits anything (requests stay queued until they time out or leave).

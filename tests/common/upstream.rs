@@ -325,41 +325,113 @@ pub async fn scripted(response: &'static [u8], then_wait: Duration) -> SocketAdd
     .await
 }
 
+/// Reads one whole request (headers, then Content-Length bytes) from
+/// `stream`; `None` when the peer closes first. Reading it all makes a
+/// close that follows a FIN, not a reset over unread bytes.
+pub async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    let mut request = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = stream.read(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        request.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&request);
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if request.len() >= end + 4 + length {
+                return Some(request);
+            }
+        }
+    }
+}
+
 /// Serves one request per connection with a keep-alive `200 {}` and then
 /// closes the connection cleanly, as a server's keep-alive timeout does.
 pub async fn one_request_per_connection() -> SocketAddr {
     raw_server(|mut stream| async move {
-        // Read the whole request (headers, then Content-Length bytes),
-        // so the close is a FIN and not a reset over unread bytes.
-        let mut request = Vec::new();
-        let mut buf = [0u8; 8192];
-        loop {
-            let Ok(n) = stream.read(&mut buf).await else {
-                return;
-            };
-            if n == 0 {
-                return;
-            }
-            request.extend_from_slice(&buf[..n]);
-            let text = String::from_utf8_lossy(&request);
-            if let Some(end) = text.find("\r\n\r\n") {
-                let length = text[..end]
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length")
-                            .then(|| v.trim().parse::<usize>().ok())?
-                    })
-                    .unwrap_or(0);
-                if request.len() >= end + 4 + length {
-                    break;
-                }
-            }
+        if read_request(&mut stream).await.is_none() {
+            return;
         }
         let reply =
             b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
         let _ = stream.write_all(reply).await;
         let _ = stream.shutdown().await;
+    })
+    .await
+}
+
+/// Answers the first request it reads with a keep-alive `200 {}`; every
+/// later one is read whole and its connection closed without an answer,
+/// as an upstream that dies just as a request arrives. `requests` counts
+/// the requests read whole.
+pub struct AnswersOnce {
+    pub addr: SocketAddr,
+    pub requests: Arc<AtomicUsize>,
+}
+
+pub async fn answers_once() -> AnswersOnce {
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&requests);
+    let addr = raw_server(move |mut stream| {
+        let counter = Arc::clone(&counter);
+        async move {
+            while read_request(&mut stream).await.is_some() {
+                if counter.fetch_add(1, Ordering::SeqCst) > 0 {
+                    let _ = stream.shutdown().await;
+                    return;
+                }
+                let reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+                if stream.write_all(reply).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    AnswersOnce { addr, requests }
+}
+
+/// An SSE upstream that sends its first token event at once and the rest
+/// (two more, then `[DONE]`) only when the test opens `gate`: a first
+/// event that reaches the client before then was relayed unbuffered.
+pub async fn gated_stream(gate: Arc<tokio::sync::Notify>) -> SocketAddr {
+    raw_server(move |mut stream| {
+        let gate = Arc::clone(&gate);
+        async move {
+            if read_request(&mut stream).await.is_none() {
+                return;
+            }
+            let event = |i: usize| {
+                let data = format!(
+                    "data: {{\"id\":\"cmpl-gated\",\"object\":\"text_completion\",\"choices\":[{{\"index\":0,\"text\":\"tok{i} \"}}],\"usage\":null}}\n\n"
+                );
+                format!("{:x}\r\n{data}\r\n", data.len())
+            };
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+            let first = format!("{head}{}", event(0));
+            if stream.write_all(first.as_bytes()).await.is_err() {
+                return;
+            }
+            gate.notified().await;
+            let done = "data: [DONE]\n\n";
+            let rest = format!(
+                "{}{}{:x}\r\n{done}\r\n0\r\n\r\n",
+                event(1),
+                event(2),
+                done.len()
+            );
+            let _ = stream.write_all(rest.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        }
     })
     .await
 }

@@ -670,9 +670,21 @@ mod tests {
         let b = e.schedule(Duration::from_millis(150)).unwrap();
         e.complete(&b, Duration::from_millis(170));
         let s = e.stats();
-        assert_eq!(s.ttft.count(), 1);
-        assert_eq!(s.itl.count(), 1);
-        assert_eq!(s.e2e.count(), 1);
-        assert_eq!(s.queue.count(), 1);
+        // Arrived at 0, first scheduled at 100 ms, first token at 150 ms,
+        // second (and last) token at 170 ms.
+        for (name, h, seconds) in [
+            ("queue", &s.queue, 0.100),
+            ("prefill", &s.prefill, 0.050),
+            ("ttft", &s.ttft, 0.150),
+            ("itl", &s.itl, 0.020),
+            ("e2e", &s.e2e, 0.170),
+        ] {
+            assert_eq!(h.count(), 1, "{name}");
+            assert!(
+                (h.sum() - seconds).abs() < 1e-9,
+                "{name}: observed {}s, expected {seconds}s",
+                h.sum()
+            );
+        }
     }
 }

@@ -51,6 +51,11 @@ impl Histogram {
     pub fn count(&self) -> u64 {
         self.count
     }
+
+    /// The sum of the observations so far.
+    pub fn sum(&self) -> f64 {
+        self.sum
+    }
 }
 
 /// Why a sequence finished, as vLLM's `finished_reason` label.
