@@ -59,6 +59,8 @@ struct Running {
     live: bool,
     /// Requests in flight when it was admitted, itself included.
     level: u32,
+    /// When it was admitted (host µs).
+    admitted_us: u64,
 }
 
 /// The `adaptive` policy's state between events.
@@ -77,6 +79,9 @@ pub struct Adaptive {
     live: Live,
     /// The batch limit the live objective allows, while live traffic is present.
     steered: Option<f64>,
+    /// When `steered` last moved (host µs): live requests admitted before
+    /// it are not judged against the new limit.
+    moved_us: u64,
     /// The batch limit last logged.
     logged_limit: u32,
     /// Gauges already published, to publish only changes.
@@ -99,6 +104,7 @@ impl Adaptive {
             curve: Curve::default(),
             live: Live::default(),
             steered: None,
+            moved_us: 0,
             logged_limit: 1,
             published: FastMap::default(),
             warnings: Vec::new(),
@@ -170,6 +176,7 @@ impl Adaptive {
                 ),
             );
             self.steered = Some(limit);
+            self.moved_us = now_us;
         }
         let held = self.inherited.unwrap_or(0);
         let batch_limit = self.batch_limit(now_us);
@@ -190,7 +197,14 @@ impl Adaptive {
                 self.batch_running += 1;
             }
             let level = total + 1;
-            self.running.insert(queued.id, Running { live, level });
+            self.running.insert(
+                queued.id,
+                Running {
+                    live,
+                    level,
+                    admitted_us: now_us,
+                },
+            );
             decision.admit.push(queued.id);
         }
         self.publish(now_us, batch_limit);
@@ -230,8 +244,13 @@ impl Adaptive {
         }
         if running.live && done.ok && !batch_idle {
             let latency = done.queue_us.saturating_add(done.e2e_us);
-            self.live.record(now_us, latency, None);
-            self.steer(now_us, latency as f64);
+            // A window judges the limit it ran under: live requests admitted
+            // before the last move ran beside the batch of the limit before.
+            let judged = running.admitted_us >= self.moved_us;
+            if judged {
+                self.live.record(now_us, latency, None);
+            }
+            self.steer(now_us, latency as f64, judged);
         }
     }
 
@@ -281,7 +300,7 @@ impl Adaptive {
     /// from the curve; a brake on each request far over the objective;
     /// and, every window of live completions, a move in proportion to how
     /// far its p95 is from the objective (down at once, up by half the gap).
-    fn steer(&mut self, now_us: u64, latency_us: f64) {
+    fn steer(&mut self, now_us: u64, latency_us: f64, judged: bool) {
         let Some(objective) = self.objective_us() else {
             return;
         };
@@ -293,7 +312,8 @@ impl Adaptive {
         if latency_us > BRAKE_OVER * objective {
             limit *= BRAKE;
         }
-        if let Some(judgement) = self.live.judge(now_us, objective) {
+        let judgement = judged.then(|| self.live.judge(now_us, objective)).flatten();
+        if let Some(judgement) = judgement {
             // Windows of 20 are noisy: steering each to the objective would
             // leave the run's p95 over it, so each aims a little under.
             let ratio = SETPOINT * objective / judgement.p95_us;
@@ -303,7 +323,14 @@ impl Adaptive {
                 limit *= (1.0 + (ratio - 1.0) / 2.0).min(1.5);
             }
         }
-        self.steered = Some(limit.clamp(floor, ceiling));
+        let limit = limit.clamp(floor, ceiling);
+        if self
+            .steered
+            .is_none_or(|before| (limit - before).abs() > 0.01 * before)
+        {
+            self.moved_us = now_us;
+        }
+        self.steered = Some(limit);
     }
 
     /// Publishes what changed, and logs a limit that doubled or halved.
