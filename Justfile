@@ -34,10 +34,11 @@ bench-overhead: plugins build
     cargo build --profile dist -p sluice-proxy -p sluice-hyper-floor --bins
     SLUICE_PROXY_BIN=target/dist/proxy target/release/bench overhead --policy plugins/dist/concurrency.wasm --policy-config limit=100000
 
-# Cost of one policy event including the wasm call (both bundled plugins; pinned to one core when taskset exists).
+# Cost of one policy event including the wasm call (the three bundled plugins; pinned to one core when taskset exists).
 bench-policy: plugins build
     $(command -v taskset >/dev/null && echo taskset -c 1) target/release/bench policy-cost --policy plugins/dist/concurrency.wasm
     $(command -v taskset >/dev/null && echo taskset -c 1) target/release/bench policy-cost --policy plugins/dist/batched.wasm --policy-config max_batch=1 --policy-config window_ms=0
+    $(command -v taskset >/dev/null && echo taskset -c 1) target/release/bench policy-cost --policy plugins/dist/adaptive.wasm --policy-config max_limit=4096
 
 # Build the proxy, bench and hyper-floor binaries (release).
 build:
