@@ -46,7 +46,12 @@ pub fn sample() {
     };
     for (listener, weak, max) in listeners.iter() {
         if let Some(limit) = weak.upgrade() {
-            let open = max.saturating_sub(limit.available_permits());
+            // The accept loop holds one permit while it waits for the next
+            // connection (the bound applies before `accept`): not a
+            // connection.
+            let open = max
+                .saturating_sub(limit.available_permits())
+                .saturating_sub(1);
             gauge!(telemetry::OPEN_CONNECTIONS, "listener" => *listener).set(open as f64);
         }
     }
@@ -100,10 +105,15 @@ mod tests {
     fn open_connections_are_the_permits_taken() {
         let limit = Arc::new(Semaphore::new(8));
         watch_listener("test", &limit, 8);
-        let _held = Arc::clone(&limit).try_acquire_many_owned(3).unwrap();
-        let listeners = LISTENERS.lock().unwrap();
-        let (_, weak, max) = listeners.iter().find(|(n, _, _)| *n == "test").unwrap();
-        let open = max - weak.upgrade().unwrap().available_permits();
-        assert_eq!(open, 3);
+        // Three connections, and the accept loop's permit for the next.
+        let _held = Arc::clone(&limit).try_acquire_many_owned(4).unwrap();
+        let handle = crate::telemetry::install();
+        sample();
+        let metrics = handle.render();
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with("sluice_open_connections{listener=\"test\"}"))
+            .unwrap_or_else(|| panic!("no test listener in:\n{metrics}"));
+        assert!(line.ends_with(" 3"), "{line}");
     }
 }

@@ -11,8 +11,11 @@
 //! request's tenant is `""` when nobody sets one) the order is arrival
 //! order.
 //!
-//! Removal ([`FairQueue::remove`], for a cancel) is O(1): the entry is
-//! forgotten at once and its stale slot is skipped when its turn comes.
+//! Removal ([`FairQueue::remove`], for a cancel) forgets the entry at once
+//! and leaves its slot in the tenant's queue, skipped when its turn comes
+//! (O(1) in the tenant's queue; O(tenants) when it was the tenant's last).
+//! An id queued again after a cancel (the host's ids are unique, so only a
+//! broken host would) gets a new place; the old one stays stale.
 //!
 //! ```
 //! use sluice_policy_sdk::{FairQueue, Request, Weights};
@@ -147,11 +150,20 @@ pub struct Queued {
     pub arrived_us: u64,
 }
 
+/// A place in a tenant's queue: the request's id, and the sequence number
+/// its entry was queued with (a place whose entry is gone, or was queued
+/// again later, is stale).
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    id: u64,
+    seq: u64,
+}
+
 /// One tenant's waiting requests within one priority, and its turn's credit.
 #[derive(Debug, Default)]
 struct Flow {
-    /// Ids, oldest first; some may be stale (removed from the index).
-    ids: VecDeque<u64>,
+    /// Places, oldest first; some may be stale.
+    ids: VecDeque<Slot>,
     /// How many of `ids` are live.
     live: usize,
     /// Requests it may still send in its current turn.
@@ -174,8 +186,10 @@ pub struct FairQueue {
     weights: Weights,
     /// By priority, highest first.
     classes: BTreeMap<Reverse<i32>, Class>,
-    /// Every live entry. An id in a flow but not here was removed.
-    entries: FastMap<u64, Queued>,
+    /// Every live entry, with the sequence number of its slot.
+    entries: FastMap<u64, (Queued, u64)>,
+    /// The next slot's sequence number.
+    next_seq: u64,
     /// (arrival, id) of every live entry, for the oldest.
     by_arrival: BTreeSet<(u64, u64)>,
 }
@@ -206,7 +220,7 @@ impl FairQueue {
 
     /// The waiting request `id`.
     pub fn get(&self, id: u64) -> Option<&Queued> {
-        self.entries.get(&id)
+        self.entries.get(&id).map(|(queued, _)| queued)
     }
 
     /// The earliest arrival among the waiting requests (µs).
@@ -243,27 +257,27 @@ impl FairQueue {
         if flow.live == 0 {
             class.turns.push_back(Rc::clone(&tenant));
         }
-        flow.ids.push_back(req.id);
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        flow.ids.push_back(Slot { id: req.id, seq });
         flow.live += 1;
         class.live += 1;
         self.by_arrival.insert((req.arrived_us, req.id));
-        self.entries.insert(
-            req.id,
-            Queued {
-                id: req.id,
-                tenant,
-                priority: req.priority,
-                prefix_group: req.prefix_group,
-                prompt_tokens: req.prompt_tokens,
-                arrived_us: req.arrived_us,
-            },
-        );
+        let queued = Queued {
+            id: req.id,
+            tenant,
+            priority: req.priority,
+            prefix_group: req.prefix_group,
+            prompt_tokens: req.prompt_tokens,
+            arrived_us: req.arrived_us,
+        };
+        self.entries.insert(req.id, (queued, seq));
         true
     }
 
     /// Forgets waiting request `id` (a cancel); `None` when it was not waiting.
     pub fn remove(&mut self, id: u64) -> Option<Queued> {
-        let queued = self.entries.remove(&id)?;
+        let (queued, _) = self.entries.remove(&id)?;
         self.by_arrival.remove(&(queued.arrived_us, id));
         // The id stays in its flow until its turn comes, unless the flow
         // holds nothing else live: then the flow goes now, so tenants that
@@ -318,18 +332,26 @@ impl FairQueue {
                 break;
             };
             let flow = class.flows.get_mut(&tenant)?;
-            // Drop stale ids from the front.
-            while let Some(&id) = flow.ids.front() {
-                if self.entries.contains_key(&id) {
-                    break;
-                }
+            // Drop stale places from the front.
+            let entries = &self.entries;
+            let live = |slot: &Slot| {
+                entries
+                    .get(&slot.id)
+                    .is_some_and(|&(_, seq)| seq == slot.seq)
+            };
+            while flow.ids.front().is_some_and(|slot| !live(slot)) {
                 flow.ids.pop_front();
             }
-            // A flow in the turns always holds a live id (`live` > 0).
-            let Some(&id) = flow.ids.front() else {
-                break;
+            // A flow in the turns always holds a live place (`live` > 0);
+            // were it ever not so, the flow goes rather than the class
+            // stalling on it.
+            let Some(&Slot { id, .. }) = flow.ids.front() else {
+                class.live = class.live.saturating_sub(flow.live);
+                class.flows.remove(&tenant);
+                class.turns.pop_front();
+                continue;
             };
-            if !eligible(&self.entries[&id]) {
+            if !eligible(&self.entries[&id].0) {
                 class.turns.rotate_left(1);
                 refused += 1;
                 continue;
@@ -353,7 +375,7 @@ impl FairQueue {
         if class.live == 0 {
             self.classes.remove(&key);
         }
-        let queued = self.entries.remove(&found?)?;
+        let (queued, _) = self.entries.remove(&found?)?;
         self.by_arrival.remove(&(queued.arrived_us, queued.id));
         Some(queued)
     }
@@ -458,6 +480,20 @@ mod tests {
         assert_eq!(queue.pop_where(not_full).map(|q| q.id), Some(3));
         assert_eq!(queue.pop_where(not_full), None);
         assert_eq!(queue.pop().map(|q| q.id), Some(1));
+    }
+
+    #[test]
+    fn an_id_queued_again_after_a_cancel_does_not_stall_the_queue() {
+        // The host never does this (ids are unique); the queue copes.
+        let mut queue = FairQueue::default();
+        queue.push(&req(1, "a", 0));
+        queue.push(&req(2, "a", 0));
+        queue.remove(1);
+        queue.push(&req(1, "b", 0));
+        queue.push(&req(3, "c", 0));
+        // The cancelled place is stale, though its id is queued again.
+        assert_eq!(drain(&mut queue), [2, 1, 3]);
+        assert!(queue.is_empty());
     }
 
     #[test]
