@@ -177,7 +177,6 @@ impl Adaptive {
             );
             self.steered = Some(limit);
             self.moved_us = now_us;
-            self.live.reset_window();
         }
         let held = self.inherited.unwrap_or(0);
         let batch_limit = self.batch_limit(now_us);
@@ -240,9 +239,8 @@ impl Adaptive {
         // Live traffic steers the batch only while there is a batch: with
         // none, the next one beside live traffic starts from the curve.
         let batch_idle = self.batch_running == 0 && !self.backlogged();
-        if (batch_idle || !self.live_present(now_us)) && self.steered.is_some() {
+        if batch_idle || !self.live_present(now_us) {
             self.steered = None;
-            self.live.reset_window();
         }
         if running.live && done.ok && !batch_idle {
             let latency = done.queue_us.saturating_add(done.e2e_us);

@@ -54,9 +54,6 @@ struct Point {
 /// Levels whose service time counts as unloaded: 1, 2 and 3 in flight.
 const UNLOADED_LEVELS: usize = 3;
 
-/// How far the unloaded service time may drift up with each sample above it.
-const UNLOADED_DRIFT: f64 = 1.001;
-
 /// Service time by in-flight level; see the [module docs](self).
 #[derive(Debug, Clone, Default)]
 pub struct Curve {
@@ -81,13 +78,7 @@ impl Curve {
         if index < UNLOADED_LEVELS
             && let Some(service) = self.service_us(index)
         {
-            // The least seen, drifting up by 0.1% a sample, so that one
-            // early stretch of unusually fast requests does not fix the
-            // derived objective too low for good.
-            self.unloaded_us = Some(
-                self.unloaded_us
-                    .map_or(service, |u| service.min(u * UNLOADED_DRIFT)),
-            );
+            self.unloaded_us = Some(self.unloaded_us.map_or(service, |u| u.min(service)));
         }
     }
 
@@ -104,10 +95,11 @@ impl Curve {
         Some(self.points[index].in_flight * 1e6 / self.service_us(index)?)
     }
 
-    /// The service time with the engine nearly idle: about the least
-    /// measured at 1 to 3 in flight (µs), drifting up slowly when samples
-    /// stay above it. The least, because a busy engine also slows the
-    /// requests admitted while few were in flight.
+    /// The service time with the engine nearly idle: the least measured at
+    /// 1 to 3 in flight (µs). The least, because a busy engine also slows
+    /// the requests admitted while few were in flight; so it never rises
+    /// again (an engine that became slower for good keeps the tighter
+    /// objective; set `live_p95_ms` there).
     pub fn unloaded_us(&self) -> Option<f64> {
         self.unloaded_us
     }

@@ -66,13 +66,6 @@ impl Live {
             .is_some_and(|seen| now_us.saturating_sub(seen) <= window_us)
     }
 
-    /// Drops the samples of the current window: the limit they ran under
-    /// has moved.
-    pub fn reset_window(&mut self) {
-        self.samples.clear();
-        self.window_start_us = None;
-    }
-
     /// The last judgement.
     pub fn last(&self) -> Option<Judgement> {
         self.last
