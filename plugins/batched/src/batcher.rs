@@ -104,10 +104,10 @@ impl Batcher {
     /// at `now_us`, and says when to look again.
     fn release(&mut self, now_us: u64) -> Decision {
         let mut decision = Decision::default();
-        let reserve = usize::try_from(self.config.reserve).unwrap_or(usize::MAX);
-        let urgent = self.config.reserve_priority;
-        while self.reserved.len() < reserve {
-            let Some(queued) = self.queue.pop_where(|q| q.priority >= urgent) else {
+        let reserve = self.config.reserve;
+        let slots = usize::try_from(reserve.slots).unwrap_or(usize::MAX);
+        while self.reserved.len() < slots {
+            let Some(queued) = self.queue.pop_where(|q| reserve.admits(q.priority)) else {
                 break;
             };
             self.reserved.insert(queued.id);
@@ -569,7 +569,10 @@ mod tests {
     #[test]
     fn reserved_slots_admit_high_priority_beside_the_waves() {
         let mut b = Batcher::new(Config {
-            reserve: 1,
+            reserve: sdk::Reserve {
+                slots: 1,
+                priority: 1,
+            },
             ..config(2, 10, Waves::Gather)
         });
         arrive(&mut b, 0, 1);

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use sluice_policy_sdk::{self as sdk, ConfigError, Weights};
+use sluice_policy_sdk::{self as sdk, ConfigError, Reserve, Weights};
 
 /// Whether admitted waves may overlap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,11 +25,8 @@ pub struct Config {
     pub window_ms: u64,
     /// Whether waves overlap (`waves`: 1 = [`Waves::Gather`], 0 = [`Waves::Overlap`]).
     pub waves: Waves,
-    /// In-flight slots outside the waves for requests of priority ≥
-    /// [`Config::reserve_priority`], admitted at once (`reserve`; 0: none).
-    pub reserve: u32,
-    /// The priority that may use the reserved slots (`reserve_priority`).
-    pub reserve_priority: i32,
+    /// Slots kept for urgent requests (`reserve`, `reserve_priority`).
+    pub reserve: Reserve,
     /// Tenants' shares of each wave (`weights=live:4,batch:1`; 1 each by default).
     pub weights: Weights,
 }
@@ -40,8 +37,7 @@ impl Default for Config {
             max_batch: 50,
             window_ms: 10,
             waves: Waves::Gather,
-            reserve: 0,
-            reserve_priority: 1,
+            reserve: Reserve::default(),
             weights: Weights::default(),
         }
     }
@@ -59,8 +55,7 @@ impl Config {
                 true => Waves::Gather,
                 false => Waves::Overlap,
             },
-            reserve: config.u32("reserve", .., default.reserve),
-            reserve_priority: config.i32("reserve_priority", default.reserve_priority),
+            reserve: Reserve::read(config),
             weights: Weights::read(config, "weights"),
         })
     }
@@ -83,13 +78,7 @@ impl fmt::Display for Config {
             "batched: max_batch={} window_ms={} waves={}",
             self.max_batch, self.window_ms, waves
         )?;
-        if self.reserve > 0 {
-            write!(
-                f,
-                " reserve={} reserve_priority={}",
-                self.reserve, self.reserve_priority
-            )?;
-        }
+        write!(f, "{}", self.reserve)?;
         if !self.weights.is_empty() {
             write!(f, " weights={}", self.weights)?;
         }

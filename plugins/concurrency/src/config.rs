@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use sluice_policy_sdk::{self as sdk, ConfigError, Weights};
+use sluice_policy_sdk::{self as sdk, ConfigError, Reserve, Weights};
 
 /// What the limit applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,11 +34,8 @@ pub struct Config {
     pub limit: u32,
     /// What the limit applies to (`key`: `global` or `tenant`).
     pub key: Key,
-    /// Slots of the limit only requests of priority ≥
-    /// [`Config::reserve_priority`] may take (`reserve`, below `limit`).
-    pub reserve: u32,
-    /// The priority that may use the reserved slots (`reserve_priority`).
-    pub reserve_priority: i32,
+    /// Slots kept for urgent requests (`reserve`, `reserve_priority`).
+    pub reserve: Reserve,
     /// Tenants' shares of the queue (`weights=live:4,batch:1`; 1 each by default).
     pub weights: Weights,
 }
@@ -48,8 +45,7 @@ impl Default for Config {
         Config {
             limit: 10,
             key: Key::Global,
-            reserve: 0,
-            reserve_priority: 1,
+            reserve: Reserve::default(),
             weights: Weights::default(),
         }
     }
@@ -63,14 +59,13 @@ impl Config {
         let read = Config {
             limit: config.u32("limit", 1.., default.limit),
             key: config.choice("key", &Key::ALL, default.key),
-            reserve: config.u32("reserve", .., default.reserve),
-            reserve_priority: config.i32("reserve_priority", default.reserve_priority),
+            reserve: Reserve::read(config),
             weights: Weights::read(config, "weights"),
         };
-        if read.reserve >= read.limit {
+        if read.reserve.slots >= read.limit {
             return Err(ConfigError::invalid(
                 "reserve",
-                &read.reserve.to_string(),
+                &read.reserve.slots.to_string(),
                 &format!("fewer slots than limit ({})", read.limit),
             ));
         }
@@ -80,10 +75,10 @@ impl Config {
     /// The slots a request of `priority` may fill: all of `limit`, or
     /// `limit - reserve` below the reserved priority.
     pub fn slots_for(&self, priority: i32) -> u32 {
-        if priority >= self.reserve_priority {
+        if self.reserve.admits(priority) {
             self.limit
         } else {
-            self.limit - self.reserve
+            self.limit - self.reserve.slots
         }
     }
 }
@@ -97,13 +92,7 @@ impl fmt::Display for Config {
             self.limit,
             self.key.as_str()
         )?;
-        if self.reserve > 0 {
-            write!(
-                f,
-                " reserve={} reserve_priority={}",
-                self.reserve, self.reserve_priority
-            )?;
-        }
+        write!(f, "{}", self.reserve)?;
         if !self.weights.is_empty() {
             write!(f, " weights={}", self.weights)?;
         }
@@ -145,8 +134,10 @@ mod tests {
             Config {
                 limit: 3,
                 key: Key::Tenant,
-                reserve: 1,
-                reserve_priority: 5,
+                reserve: Reserve {
+                    slots: 1,
+                    priority: 5
+                },
                 weights: Weights::parse("live:4").unwrap(),
             }
         );

@@ -504,7 +504,10 @@ mod tests {
     #[test]
     fn reserved_slots_go_only_to_high_priority() {
         let mut l = Limiter::new(Config {
-            reserve: 2,
+            reserve: sdk::Reserve {
+                slots: 2,
+                priority: 1,
+            },
             ..config(4, Key::Global)
         });
         // A backlog fills the two unreserved slots and waits.

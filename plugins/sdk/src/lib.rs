@@ -83,7 +83,8 @@
 //!   [`gauge`] for numbers the host exports.
 //! - [`queue`]: [`FairQueue`], the admission order the bundled policies
 //!   share: strict priority, then a weighted fair share across tenants
-//!   ([`Weights`]), first in, first out within a tenant.
+//!   ([`Weights`]), first in, first out within a tenant; and [`Reserve`],
+//!   slots kept for urgent requests.
 //! - `glue` (wasm32 only): the bindings `wit-bindgen` generates from `wit/`
 //!   and the exports that forward to one `Policy` value, used through
 //!   [`export_policy!`].
@@ -99,7 +100,7 @@ mod glue;
 
 pub use config::{Config, ConfigError};
 pub use policy::{Level, Policy, gauge, log};
-pub use queue::{FairQueue, FastMap, Queued, Weights};
+pub use queue::{FairQueue, FastMap, Queued, Reserve, Weights};
 pub use types::{Completion, Decision, Request, Snapshot};
 
 /// Makes `$policy` (a type implementing [`Policy`]) the component's

@@ -133,6 +133,57 @@ impl std::fmt::Display for Weights {
     }
 }
 
+/// Slots kept for urgent requests: `reserve=N` slots that only requests of
+/// priority ≥ `reserve_priority` may take (none by default; the reserved
+/// priority is 1 by default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reserve {
+    /// How many slots are kept (`reserve`).
+    pub slots: u32,
+    /// The least priority that may take them (`reserve_priority`).
+    pub priority: i32,
+}
+
+impl Default for Reserve {
+    fn default() -> Self {
+        Reserve {
+            slots: 0,
+            priority: 1,
+        }
+    }
+}
+
+impl Reserve {
+    /// Reads `reserve` and `reserve_priority` over the defaults.
+    pub fn read(config: &Config) -> Reserve {
+        let default = Reserve::default();
+        Reserve {
+            slots: config.u32("reserve", .., default.slots),
+            priority: config.i32("reserve_priority", default.priority),
+        }
+    }
+
+    /// Whether a request of `priority` may take a reserved slot.
+    pub fn admits(&self, priority: i32) -> bool {
+        priority >= self.priority
+    }
+}
+
+/// ` reserve=N reserve_priority=P` for a log line, or nothing when no slot
+/// is kept.
+impl std::fmt::Display for Reserve {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.slots == 0 {
+            return Ok(());
+        }
+        write!(
+            f,
+            " reserve={} reserve_priority={}",
+            self.slots, self.priority
+        )
+    }
+}
+
 /// What the queue keeps of a waiting request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Queued {
