@@ -248,7 +248,7 @@ impl Adaptive {
             // before the last move ran beside the batch of the limit before.
             let judged = running.admitted_us >= self.moved_us;
             if judged {
-                self.live.record(now_us, latency, None);
+                self.live.record(now_us, latency);
             }
             self.steer(now_us, latency as f64, judged);
         }
@@ -313,10 +313,10 @@ impl Adaptive {
             limit *= BRAKE;
         }
         let judgement = judged.then(|| self.live.judge(now_us, objective)).flatten();
-        if let Some(judgement) = judgement {
+        if let Some(p95_us) = judgement {
             // Windows of 20 are noisy: steering each to the objective would
             // leave the run's p95 over it, so each aims a little under.
-            let ratio = SETPOINT * objective / judgement.p95_us;
+            let ratio = SETPOINT * objective / p95_us;
             if ratio < 1.0 {
                 limit *= ratio.max(0.5);
             } else if ratio > 1.0 {
@@ -355,7 +355,7 @@ impl Adaptive {
             self.logged_limit = batch_limit;
         }
         let objective_ms = self.objective_us().map_or(0.0, |us| us / 1_000.0);
-        let live_p95_ms = self.live.last().map_or(0.0, |j| j.p95_us / 1_000.0);
+        let live_p95_ms = self.live.last_p95_us().map_or(0.0, |us| us / 1_000.0);
         let knee = self.knee().map_or(0.0, f64::from);
         for (name, value) in [
             ("batch_limit", f64::from(batch_limit)),

@@ -121,14 +121,6 @@ impl Curve {
         (index == 0 || below_falls_short).then_some(index)
     }
 
-    /// The highest measured level up to `ceiling` whose service time is at
-    /// most `budget_us`.
-    pub fn highest_within(&self, ceiling: usize, budget_us: f64) -> Option<usize> {
-        (0..=ceiling)
-            .rev()
-            .find(|&i| self.service_us(i).is_some_and(|s| s <= budget_us))
-    }
-
     /// The in-flight count (a fraction, between measured levels) at which
     /// the service time reaches `budget_us`, looking at measured levels up
     /// to `ceiling`; see [`Fit`].
@@ -147,11 +139,6 @@ impl Curve {
             Some(_) => Fit::Between(c0),
             None => Fit::AtLeast(c0),
         }
-    }
-
-    /// The highest measured level up to `ceiling`.
-    pub fn highest_measured(&self, ceiling: usize) -> Option<usize> {
-        (0..=ceiling).rev().find(|&i| self.service_us(i).is_some())
     }
 
     fn fresh(&self, index: usize) -> u32 {
@@ -456,11 +443,8 @@ mod tests {
             curve.lowest_with_share(best, 0.5).map(|i| LEVELS[i]),
             Some(4)
         );
-        assert_eq!(
-            curve.highest_within(9, 2_000.0).map(|i| LEVELS[i]),
-            Some(16)
-        );
-        assert_eq!(curve.highest_within(9, 10.0), None);
+        // 2 ms is reached at 16 in flight exactly.
+        assert_eq!(curve.level_within(9, 2_000.0), Fit::Between(16.0));
         // 1.5 ms is half way from 8 (1 ms) to 16 (2 ms) in flight.
         assert_eq!(curve.level_within(9, 1_500.0), Fit::Between(12.0));
         assert_eq!(curve.level_within(9, 999.0), Fit::None);

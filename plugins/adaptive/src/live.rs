@@ -1,12 +1,9 @@
 //! The live traffic's latency, judged in windows.
 //!
 //! [`Live`] keeps the latest live requests' latencies (queue plus service,
-//! as the proxy saw them), each beside the service time the curve
-//! predicted for it. Every [`ADJUST_EVERY`] of them (or fewer, when live
-//! traffic is slow) it gives a
-//! [`Judgement`]: their p95, and how it compares with the prediction (the
-//! spread of live latency over the curve's mean service time). The samples
-//! are then dropped, so each judgement sees only the limit it judges.
+//! as the proxy saw them). Every [`ADJUST_EVERY`] of them (or fewer, when
+//! live traffic is slow) it judges their p95. The samples are then
+//! dropped, so each judgement sees only the limit it judges.
 
 use std::collections::VecDeque;
 
@@ -20,39 +17,28 @@ pub const ADJUST_AT_LEAST: usize = 5;
 /// See [`ADJUST_AT_LEAST`].
 pub const WINDOW_OBJECTIVES: f64 = 5.0;
 
-/// One window of live completions, judged.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Judgement {
-    /// The window's p95 latency (µs).
-    pub p95_us: f64,
-    /// The p95 over the mean predicted service time, when predictions were
-    /// made for the whole window.
-    pub spread: Option<f64>,
-}
-
 /// What [`Live`] keeps; see the [module docs](self).
 #[derive(Debug, Clone, Default)]
 pub struct Live {
-    /// (latency, predicted service time) since the last judgement (µs).
-    samples: VecDeque<(u64, Option<f64>)>,
+    /// Latencies since the last judgement (µs).
+    samples: VecDeque<u64>,
     /// The last live arrival or completion (host µs).
     last_seen_us: Option<u64>,
-    /// The last judgement.
-    last: Option<Judgement>,
+    /// The last judgement: a window's p95 (µs).
+    last_p95_us: Option<f64>,
     /// When the current window began (host µs).
     window_start_us: Option<u64>,
 }
 
 impl Live {
-    /// A live request finished at `now_us` after `latency_us`; the curve
-    /// predicted `predicted_us` of service for it.
-    pub fn record(&mut self, now_us: u64, latency_us: u64, predicted_us: Option<f64>) {
+    /// A live request finished at `now_us` after `latency_us`.
+    pub fn record(&mut self, now_us: u64, latency_us: u64) {
         self.last_seen_us = Some(now_us);
         self.window_start_us.get_or_insert(now_us);
         if self.samples.len() == ADJUST_EVERY {
             self.samples.pop_front();
         }
-        self.samples.push_back((latency_us, predicted_us));
+        self.samples.push_back(latency_us);
     }
 
     /// A live request arrived at `now_us`: live traffic is present.
@@ -66,14 +52,14 @@ impl Live {
             .is_some_and(|seen| now_us.saturating_sub(seen) <= window_us)
     }
 
-    /// The last judgement.
-    pub fn last(&self) -> Option<Judgement> {
-        self.last
+    /// The last judgement's p95 (µs).
+    pub fn last_p95_us(&self) -> Option<f64> {
+        self.last_p95_us
     }
 
     /// Once [`ADJUST_EVERY`] samples are in, or [`ADJUST_AT_LEAST`] over
-    /// [`WINDOW_OBJECTIVES`] × `objective_us`: their judgement.
-    pub fn judge(&mut self, now_us: u64, objective_us: f64) -> Option<Judgement> {
+    /// [`WINDOW_OBJECTIVES`] × `objective_us`: their p95 (µs).
+    pub fn judge(&mut self, now_us: u64, objective_us: f64) -> Option<f64> {
         let lasted = now_us.saturating_sub(self.window_start_us.unwrap_or(now_us)) as f64;
         let long_enough = lasted >= WINDOW_OBJECTIVES * objective_us;
         let enough = self.samples.len() >= ADJUST_EVERY
@@ -82,18 +68,11 @@ impl Live {
             return None;
         }
         self.window_start_us = None;
-        let window: Vec<(u64, Option<f64>)> = self.samples.drain(..).collect();
-        let mut latencies: Vec<u64> = window.iter().map(|&(l, _)| l).collect();
+        let mut latencies: Vec<u64> = self.samples.drain(..).collect();
         latencies.sort_unstable();
         let p95_us = latencies[(latencies.len() * 95).div_ceil(100) - 1].max(1) as f64;
-        let predicted: Option<Vec<f64>> = window.iter().map(|&(_, p)| p).collect();
-        let spread = predicted.and_then(|p| {
-            let mean = p.iter().sum::<f64>() / p.len() as f64;
-            (mean > 0.0).then(|| p95_us / mean)
-        });
-        let judgement = Judgement { p95_us, spread };
-        self.last = Some(judgement);
-        Some(judgement)
+        self.last_p95_us = Some(p95_us);
+        Some(p95_us)
     }
 }
 
@@ -105,15 +84,13 @@ mod tests {
     fn a_judgement_takes_a_full_window_and_starts_a_new_one() {
         let mut live = Live::default();
         for i in 1..ADJUST_EVERY as u64 {
-            live.record(0, i * 100, Some(500.0));
+            live.record(0, i * 100);
             assert_eq!(live.judge(0, 1_000.0), None);
         }
-        live.record(0, 2_000, Some(500.0));
+        live.record(0, 2_000);
         // Nearest-rank p95 of 100, 200, …, 1900, 2000: the 19th, 1900.
-        let judgement = live.judge(0, 1_000.0).unwrap();
-        assert_eq!(judgement.p95_us, 1_900.0);
-        assert_eq!(judgement.spread, Some(3.8));
-        assert_eq!(live.last(), Some(judgement));
+        assert_eq!(live.judge(0, 1_000.0), Some(1_900.0));
+        assert_eq!(live.last_p95_us(), Some(1_900.0));
         assert_eq!(live.judge(0, 1_000.0), None);
     }
 
@@ -121,28 +98,18 @@ mod tests {
     fn slow_live_traffic_is_judged_on_fewer_samples() {
         let mut live = Live::default();
         for i in 0..ADJUST_AT_LEAST as u64 {
-            live.record(i, 1_000, None);
+            live.record(i, 1_000);
         }
         // Five samples, but the window has not lasted 5 objectives yet.
         assert_eq!(live.judge(4_999, 1_000.0), None);
-        let judgement = live.judge(5_000, 1_000.0).unwrap();
-        assert_eq!(judgement.p95_us, 1_000.0);
-    }
-
-    #[test]
-    fn without_a_prediction_for_every_sample_there_is_no_spread() {
-        let mut live = Live::default();
-        for i in 0..ADJUST_EVERY {
-            live.record(0, 1_000, (i > 0).then_some(500.0));
-        }
-        assert_eq!(live.judge(0, 1_000.0).unwrap().spread, None);
+        assert_eq!(live.judge(5_000, 1_000.0), Some(1_000.0));
     }
 
     #[test]
     fn presence_lapses() {
         let mut live = Live::default();
         assert!(!live.present(0, 1_000_000));
-        live.record(5_000_000, 1_000, None);
+        live.record(5_000_000, 1_000);
         assert!(live.present(5_500_000, 1_000_000));
         assert!(!live.present(6_500_000, 1_000_000));
         // An arrival counts as much as a completion.
