@@ -41,7 +41,7 @@ use crate::engine::{EngineArgs, Upstream, engine_name, model_of};
 use crate::load::{Habit, Mode, Plan, drive};
 use crate::measure::measure;
 use crate::proxy::{self, Proxy, ProxyMode, policy_flags};
-use crate::report::{Report, now_utc};
+use crate::report::{Header, Report};
 use crate::scenario::{
     self, BatchRun, Beside, Feed, FrontierPoint, Job, LiveRun, LiveStep, MixedRun, Sender, Tag,
 };
@@ -498,13 +498,7 @@ async fn scenarios(args: &Args) -> anyhow::Result<Scorecard> {
 
     let mut card = Scorecard {
         schema: crate::scorecard::SCHEMA,
-        created_utc: now_utc(),
-        engine: engine_label,
-        profile,
-        model,
-        workload: workload.description.clone(),
-        candidate_offset: workload.candidate_offset,
-        stream: workload.stream,
+        header: Header::new(engine_label, profile, model, &workload),
         settings: Settings {
             batch: args.batch,
             batch_clients: args.batch_clients,

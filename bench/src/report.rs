@@ -73,10 +73,10 @@ use crate::workload::Workload;
 /// The `schema` of every report.
 pub(crate) const SCHEMA: &str = "sluice-bench/2";
 
-/// A whole benchmark report.
+/// What every report says first: when, against what, with which workload
+/// (its fields sit at the top level of the JSON).
 #[derive(Debug, Clone, Serialize)]
-pub(crate) struct Report {
-    pub(crate) schema: &'static str,
+pub(crate) struct Header {
     pub(crate) created_utc: String,
     pub(crate) engine: String,
     pub(crate) profile: Option<String>,
@@ -84,6 +84,39 @@ pub(crate) struct Report {
     pub(crate) workload: String,
     pub(crate) candidate_offset: Option<u64>,
     pub(crate) stream: bool,
+}
+
+impl Header {
+    /// A header stamped now.
+    pub(crate) fn new(
+        engine: String,
+        profile: Option<String>,
+        model: Option<String>,
+        workload: &Workload,
+    ) -> Self {
+        Header {
+            created_utc: now_utc(),
+            engine,
+            profile,
+            model,
+            workload: workload.description.clone(),
+            candidate_offset: workload.candidate_offset,
+            stream: workload.stream,
+        }
+    }
+
+    /// The plot's title: the engine and when.
+    pub(crate) fn title(&self) -> String {
+        format!("{} — {}", self.engine, self.created_utc)
+    }
+}
+
+/// A whole benchmark report.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Report {
+    pub(crate) schema: &'static str,
+    #[serde(flatten)]
+    pub(crate) header: Header,
     pub(crate) runs: Vec<RunResult>,
     pub(crate) winners: BTreeMap<String, String>,
     pub(crate) sweep: Option<Sweep>,
@@ -151,13 +184,7 @@ impl Report {
     ) -> Self {
         Self {
             schema: SCHEMA,
-            created_utc: now_utc(),
-            engine,
-            profile,
-            model,
-            workload: workload.description.clone(),
-            candidate_offset: workload.candidate_offset,
-            stream: workload.stream,
+            header: Header::new(engine, profile, model, workload),
             runs,
             winners: BTreeMap::new(),
             sweep: None,
@@ -169,15 +196,18 @@ impl Report {
     pub(crate) fn write_all(&self, dir: &Path, markdown: &str) -> anyhow::Result<PathBuf> {
         let json = self.write(dir)?;
         std::fs::write(json.with_extension("md"), markdown)?;
-        let title = format!("{} — {}", self.engine, self.created_utc);
-        crate::plot::write_svg(&title, &self.runs, &json.with_extension("svg"))?;
+        crate::plot::write_svg(
+            &self.header.title(),
+            &self.runs,
+            &json.with_extension("svg"),
+        )?;
         Ok(json)
     }
 
     /// Writes `dir/benchmark_YYYYMMDD_HHMMSS.json`; returns its path.
     pub(crate) fn write(&self, dir: &Path) -> anyhow::Result<PathBuf> {
         std::fs::create_dir_all(dir)?;
-        let path = fresh_path(dir, "benchmark", &self.created_utc);
+        let path = fresh_path(dir, "benchmark", &self.header.created_utc);
         std::fs::write(&path, serde_json::to_string_pretty(self)? + "\n")?;
         Ok(path)
     }
@@ -186,7 +216,7 @@ impl Report {
     pub(crate) fn markdown(&self) -> String {
         let mut s = format!(
             "engine: {}\nworkload: {}\n\n| run | sent | ok | errors | req/s | out tok/s | p50 ms | p95 ms | p99 ms | TTFT p50/p95/p99 ms | proxy service p50 ms | queue wait p50 ms | cache hit | upstream max in flight | GPU |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
-            self.engine, self.workload
+            self.header.engine, self.header.workload
         );
         for r in &self.runs {
             let c = &r.client;
@@ -306,7 +336,7 @@ impl Report {
         ]);
         let mut s = format!(
             "engine: {}\nworkload: {}\n\n| metric |",
-            self.engine, self.workload
+            self.header.engine, self.header.workload
         );
         for r in &self.runs {
             s += &format!(" {} |", r.label);

@@ -42,7 +42,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::report::fresh_path;
+use crate::report::{Header, fresh_path};
 use crate::scenario::{BatchRun, FrontierPoint, LiveRun, MixedRun};
 use crate::stats::Summary;
 
@@ -168,13 +168,8 @@ pub(crate) fn verdict(
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Scorecard {
     pub(crate) schema: &'static str,
-    pub(crate) created_utc: String,
-    pub(crate) engine: String,
-    pub(crate) profile: Option<String>,
-    pub(crate) model: Option<String>,
-    pub(crate) workload: String,
-    pub(crate) candidate_offset: Option<u64>,
-    pub(crate) stream: bool,
+    #[serde(flatten)]
+    pub(crate) header: Header,
     pub(crate) settings: Settings,
     pub(crate) unloaded_p50_ms: f64,
     pub(crate) slo_ms: f64,
@@ -286,12 +281,11 @@ impl Scorecard {
     /// (`markdown`) and `.svg`; returns the JSON's path.
     pub(crate) fn write_all(&self, dir: &Path, markdown: &str) -> anyhow::Result<PathBuf> {
         std::fs::create_dir_all(dir)?;
-        let json = fresh_path(dir, "compare", &self.created_utc);
+        let json = fresh_path(dir, "compare", &self.header.created_utc);
         std::fs::write(&json, serde_json::to_string_pretty(self)? + "\n")?;
         std::fs::write(json.with_extension("md"), markdown)?;
-        let title = format!("{} — {}", self.engine, self.created_utc);
         crate::plot::write_scenarios_svg(
-            &title,
+            &self.header.title(),
             &self.live,
             &self.frontier,
             self.slo_mode.as_ref().map(|s| s.objective_ms),
@@ -304,8 +298,8 @@ impl Scorecard {
     /// Every table, with the summary first.
     pub(crate) fn markdown(&self) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "engine: {}", self.engine);
-        let _ = writeln!(s, "workload: {}", self.workload);
+        let _ = writeln!(s, "engine: {}", self.header.engine);
+        let _ = writeln!(s, "workload: {}", self.header.workload);
         let _ = writeln!(
             s,
             "unloaded p50 {:.2} ms (sequential, straight to the engine); SLO {:.2} ms; capacity {:.0} req/s (the best batch-job throughput)",
