@@ -211,6 +211,18 @@ impl Adaptive {
         decision
     }
 
+    /// Forgets admitted request `id` and frees its slot; `None` when it is
+    /// not ours.
+    fn finish(&mut self, id: u64) -> Option<Running> {
+        let running = self.running.remove(&id)?;
+        if running.live {
+            self.live_running -= 1;
+        } else {
+            self.batch_running -= 1;
+        }
+        Some(running)
+    }
+
     /// Whether batch work waits for a slot that the limit holds back.
     fn backlogged(&self) -> bool {
         self.queue.len() > self.queue.count_at_least(self.config.live_priority)
@@ -394,14 +406,9 @@ impl Policy for Adaptive {
 
     fn on_completion(&mut self, now: Snapshot, done: Completion) -> Decision {
         let id = done.id;
-        if let Some(running) = self.running.remove(&id) {
-            // In flight as it ends, itself included.
-            let ending = self.live_running + self.batch_running + self.inherited.unwrap_or(0);
-            if running.live {
-                self.live_running -= 1;
-            } else {
-                self.batch_running -= 1;
-            }
+        // In flight as it ends, itself included.
+        let ending = self.live_running + self.batch_running + self.inherited.unwrap_or(0);
+        if let Some(running) = self.finish(id) {
             self.learn(now.now_us, &done, running, ending);
         } else if self.queue.remove(id).is_some() {
             self.warnings.push(format!(
@@ -423,12 +430,7 @@ impl Policy for Adaptive {
         self.observe(now);
         if self.queue.remove(id).is_some() {
             // The usual case.
-        } else if let Some(running) = self.running.remove(&id) {
-            if running.live {
-                self.live_running -= 1;
-            } else {
-                self.batch_running -= 1;
-            }
+        } else if self.finish(id).is_some() {
             self.warnings.push(format!(
                 "adaptive: cancel of admitted request {id}; counted as completed"
             ));
