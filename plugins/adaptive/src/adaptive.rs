@@ -72,8 +72,8 @@ pub struct Adaptive {
     live_running: u32,
     batch_running: u32,
     /// Requests the host had in flight that this instance did not admit
-    /// (admitted before a hot reload). `None` until a snapshot has been seen.
-    inherited: Option<u32>,
+    /// (admitted before a hot reload).
+    inherited: sdk::Inherited,
     curve: Curve,
     climb: Climb,
     live: Live,
@@ -100,7 +100,7 @@ impl Adaptive {
             running: FastMap::default(),
             live_running: 0,
             batch_running: 0,
-            inherited: None,
+            inherited: sdk::Inherited::default(),
             curve: Curve::default(),
             live: Live::default(),
             steered: None,
@@ -151,8 +151,7 @@ impl Adaptive {
 
     fn observe(&mut self, now: Snapshot) {
         let own = u32::try_from(self.running.len()).unwrap_or(u32::MAX);
-        let foreign = now.in_flight.saturating_sub(own);
-        self.inherited = Some(self.inherited.map_or(foreign, |n| n.min(foreign)));
+        self.inherited.observe(now, own);
     }
 
     /// Admits every live request that fits under `max_limit`, then batch
@@ -178,7 +177,7 @@ impl Adaptive {
             self.steered = Some(limit);
             self.moved_us = now_us;
         }
-        let held = self.inherited.unwrap_or(0);
+        let held = self.inherited.count();
         let batch_limit = self.batch_limit(now_us);
         let (max_limit, live_priority) = (self.config.max_limit, self.config.live_priority);
         loop {
@@ -242,10 +241,10 @@ impl Adaptive {
         // The climb judges its own level only: while the live objective
         // holds the batch below it, the curve fills in below the climb.
         let limit = self.batch_limit(now_us);
-        let was_full = self.batch_running + self.inherited.unwrap_or(0) + 1 >= limit;
+        let was_full = self.batch_running + self.inherited.count() + 1 >= limit;
         if self.backlogged() && was_full && !running.live && limit == self.climb.limit() {
             let waiting = self.queue.len() - self.queue.count_at_least(self.config.live_priority);
-            let demand = self.batch_running + self.inherited.unwrap_or(0) + waiting as u32;
+            let demand = self.batch_running + self.inherited.count() + waiting as u32;
             self.climb.step(&mut self.curve, demand);
         }
         // Live traffic steers the batch only while there is a batch: with
@@ -407,7 +406,7 @@ impl Policy for Adaptive {
     fn on_completion(&mut self, now: Snapshot, done: Completion) -> Decision {
         let id = done.id;
         // In flight as it ends, itself included.
-        let ending = self.live_running + self.batch_running + self.inherited.unwrap_or(0);
+        let ending = self.live_running + self.batch_running + self.inherited.count();
         if let Some(running) = self.finish(id) {
             self.learn(now.now_us, &done, running, ending);
         } else if self.queue.remove(id).is_some() {
@@ -415,12 +414,10 @@ impl Policy for Adaptive {
                 "adaptive: completion of request {id}, which was never admitted; dropped from the queue"
             ));
         } else {
-            match &mut self.inherited {
-                Some(n) if *n > 0 => *n -= 1,
-                None => {}
-                Some(_) => self.warnings.push(format!(
+            if !self.inherited.completed() {
+                self.warnings.push(format!(
                     "adaptive: completion of unknown request {id} ignored"
-                )),
+                ));
             }
         }
         self.admit(now.now_us)

@@ -51,8 +51,8 @@ pub struct Batcher {
     /// Requests admitted to reserved slots, outside the waves, not completed.
     reserved: HashSet<u64>,
     /// Requests the host had in flight that this instance did not admit
-    /// (admitted before a hot reload). `None` until a snapshot has been seen.
-    inherited: Option<u32>,
+    /// (admitted before a hot reload).
+    inherited: sdk::Inherited,
     /// Host contract violations seen since the last [`Batcher::take_warnings`].
     warnings: Vec<String>,
 }
@@ -66,7 +66,7 @@ impl Batcher {
             config,
             in_flight: HashSet::new(),
             reserved: HashSet::new(),
-            inherited: None,
+            inherited: sdk::Inherited::default(),
             warnings: Vec::new(),
         }
     }
@@ -91,13 +91,12 @@ impl Batcher {
     /// host that under-reports cannot make a wave wait forever.
     fn observe(&mut self, now: Snapshot) {
         let own = u32::try_from(self.in_flight()).unwrap_or(u32::MAX);
-        let foreign = now.in_flight.saturating_sub(own);
-        self.inherited = Some(self.inherited.map_or(foreign, |n| n.min(foreign)));
+        self.inherited.observe(now, own);
     }
 
     /// Whether a wave is still running (under [`Waves::Gather`], the next one waits).
     fn wave_open(&self) -> bool {
-        !self.in_flight.is_empty() || self.inherited.unwrap_or(0) > 0
+        !self.in_flight.is_empty() || self.inherited.count() > 0
     }
 
     /// Admits what the reserved slots allow, then every wave that is ready
@@ -182,14 +181,10 @@ impl Policy for Batcher {
                 "batched: completion of request {id}, which was never admitted; dropped from the queue"
             ));
         } else {
-            match &mut self.inherited {
-                Some(n) if *n > 0 => *n -= 1,
-                // Before the first snapshot, an unknown completion is most
-                // likely inherited; the next snapshot gives the true count.
-                None => {}
-                Some(_) => self.warnings.push(format!(
+            if !self.inherited.completed() {
+                self.warnings.push(format!(
                     "batched: completion of unknown request {id} ignored"
-                )),
+                ));
             }
         }
         self.release(now.now_us)

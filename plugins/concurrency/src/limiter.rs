@@ -40,8 +40,8 @@ pub struct Limiter {
     /// the map stays as small as the set of busy tenants.
     running: FastMap<Rc<str>, u32>,
     /// Requests the host had in flight that this instance did not admit
-    /// (admitted before a hot reload). `None` until a snapshot has been seen.
-    inherited: Option<u32>,
+    /// (admitted before a hot reload).
+    inherited: sdk::Inherited,
     /// Host contract violations seen since the last [`Limiter::take_warnings`].
     warnings: Vec<String>,
 }
@@ -54,7 +54,7 @@ impl Limiter {
             config,
             in_flight: FastMap::default(),
             running: FastMap::default(),
-            inherited: None,
+            inherited: sdk::Inherited::default(),
             warnings: Vec::new(),
         }
     }
@@ -79,8 +79,7 @@ impl Limiter {
     /// that under-reports cannot hold slots forever.
     fn observe(&mut self, now: Snapshot) {
         let own = u32::try_from(self.in_flight.len()).unwrap_or(u32::MAX);
-        let foreign = now.in_flight.saturating_sub(own);
-        self.inherited = Some(self.inherited.map_or(foreign, |n| n.min(foreign)));
+        self.inherited.observe(now, own);
     }
 
     /// The key whose slot `queued` would take.
@@ -95,7 +94,7 @@ impl Limiter {
     /// priority.
     fn admit(&mut self, decision: &mut Decision) {
         let held = match self.config.key {
-            Key::Global => self.inherited.unwrap_or(0),
+            Key::Global => self.inherited.count(),
             Key::Tenant => 0,
         };
         loop {
@@ -178,14 +177,10 @@ impl Policy for Limiter {
                 "concurrency: completion of request {id}, which was never admitted; dropped from the queue"
             ));
         } else {
-            match &mut self.inherited {
-                Some(n) if *n > 0 => *n -= 1,
-                // Before the first snapshot, an unknown completion is most
-                // likely inherited; the next snapshot gives the true count.
-                None => {}
-                Some(_) => self.warnings.push(format!(
+            if !self.inherited.completed() {
+                self.warnings.push(format!(
                     "concurrency: completion of unknown request {id} ignored"
-                )),
+                ));
             }
         }
         self.decide()

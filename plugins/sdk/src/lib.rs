@@ -79,6 +79,8 @@
 //! - [`config`]: [`Config`], the `key=value` pairs read through typed
 //!   getters; unknown keys and bad values become a [`ConfigError`] naming
 //!   the key and what it accepts.
+//! - [`inherited`]: [`Inherited`], the requests a reloaded instance
+//!   finds in flight.
 //! - [`policy`]: the [`Policy`] trait, [`log`] to the host's log, and
 //!   [`gauge`] for numbers the host exports.
 //! - [`queue`]: [`FairQueue`], the admission order the bundled policies
@@ -91,6 +93,7 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod inherited;
 pub mod policy;
 pub mod queue;
 pub mod types;
@@ -99,6 +102,7 @@ pub mod types;
 mod glue;
 
 pub use config::{Config, ConfigError};
+pub use inherited::Inherited;
 pub use policy::{Level, Policy, gauge, log};
 pub use queue::{FairQueue, FastMap, Queued, Reserve, Weights};
 pub use types::{Completion, Decision, Request, Snapshot};
