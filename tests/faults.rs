@@ -894,3 +894,127 @@ async fn max_connections_holds_further_clients_until_one_leaves() {
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(upstream.seen.total.load(Ordering::SeqCst), 3);
 }
+
+/// The request ledger in `/stats` once nothing is in progress.
+async fn settled_accounting(proxy: &ProxyProcess) -> serde_json::Value {
+    let url = format!("http://{}/stats", proxy.admin);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let reply = send(Method::GET, &url, &[], Bytes::new()).await;
+        let balance = reply.json()["accounting"].clone();
+        let idle = balance["in_progress"] == 0 && balance["in_flight"] == 0;
+        if idle {
+            return balance;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "requests stayed in progress: {balance}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn every_request_is_accounted_for_exactly_once() {
+    // Answered, refused and upstream-cut requests on one proxy …
+    const PARTIAL: &[u8] =
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n\
+1d\r\ndata: {\"choices\":[{\"i\":0}]}\n\n\r\n";
+    let echo = EchoUpstream::start().await;
+    let proxy = ProxyProcess::start(&echo.url(), &["--max-body", "1KiB"]);
+    let url = format!("{}/v1/completions", proxy.url());
+    for _ in 0..2 {
+        assert_eq!(post_json(&url, &completion(json!({}))).await.status, 200);
+    }
+    let health = send(
+        Method::GET,
+        &format!("{}/healthz", proxy.url()),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(health.status, 200);
+    let malformed = send(Method::POST, &url, &[], Bytes::from_static(b"{not json")).await;
+    assert_eq!(malformed.status, 400);
+    let oversized = post_json(&url, &completion(json!({"prompt": "x".repeat(4096)}))).await;
+    assert_eq!(oversized.status, 413);
+    let balance = settled_accounting(&proxy).await;
+    assert_eq!(
+        [
+            balance["received"].clone(),
+            balance["answered"].clone(),
+            balance["refused"].clone(),
+            balance["cut"].clone()
+        ],
+        [json!(5), json!(3), json!(2), json!(0)],
+        "{balance}"
+    );
+    assert_eq!(
+        [balance["admitted"].clone(), balance["completed"].clone()],
+        [json!(2), json!(2)],
+        "{balance}"
+    );
+    // The same figures in Prometheus.
+    assert_eq!(proxy.metric("sluice_requests_received_total").await, 5.0);
+    assert_eq!(
+        proxy
+            .metric("sluice_requests_ended_total{ending=\"refused\"}")
+            .await,
+        2.0
+    );
+    assert_eq!(
+        proxy
+            .metric("sluice_admitted_ended_total{ending=\"completed\"}")
+            .await,
+        2.0
+    );
+
+    // … a stream the engine breaks: cut, and failed upstream …
+    let broken = scripted(PARTIAL, Duration::from_millis(50)).await;
+    let proxy = ProxyProcess::start(&format!("http://{broken}"), &[]);
+    let reply = post_json(
+        &format!("{}/v1/completions", proxy.url()),
+        &completion(json!({"stream": true})),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    let balance = settled_accounting(&proxy).await;
+    assert_eq!(
+        [
+            balance["received"].clone(),
+            balance["cut"].clone(),
+            balance["admitted"].clone(),
+            balance["failed"].clone()
+        ],
+        [json!(1), json!(1), json!(1), json!(1)],
+        "{balance}"
+    );
+
+    // … and a client that leaves while the engine works: cut, client_gone.
+    let upstream = hanging().await;
+    let proxy = ProxyProcess::start(&format!("http://{}", upstream.addr), &[]);
+    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let body = completion(json!({})).to_string();
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let reached = wait_until(Duration::from_secs(10), || async {
+        upstream.accepted.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert!(reached, "request never reached the upstream");
+    drop(conn);
+    let balance = settled_accounting(&proxy).await;
+    assert_eq!(
+        [
+            balance["received"].clone(),
+            balance["cut"].clone(),
+            balance["admitted"].clone(),
+            balance["client_gone"].clone()
+        ],
+        [json!(1), json!(1), json!(1), json!(1)],
+        "{balance}"
+    );
+}

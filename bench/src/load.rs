@@ -568,7 +568,7 @@ pub(crate) fn send_span(plan: &Plan) -> Duration {
     offsets.last().copied().unwrap_or_default() + Duration::from_secs_f64(1.0 / plan.rate.max(1e-9))
 }
 
-/// Parses `30`, `30s`, `500ms`, `2m` into seconds (`--duration`, `--soak`).
+/// Parses `30`, `30s`, `500ms`, `2m`, `1h` into seconds (`--duration`, `--soak`).
 pub(crate) fn parse_duration(s: &str) -> Result<f64, String> {
     let s = s.trim();
     let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
@@ -577,6 +577,8 @@ pub(crate) fn parse_duration(s: &str) -> Result<f64, String> {
         (n, 1.0)
     } else if let Some(n) = s.strip_suffix('m') {
         (n, 60.0)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3600.0)
     } else {
         (s, 1.0)
     };
@@ -585,7 +587,7 @@ pub(crate) fn parse_duration(s: &str) -> Result<f64, String> {
         .ok()
         .filter(|v| *v > 0.0)
         .map(|v| v * scale)
-        .ok_or_else(|| format!("invalid duration {s:?} (e.g. 30s, 500ms, 2m)"))
+        .ok_or_else(|| format!("invalid duration {s:?} (e.g. 30s, 500ms, 2m, 1h)"))
 }
 
 #[cfg(test)]
@@ -619,6 +621,7 @@ mod tests {
         assert_eq!(parse_duration("30s"), Ok(30.0));
         assert_eq!(parse_duration("500ms"), Ok(0.5));
         assert_eq!(parse_duration("2m"), Ok(120.0));
+        assert_eq!(parse_duration("1h"), Ok(3600.0));
         assert_eq!(parse_duration("7"), Ok(7.0));
         assert!(parse_duration("-1").is_err());
         assert!(parse_duration("x").is_err());

@@ -79,6 +79,7 @@ mod run;
 mod scenario;
 mod scorecard;
 mod sim_reference;
+mod soak;
 mod stats;
 mod suite;
 mod sweep;
@@ -105,6 +106,8 @@ enum Command {
     Overhead(overhead::Args),
     /// Cost of one admission-policy event including the wasm call.
     PolicyCost(policy_cost::Args),
+    /// The proxy's memory over a long run at steady load (`--duration 1h`), with or without a /metrics scraper.
+    Soak(soak::Args),
     /// The suite: batching, cache resume and memory, each against its target.
     Suite(suite::Args),
     /// What recording metrics costs per request, in instructions (callgrind).
@@ -129,6 +132,7 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => runtime.block_on(run::run(args)),
         Command::Overhead(args) => runtime.block_on(overhead::run(args)),
         Command::PolicyCost(args) => policy_cost::run(args),
+        Command::Soak(args) => runtime.block_on(soak::run(args)),
         Command::Suite(args) => runtime.block_on(suite::run(args)),
         Command::TelemetryCost(args) => runtime.block_on(telemetry_cost::run(args)),
         Command::Sim(args) => runtime.block_on(sluice_sim::run(args)),

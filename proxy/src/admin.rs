@@ -49,6 +49,8 @@ async fn stats(app: &App, query: Option<&str>) -> Result<Response<ProxyBody>, Pr
     let mut body = crate::stats::snapshot(reset);
     body["policy"] = serde_json::to_value(scheduler).unwrap_or_default();
     body["uptime_s"] = app.started.elapsed().as_secs_f64().into();
+    body["accounting"] =
+        serde_json::to_value(crate::ledger::global().balance()).unwrap_or_default();
     body["upstream"] = serde_json::to_value(app.upstream_metrics.view()).unwrap_or_default();
     body["gpus"] = match &app.gpus {
         Some(gpus) => serde_json::to_value(gpus.lock().map(|g| g.clone()).unwrap_or_default())

@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use crate::admission::Permit;
 use crate::classify::Route;
+use crate::ledger::{Admitted, AdmittedEnding, Ending, Received};
 use crate::pool::Lease;
 use crate::prefix::{Prediction, PrefixTracker};
 use crate::telemetry::{self, RequestRecord};
@@ -94,6 +95,8 @@ pub enum Outcome {
     ClientGone,
     /// The upstream failed or stalled mid-body.
     UpstreamFailed(String),
+    /// Shutdown ended it at `--drain-timeout`.
+    Shutdown,
 }
 
 /// A forwarded request, finished exactly once by [`Exchange::finish`].
@@ -121,6 +124,10 @@ pub struct Exchange {
     pub lease: Option<Lease>,
     /// Completion/chat requests: prefix prediction and usage tap.
     pub inference: Option<Inference>,
+    /// The request in the ledger's received balance.
+    pub received: Received,
+    /// The request in the ledger's admitted balance.
+    pub admitted_entry: Admitted,
 }
 
 impl Exchange {
@@ -162,7 +169,15 @@ impl Exchange {
             Outcome::Complete => "upstream_error_status",
             Outcome::ClientGone => "client_gone",
             Outcome::UpstreamFailed(_) => "upstream_stream_error",
+            Outcome::Shutdown => "shutdown",
         };
+        let (ending, admitted_ending) = match &outcome {
+            Outcome::Complete => (Ending::Answered, AdmittedEnding::Completed),
+            Outcome::ClientGone => (Ending::Cut, AdmittedEnding::ClientGone),
+            Outcome::UpstreamFailed(_) | Outcome::Shutdown => (Ending::Cut, AdmittedEnding::Failed),
+        };
+        self.received.end(ending);
+        self.admitted_entry.end(admitted_ending);
         let total = now - self.arrived;
         // Time to first token: the first text-bearing event of a stream; the
         // whole response otherwise.
@@ -182,6 +197,12 @@ impl Exchange {
         };
         let actual_cached = usage.and_then(|u| u.cached_tokens);
         match &outcome {
+            Outcome::Shutdown => tracing::warn!(
+                id = self.id, route = %self.route.label(), method = %self.method,
+                status = self.status.as_u16(), outcome = %outcome_label,
+                total_ms = ms(total), queue_ms = ms(queue), upstream_ms = ms(upstream),
+                bytes = self.bytes, "request cut by shutdown at the drain timeout"
+            ),
             Outcome::UpstreamFailed(why) => tracing::warn!(
                 id = self.id, route = %self.route.label(), method = %self.method,
                 status = self.status.as_u16(), outcome = %outcome_label,

@@ -23,7 +23,8 @@
 //! 4. **Measurement.** [`stats`] (exact HDR percentiles for `/stats`), then
 //!    [`telemetry`] (every Prometheus metric, described once), [`gpu`] (the
 //!    NVML sampler), [`scrape`] (the upstream's own `/metrics`),
-//!    [`resources`] (the proxy's memory, CPU and open connections).
+//!    [`resources`] (the proxy's memory, CPU and open connections),
+//!    [`ledger`] (every request received and admitted ends exactly once).
 //! 5. **Admission.** [`admission`]: the `Policy` trait, the wasm host and the
 //!    fallback behind it, the scheduler task, the `Admission` handle.
 //! 6. **One request.** [`exchange`] (its timings; the single place it is
@@ -45,6 +46,7 @@ pub mod error;
 pub mod exchange;
 pub mod gpu;
 pub mod headers;
+pub mod ledger;
 pub mod observed;
 pub mod pool;
 pub mod prefix;

@@ -248,6 +248,7 @@ where
 mod tests {
     use super::*;
     use crate::classify::Route;
+    use crate::ledger::Ledger;
     use http::{HeaderMap, Method, StatusCode};
     use http_body_util::{BodyExt, StreamBody};
 
@@ -272,8 +273,12 @@ mod tests {
             permit: None,
             lease: None,
             inference: None,
+            received: LEDGER.receive(),
+            admitted_entry: LEDGER.admit(),
         }
     }
+
+    static LEDGER: Ledger = Ledger::new(false);
 
     type Frames = Vec<Result<Frame<Bytes>, BoxError>>;
     type Inner = StreamBody<futures_util::stream::Iter<<Frames as IntoIterator>::IntoIter>>;

@@ -17,6 +17,7 @@ use crate::classify::{InferenceRequest, Prompt, Route};
 use crate::error::ProxyError;
 use crate::exchange::{Exchange, Inference};
 use crate::headers::{self, Peer};
+use crate::ledger::{self, AdmittedEnding, Ending, Received};
 use crate::observed::ObservedBody;
 use crate::prefix::{Prediction, PrefixTracker};
 use crate::stream_usage;
@@ -61,18 +62,30 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let arrived = Instant::now();
+        // Ends exactly once: here for Sluice's own answers, else with the
+        // exchange (dropped with this future if the client leaves first).
+        let mut received = Some(ledger::global().receive());
         let route = Route::of(request.method(), request.uri().path());
         let mut response = match request.uri().path() {
             "/healthz" => json_response(StatusCode::OK, r#"{"status":"ok"}"#),
             "/readyz" => self.readiness().await,
-            _ => match self.forward(id, arrived, route, request, client).await {
+            _ => match self
+                .forward(id, arrived, route, request, client, &mut received)
+                .await
+            {
                 Ok(response) => response,
                 Err(err) => {
                     log_refusal(id, route, arrived, &err);
+                    if let Some(received) = received.take() {
+                        received.end(Ending::Refused);
+                    }
                     err.into_response()
                 }
             },
         };
+        if let Some(received) = received {
+            received.end(Ending::Answered);
+        }
         response
             .headers_mut()
             .insert(REQUEST_ID_HEADER, HeaderValue::from(id));
@@ -99,6 +112,7 @@ impl Proxy {
         route: Route,
         request: Request<Incoming>,
         client: &Peer,
+        received: &mut Option<Received>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         self.upstream.check_up()?;
         let (mut parts, body) = request.into_parts();
@@ -168,7 +182,17 @@ impl Proxy {
         parts.version = Version::HTTP_11;
         let upstream_request = Request::from_parts(parts, body);
 
-        let (response, lease) = self.upstream.send(upstream_request).await?;
+        let admitted_entry = ledger::global().admit();
+        let (response, lease) = match self.upstream.send(upstream_request).await {
+            Ok(sent) => sent,
+            Err(err) => {
+                admitted_entry.end(AdmittedEnding::Failed);
+                return Err(err);
+            }
+        };
+        let Some(received) = received.take() else {
+            return Err(ProxyError::Internal("request ledger entry missing".into()));
+        };
         let (mut parts, body) = response.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
         let sse = parts
@@ -189,6 +213,8 @@ impl Proxy {
             lease: Some(lease),
             inference: prediction
                 .map(|prediction| Inference::new(Arc::clone(&self.prefix), prediction, sse)),
+            received,
+            admitted_entry,
         };
         let mut body = ObservedBody::new(body, self.upstream.idle_timeout(), sse, exchange);
         if strip_usage && sse {

@@ -53,6 +53,19 @@ pub const PROCESS_CPU: &str = "sluice_process_cpu_seconds";
 /// Gauge: client connections open, by `listener` (`main`, `admin`).
 pub const OPEN_CONNECTIONS: &str = "sluice_open_connections";
 
+/// Client requests received (see [`crate::ledger`]).
+pub const REQUESTS_RECEIVED: &str = "sluice_requests_received_total";
+/// Client requests ended, by `ending` (answered, refused, cut).
+pub const REQUESTS_ENDED: &str = "sluice_requests_ended_total";
+/// Requests admitted towards the engine.
+pub const REQUESTS_ADMITTED: &str = "sluice_requests_admitted_total";
+/// Admitted requests ended, by `ending` (completed, failed, client_gone).
+pub const ADMITTED_ENDED: &str = "sluice_admitted_ended_total";
+/// The `ending` labels of [`REQUESTS_ENDED`], in [`crate::ledger::Ending`] order.
+pub const REQUEST_ENDINGS: [&str; 3] = ["answered", "refused", "cut"];
+/// The `ending` labels of [`ADMITTED_ENDED`], in [`crate::ledger::AdmittedEnding`] order.
+pub const ADMITTED_ENDINGS: [&str; 3] = ["completed", "failed", "client_gone"];
+
 /// Prompt tokens the prefix tracker looked up.
 pub const PREFIX_QUERY_TOKENS: &str = "sluice_prefix_cache_query_tokens_total";
 /// Prompt tokens the prefix tracker predicted to be cached.
@@ -143,6 +156,22 @@ pub fn install() -> PrometheusHandle {
 
 fn describe() {
     describe_counter!(REQUESTS, "Requests finished, by route and outcome.");
+    describe_counter!(
+        REQUESTS_RECEIVED,
+        "Client requests received; each ends once in sluice_requests_ended_total."
+    );
+    describe_counter!(
+        REQUESTS_ENDED,
+        "Client requests ended, by ending: answered (whole response), refused (Sluice's own error), cut (no whole response)."
+    );
+    describe_counter!(
+        REQUESTS_ADMITTED,
+        "Requests admitted towards the engine; each ends once in sluice_admitted_ended_total."
+    );
+    describe_counter!(
+        ADMITTED_ENDED,
+        "Admitted requests ended, by ending: completed, failed, client_gone."
+    );
     describe_histogram!(
         REQUEST_DURATION,
         Unit::Seconds,
@@ -273,6 +302,14 @@ pub struct Hot {
     pub queued: Gauge,
     /// [`IN_FLIGHT`].
     pub in_flight: Gauge,
+    /// [`REQUESTS_RECEIVED`].
+    pub received: Counter,
+    /// [`REQUESTS_ENDED`] by ending, in [`REQUEST_ENDINGS`] order.
+    pub ended: [Counter; 3],
+    /// [`REQUESTS_ADMITTED`].
+    pub admitted: Counter,
+    /// [`ADMITTED_ENDED`] by ending, in [`ADMITTED_ENDINGS`] order.
+    pub admitted_ended: [Counter; 3],
 }
 
 /// The per-route series of [`Hot`].
@@ -330,6 +367,10 @@ pub fn hot() -> &'static Hot {
             .map(|result| counter!(PREFIX_CHECKS, "result" => result)),
         queued: gauge!(QUEUED),
         in_flight: gauge!(IN_FLIGHT),
+        received: counter!(REQUESTS_RECEIVED),
+        ended: REQUEST_ENDINGS.map(|ending| counter!(REQUESTS_ENDED, "ending" => ending)),
+        admitted: counter!(REQUESTS_ADMITTED),
+        admitted_ended: ADMITTED_ENDINGS.map(|ending| counter!(ADMITTED_ENDED, "ending" => ending)),
     })
 }
 

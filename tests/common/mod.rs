@@ -170,8 +170,61 @@ impl ProxyProcess {
     }
 }
 
+impl ProxyProcess {
+    /// The request ledger (`"accounting"` in `/stats`) once nothing is in
+    /// progress, read with a blocking client (this runs in `Drop`); `None`
+    /// when `/stats` cannot be read (the process exited, a test set an
+    /// admin token) or requests stay in progress for 5 s.
+    fn settled_balance(&self) -> Result<serde_json::Value, String> {
+        use std::io::{Read, Write};
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut stream =
+                std::net::TcpStream::connect_timeout(&self.admin, Duration::from_secs(1))
+                    .map_err(|e| format!("connect: {e}"))?;
+            stream.set_read_timeout(Some(Duration::from_secs(2))).ok();
+            stream
+                .write_all(b"GET /stats HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+                .map_err(|e| format!("write: {e}"))?;
+            let mut text = String::new();
+            stream
+                .read_to_string(&mut text)
+                .map_err(|e| format!("read: {e}"))?;
+            let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+            if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+                return Err(format!("status: {head}"));
+            }
+            let stats: serde_json::Value =
+                serde_json::from_str(body).map_err(|e| format!("json: {e}"))?;
+            let balance = stats["accounting"].clone();
+            let idle = balance["in_progress"] == 0 && balance["in_flight"] == 0;
+            if idle || std::time::Instant::now() >= deadline {
+                return Ok(balance);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Every test that starts a proxy ends by checking its request ledger:
+/// with nothing in progress, received = answered + refused + cut and
+/// admitted = completed + failed + client_gone, exactly.
 impl Drop for ProxyProcess {
     fn drop(&mut self) {
+        let running = matches!(self.child.try_wait(), Ok(None));
+        if running
+            && !std::thread::panicking()
+            && let Ok(balance) = self.settled_balance()
+        {
+            let n = |key: &str| balance[key].as_u64().unwrap_or(u64::MAX);
+            let received_ok = n("received") == n("answered") + n("refused") + n("cut");
+            let admitted_ok = n("admitted") == n("completed") + n("failed") + n("client_gone");
+            if !(received_ok && admitted_ok) {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("the request ledger does not balance once idle: {balance}");
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

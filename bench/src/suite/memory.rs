@@ -60,6 +60,7 @@ use super::{Args, Check, Op, short};
 use crate::client::{self, Conn, Request};
 use crate::fast_upstream;
 use crate::procs::{self, Proc};
+use crate::soak::{Counts, paced_load};
 use crate::stats::prom_sum;
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -477,41 +478,15 @@ async fn soak(
     eprintln!("bench suite: memory, soak for {:.0} s", args.soak);
     let addr = proxy.addr;
     let stop = Arc::new(AtomicBool::new(false));
-    let (sent, ok) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let load = {
-        let (stop, sent, ok) = (Arc::clone(&stop), Arc::clone(&sent), Arc::clone(&ok));
-        let (rate, concurrency) = (args.soak_rate, args.memory_concurrency.max(1));
-        tokio::spawn(async move {
-            let permits = Arc::new(tokio::sync::Semaphore::new(concurrency));
-            let pool = Arc::new(std::sync::Mutex::new(Vec::<Conn>::new()));
-            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut i = 0usize;
-            while !stop.load(Ordering::Relaxed) {
-                tick.tick().await;
-                let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-                    break;
-                };
-                let item = session_item(nonce, i % sessions, tokens);
-                i += 1;
-                let (pool, sent, ok) = (Arc::clone(&pool), Arc::clone(&sent), Arc::clone(&ok));
-                tokio::spawn(async move {
-                    let conn = pool.lock().ok().and_then(|mut p| p.pop());
-                    let mut conn = conn.unwrap_or_else(|| Conn::new(addr));
-                    sent.fetch_add(1, Ordering::Relaxed);
-                    if conn.send(&item).await.is_ok() {
-                        ok.fetch_add(1, Ordering::Relaxed);
-                    }
-                    if let Ok(mut p) = pool.lock() {
-                        p.push(conn);
-                    }
-                    drop(permit);
-                });
-            }
-            // Wait for the requests still in flight.
-            let _ = permits.acquire_many(concurrency as u32).await;
-        })
-    };
+    let counts = Arc::new(Counts::default());
+    let load = tokio::spawn(paced_load(
+        addr,
+        args.soak_rate,
+        args.memory_concurrency,
+        move |i| session_item(nonce, i % sessions, tokens),
+        Arc::clone(&stop),
+        Arc::clone(&counts),
+    ));
     let every = (duration / 30).clamp(Duration::from_millis(100), Duration::from_secs(30));
     let started = Instant::now();
     let mut samples = Vec::new();
@@ -534,7 +509,10 @@ async fn soak(
     let span = after.last().map_or(0.0, |l| l.0) - after.first().map_or(0.0, |f| f.0);
     let growth = fit(&after).map_or(0.0, |(_, slope)| slope) * span;
     let mean = after.iter().map(|p| p.1).sum::<f64>() / after.len().max(1) as f64;
-    let (sent, ok) = (sent.load(Ordering::Relaxed), ok.load(Ordering::Relaxed));
+    let (sent, ok) = (
+        counts.sent.load(Ordering::Relaxed),
+        counts.ok.load(Ordering::Relaxed),
+    );
     // The admin endpoint still answers: the proxy lived through the soak.
     client::get(proxy.admin, "/metrics")
         .await
