@@ -55,9 +55,18 @@ pub struct ServerConfig {
     #[arg(long, env = "SLUICE_MAX_BODY", value_name = "SIZE", default_value = "16MiB", value_parser = parse_size)]
     pub max_body: u64,
 
-    /// Most client connections served at once; more wait to be accepted
+    /// Most client connections served at once; at the limit a new one takes
+    /// the place of the longest-idle connection, or gets 503 at once when
+    /// every connection has a request in progress
     #[arg(long, env = "SLUICE_MAX_CONNECTIONS", value_name = "N", default_value = "4096", value_parser = at_least_one_usize())]
     pub max_connections: usize,
+
+    /// Close a client connection with no request in progress for this long:
+    /// before its first request, between keep-alive requests, an HTTP/2
+    /// connection with no open stream; also the time allowed for a
+    /// request's headers
+    #[arg(long, env = "SLUICE_CLIENT_IDLE_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_positive_duration)]
+    pub client_idle_timeout: Duration,
 
     /// Threads that serve client connections, each with its own event loop
     /// and its own upstream connections; a request never changes threads

@@ -78,6 +78,14 @@ pub enum ProxyError {
     /// The proxy is shutting down and admits nothing new.
     #[error("the proxy is shutting down")]
     ShuttingDown,
+    /// Every client connection the listener may serve has a request in progress.
+    #[error(
+        "too many connections: this proxy serves at most {limit} at once and each has a request in progress (--max-connections); retry shortly"
+    )]
+    TooManyConnections {
+        /// `--max-connections`.
+        limit: usize,
+    },
     /// A bug or an unexpected internal failure.
     #[error("internal error: {0}")]
     Internal(String),
@@ -94,9 +102,10 @@ impl ProxyError {
             Self::UpstreamUnreachable { .. } | Self::UpstreamBadResponse(_) => {
                 StatusCode::BAD_GATEWAY
             }
-            Self::UpstreamDown { .. } | Self::QueueTimeout(_) | Self::ShuttingDown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::UpstreamDown { .. }
+            | Self::QueueTimeout(_)
+            | Self::ShuttingDown
+            | Self::TooManyConnections { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::QueueFull { .. } | Self::RateLimited { .. } | Self::PolicyRejected(_) => {
                 StatusCode::TOO_MANY_REQUESTS
@@ -121,6 +130,7 @@ impl ProxyError {
             Self::RateLimited { .. } => "rate_limited",
             Self::PolicyRejected(_) => "policy_rejected",
             Self::ShuttingDown => "shutting_down",
+            Self::TooManyConnections { .. } => "too_many_connections",
             Self::Internal(_) => "internal_error",
         }
     }
@@ -141,9 +151,10 @@ impl ProxyError {
             Self::UpstreamDown { retry_after, .. }
             | Self::QueueFull { retry_after, .. }
             | Self::RateLimited { retry_after, .. } => Some(*retry_after),
-            Self::QueueTimeout(_) | Self::PolicyRejected(_) | Self::ShuttingDown => {
-                Some(Duration::from_secs(1))
-            }
+            Self::QueueTimeout(_)
+            | Self::PolicyRejected(_)
+            | Self::ShuttingDown
+            | Self::TooManyConnections { .. } => Some(Duration::from_secs(1)),
             _ => None,
         }
     }

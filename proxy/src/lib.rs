@@ -32,7 +32,8 @@
 //!    finishes it), [`proxy`] (classify → admit → forward → stream back).
 //! 7. **The process.** [`app`] (the services built from a config; policy
 //!    reloads), [`admin`] (`/metrics`, `/stats`, `/admin/policy`),
-//!    [`server`] (listeners, connection limits, HTTP/1.1 + h2c, drain).
+//!    [`connections`] (each listener's connection limit, idle timeout and
+//!    refusals), [`server`] (listeners, HTTP/1.1 + h2c, drain).
 #![deny(missing_docs)]
 
 pub mod admin;
@@ -42,6 +43,7 @@ pub mod body;
 pub mod classify;
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod error;
 pub mod exchange;
 pub mod gpu;

@@ -10,13 +10,21 @@
 //! for a complete one. When the body ends — completely, with an error, or
 //! because the client went away and hyper dropped it — it finishes the
 //! request's [`Exchange`](crate::exchange::Exchange) exactly once.
+//!
+//! [`cut_streams`] is shutdown's last step: every body still open ends at
+//! once, an SSE stream with an error event saying the proxy is shutting
+//! down, and its exchange finishes as cut by shutdown.
 
 use std::pin::Pin;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use tokio::sync::Notify;
+use tokio::sync::futures::Notified;
 use tokio::time::{Instant, Sleep};
 
 use crate::body::BoxError;
@@ -28,6 +36,39 @@ use crate::stream_usage::UsageStripper;
 #[error("upstream sent nothing for {}", crate::units::format_duration(*.0))]
 pub struct IdleTimeout(pub Duration);
 
+/// Set by [`cut_streams`]: bodies end at their next poll.
+static CUT: AtomicBool = AtomicBool::new(false);
+/// Each thread's wake-up for the bodies it polls (one per thread, so bodies
+/// on different serving threads never share a lock).
+static CUT_WAKERS: Mutex<Vec<&'static Notify>> = Mutex::new(Vec::new());
+
+thread_local! {
+    static THREAD_CUT: &'static Notify = {
+        let notify: &'static Notify = Box::leak(Box::new(Notify::new()));
+        if let Ok(mut wakers) = CUT_WAKERS.lock() {
+            wakers.push(notify);
+        }
+        notify
+    };
+}
+
+/// Ends every open body now (shutdown, after `--drain-timeout`): an SSE
+/// stream with an error event, a plain body aborted; each request counts
+/// as cut by shutdown.
+pub fn cut_streams() {
+    CUT.store(true, Ordering::SeqCst);
+    if let Ok(wakers) = CUT_WAKERS.lock() {
+        for notify in wakers.iter() {
+            notify.notify_waiters();
+        }
+    }
+}
+
+/// The stream was cut by [`cut_streams`].
+#[derive(Debug, thiserror::Error)]
+#[error("the proxy is shutting down: the response was cut at the drain timeout")]
+pub struct CutByShutdown;
+
 pin_project_lite::pin_project! {
     /// An upstream response body on its way to the client (see the module docs).
     pub struct ObservedBody<B: Body> {
@@ -37,6 +78,9 @@ pin_project_lite::pin_project! {
         #[pin]
         idle: Sleep,
         idle_limit: Duration,
+        // Resolves when shutdown cuts open streams.
+        #[pin]
+        cut: Notified<'static>,
         // Whether this is a `text/event-stream` response (errors become SSE events).
         sse: bool,
         // The final SSE error event has been sent: the stream is over.
@@ -73,6 +117,7 @@ impl<B: Body> ObservedBody<B> {
             inner,
             idle: tokio::time::sleep(idle_limit),
             idle_limit,
+            cut: THREAD_CUT.with(|notify| notify.notified()),
             sse,
             done: false,
             stripper: None,
@@ -116,9 +161,13 @@ fn concat(head: Bytes, tail: Bytes) -> Bytes {
     }
 }
 
-/// The last event of an SSE stream that failed mid-way.
-fn sse_error_event(message: &str) -> Bytes {
-    let error = crate::error::openai_error(message, "upstream_error", "upstream_stream_error");
+/// The last event of an SSE stream that failed mid-way (`cut`: by shutdown).
+fn sse_error_event(message: &str, cut: bool) -> Bytes {
+    let error = if cut {
+        crate::error::openai_error(message, "server_error", "shutting_down")
+    } else {
+        crate::error::openai_error(message, "upstream_error", "upstream_stream_error")
+    };
     Bytes::from(format!("data: {error}\n\n"))
 }
 
@@ -142,6 +191,9 @@ where
             return Poll::Ready(None);
         }
         let failure: BoxError = loop {
+            if CUT.load(Ordering::Relaxed) {
+                break Box::new(CutByShutdown);
+            }
             match this.inner.as_mut().poll_frame(cx) {
                 Poll::Ready(Some(Ok(mut frame))) => {
                     if let (Some(data), Some(exchange)) = (frame.data_ref(), this.exchange.as_mut())
@@ -201,14 +253,26 @@ where
                 }
                 Poll::Ready(Some(Err(err))) => break err.into(),
                 Poll::Pending => {
+                    if this.cut.as_mut().poll(cx).is_ready() {
+                        break Box::new(CutByShutdown);
+                    }
                     ready!(this.idle.as_mut().poll(cx));
                     break Box::new(IdleTimeout(*this.idle_limit));
                 }
             }
         };
-        let message = format!("upstream stream interrupted: {failure}");
+        let cut = failure.is::<CutByShutdown>();
+        let message = if cut {
+            failure.to_string()
+        } else {
+            format!("upstream stream interrupted: {failure}")
+        };
         if let Some(exchange) = this.exchange.take() {
-            exchange.finish(Outcome::UpstreamFailed(message.clone()));
+            exchange.finish(if cut {
+                Outcome::Shutdown
+            } else {
+                Outcome::UpstreamFailed(message.clone())
+            });
         }
         if *this.sse {
             // End the stream with an explicit error event (and no `[DONE]`),
@@ -221,7 +285,7 @@ where
                 .unwrap_or_default();
             Poll::Ready(Some(Ok(Frame::data(concat(
                 held,
-                sse_error_event(&message),
+                sse_error_event(&message, cut),
             )))))
         } else {
             // A plain body cannot carry an error: abort the response so the

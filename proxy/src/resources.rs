@@ -2,16 +2,16 @@
 //! open connections, sampled when `/metrics` is scraped (so an unscraped
 //! proxy does no work for them).
 //!
-//! - [`watch_listener`]: the server registers each listener's connection
-//!   limit; open connections are the permits taken.
+//! - [`watch_listener`]: the server registers each listener's count of
+//!   open connections.
 //! - [`sample`]: sets [`telemetry::PROCESS_RESIDENT_MEMORY`],
 //!   [`telemetry::PROCESS_CPU`] (from `/proc/self`, Linux only) and
 //!   [`telemetry::OPEN_CONNECTIONS`].
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use metrics::gauge;
-use tokio::sync::Semaphore;
 
 use crate::telemetry;
 
@@ -19,17 +19,16 @@ use crate::telemetry;
 /// 100 on every Linux architecture the proxy builds for.
 const USER_HZ: f64 = 100.0;
 
-/// A listener's connection limit: its name, its semaphore, its size.
-type Watched = (&'static str, Weak<Semaphore>, usize);
+/// A listener: its name and its open connections.
+type Watched = (&'static str, Weak<AtomicUsize>);
 
 static LISTENERS: Mutex<Vec<Watched>> = Mutex::new(Vec::new());
 
-/// Counts `limit`'s taken permits (of `max`) as `listener`'s open
-/// connections from now on.
-pub fn watch_listener(listener: &'static str, limit: &Arc<Semaphore>, max: usize) {
+/// Reports `open` as `listener`'s open connections from now on.
+pub fn watch_listener(listener: &'static str, open: &Arc<AtomicUsize>) {
     if let Ok(mut listeners) = LISTENERS.lock() {
-        listeners.retain(|(name, weak, _)| *name != listener && weak.strong_count() > 0);
-        listeners.push((listener, Arc::downgrade(limit), max));
+        listeners.retain(|(name, weak)| *name != listener && weak.strong_count() > 0);
+        listeners.push((listener, Arc::downgrade(open)));
     }
 }
 
@@ -44,15 +43,10 @@ pub fn sample() {
     let Ok(listeners) = LISTENERS.lock() else {
         return;
     };
-    for (listener, weak, max) in listeners.iter() {
-        if let Some(limit) = weak.upgrade() {
-            // The accept loop holds one permit while it waits for the next
-            // connection (the bound applies before `accept`): not a
-            // connection.
-            let open = max
-                .saturating_sub(limit.available_permits())
-                .saturating_sub(1);
-            gauge!(telemetry::OPEN_CONNECTIONS, "listener" => *listener).set(open as f64);
+    for (listener, weak) in listeners.iter() {
+        if let Some(open) = weak.upgrade() {
+            gauge!(telemetry::OPEN_CONNECTIONS, "listener" => *listener)
+                .set(open.load(Ordering::Relaxed) as f64);
         }
     }
 }
@@ -102,11 +96,9 @@ mod tests {
     }
 
     #[test]
-    fn open_connections_are_the_permits_taken() {
-        let limit = Arc::new(Semaphore::new(8));
-        watch_listener("test", &limit, 8);
-        // Three connections, and the accept loop's permit for the next.
-        let _held = Arc::clone(&limit).try_acquire_many_owned(4).unwrap();
+    fn open_connections_are_the_listeners_count() {
+        let open = Arc::new(AtomicUsize::new(3));
+        watch_listener("test", &open);
         let handle = crate::telemetry::install();
         sample();
         let metrics = handle.render();

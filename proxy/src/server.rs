@@ -1,8 +1,9 @@
 //! Listeners, serving threads, connections and graceful shutdown.
 //!
 //! [`run`] takes already-bound listeners and a shutdown future (tests bind
-//! port 0 and stop the server cleanly). Each listener takes a permit before
-//! `accept`, so at most `--max-connections` clients are served at once; each
+//! port 0 and stop the server cleanly). Each listener's [`Tracker`] bounds
+//! its connections (`--max-connections`), closes idle ones and answers
+//! `503` at once when every slot is busy (see [`crate::connections`]); each
 //! connection speaks HTTP/1.1 with keep-alive or h2c (prior knowledge) with
 //! `TCP_NODELAY`.
 //!
@@ -15,8 +16,11 @@
 //! cross-thread wakeups. The admin listener, the admission scheduler and
 //! the background tasks stay on the runtime that called [`run`].
 //!
-//! Shutdown runs in three steps: stop accepting, ask every connection to
-//! finish its in-flight requests, wait up to `--drain-timeout`.
+//! Shutdown runs in four steps: stop accepting, ask every connection to
+//! finish its in-flight requests, wait up to `--drain-timeout`, then cut
+//! what is still streaming: each such stream ends with an SSE error event
+//! (a plain body is aborted) and counts as cut by shutdown, and the
+//! connections get [`CUT_GRACE`] to send that before the threads stop.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -30,12 +34,12 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 
 use crate::app::App;
 use crate::body::ProxyBody;
+use crate::connections::{Slot, TrackedBody, Tracker};
 use crate::headers::Peer;
 use crate::pool;
 use crate::proxy::Proxy;
@@ -59,33 +63,31 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let graceful = GracefulShutdown::new();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let workers = Workers::start(app.config.server.workers(), &app.proxy)?;
-    let max_connections = app.config.server.max_connections;
-    let main_limit = Arc::new(Semaphore::new(max_connections));
-    crate::resources::watch_listener("main", &main_limit, max_connections);
-    let admin_limit = Arc::new(Semaphore::new(ADMIN_CONNECTIONS));
-    crate::resources::watch_listener("admin", &admin_limit, ADMIN_CONNECTIONS);
+    let idle_limit = app.config.server.client_idle_timeout;
+    let workers = Workers::start(app.config.server.workers(), &app.proxy, idle_limit)?;
+    let main_connections = Tracker::new("main", app.config.server.max_connections);
+    let admin_connections = Tracker::new("admin", ADMIN_CONNECTIONS);
     let main = accept_loop(
         listeners.main,
-        main_limit,
+        Arc::clone(&main_connections),
         stop_rx.clone(),
-        &graceful,
         |accepted| workers.hand_off(accepted),
     );
     let admin_app = Arc::clone(&app);
-    let admin_builder = http_builder();
+    let admin_builder = http_builder(idle_limit);
     let admin = accept_loop(
         listeners.admin,
-        admin_limit,
+        Arc::clone(&admin_connections),
         stop_rx,
-        &graceful,
         move |accepted: Accepted| {
             let app = Arc::clone(&admin_app);
-            serve(&admin_builder, accepted, move |req, _: &Peer| {
-                crate::admin::handle(Arc::clone(&app), req)
-            });
+            serve(
+                &admin_builder,
+                accepted,
+                idle_limit,
+                move |req, _: &Peer| crate::admin::handle(Arc::clone(&app), req),
+            );
             async {}
         },
     );
@@ -101,17 +103,46 @@ pub async fn run(
     let drain = app.config.server.drain_timeout;
     tracing::info!(
         drain_timeout_s = drain.as_secs_f64(),
+        open_connections = main_connections.open(),
         "shutting down: draining in-flight requests"
     );
-    match tokio::time::timeout(drain, graceful.shutdown()).await {
+    main_connections.close_all();
+    admin_connections.close_all();
+    let all_closed = async {
+        main_connections.closed().await;
+        admin_connections.closed().await;
+    };
+    match tokio::time::timeout(drain, all_closed).await {
         Ok(()) => tracing::info!("all connections drained"),
-        Err(_) => tracing::warn!("drain timeout reached; closing remaining connections"),
+        Err(_) => {
+            // 4. end what still streams with an error event, then stop.
+            tracing::warn!(
+                open_connections = main_connections.open(),
+                "drain timeout reached; cutting the streams still open"
+            );
+            crate::observed::cut_streams();
+            let _ = tokio::time::timeout(CUT_GRACE, main_connections.closed()).await;
+        }
     }
     // Dropping `workers` closes the hand-off queues: each serving thread's
     // runtime then stops, ending any connection still open.
     drop(workers);
     Ok(())
 }
+
+/// After the drain timeout, how long cut streams have to send their error
+/// event before the serving threads stop.
+pub const CUT_GRACE: Duration = Duration::from_secs(1);
+
+/// How long an evicted or idle connection has to close after it was asked
+/// (an HTTP/2 GOAWAY that the client does not read): then it is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// HTTP/2 pings on open connections, so a client that vanished (no FIN) is
+/// noticed while its streams are still open.
+const H2_PING_EVERY: Duration = Duration::from_secs(30);
+/// How long a ping may go unanswered.
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Connections the admin listener serves at once.
 const ADMIN_CONNECTIONS: usize = 64;
@@ -122,10 +153,9 @@ const ADMIN_CONNECTIONS: usize = 64;
 struct Connection<S> {
     stream: S,
     peer: SocketAddr,
-    // Released when the connection ends: the `--max-connections` bound.
-    permit: OwnedSemaphorePermit,
-    // Lets shutdown ask the connection to finish.
-    watcher: Watcher,
+    // Its place in the listener's count, and what it is doing; given up
+    // when the connection ends.
+    slot: Slot,
 }
 
 impl<S> Connection<S> {
@@ -134,17 +164,11 @@ impl<S> Connection<S> {
         self,
         f: impl FnOnce(S) -> std::io::Result<T>,
     ) -> std::io::Result<Connection<T>> {
-        let Self {
-            stream,
-            peer,
-            permit,
-            watcher,
-        } = self;
+        let Self { stream, peer, slot } = self;
         Ok(Connection {
             stream: f(stream)?,
             peer,
-            permit,
-            watcher,
+            slot,
         })
     }
 }
@@ -164,7 +188,7 @@ struct Workers {
 
 impl Workers {
     /// Starts `count` threads, each serving `proxy` on its own runtime.
-    fn start(count: usize, proxy: &Arc<Proxy>) -> std::io::Result<Self> {
+    fn start(count: usize, proxy: &Arc<Proxy>, idle_limit: Duration) -> std::io::Result<Self> {
         let mut queues = Vec::with_capacity(count);
         for index in 0..count {
             let (tx, mut rx) = mpsc::channel::<Handoff>(HANDOFF_QUEUE);
@@ -192,13 +216,13 @@ impl Workers {
                     pool::enter_worker(index);
                     runtime.block_on(async move {
                         tokio::spawn(keep_timer_armed());
-                        let builder = http_builder();
+                        let builder = http_builder(idle_limit);
                         while let Some(handoff) = rx.recv().await {
                             let Some(accepted) = handoff.register() else {
                                 continue;
                             };
                             let proxy = Arc::clone(&proxy);
-                            serve(&builder, accepted, move |req, client: &Peer| {
+                            serve(&builder, accepted, idle_limit, move |req, client: &Peer| {
                                 let proxy = Arc::clone(&proxy);
                                 let client = client.clone();
                                 async move { proxy.handle(req, &client).await }
@@ -268,63 +292,110 @@ impl Handoff {
     }
 }
 
-/// HTTP/1.1 with keep-alive, or h2c with prior knowledge.
-fn http_builder() -> auto::Builder<TokioExecutor> {
+/// HTTP/1.1 with keep-alive, or h2c with prior knowledge. An HTTP/1.1
+/// request's head must arrive within `idle_limit` (the connection is idle
+/// until it has).
+fn http_builder(idle_limit: Duration) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .header_read_timeout(idle_limit);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(H2_PING_EVERY)
+        .keep_alive_timeout(H2_PING_TIMEOUT);
     builder
 }
 
-/// Serves one connection on the current runtime with `handler`.
-fn serve<H, Fut>(builder: &auto::Builder<TokioExecutor>, accepted: Accepted, handler: H)
-where
+/// Serves one connection on the current runtime with `handler`, closing it
+/// when it has been idle for `idle_limit` or is asked to (eviction,
+/// shutdown).
+fn serve<H, Fut>(
+    builder: &auto::Builder<TokioExecutor>,
+    accepted: Accepted,
+    idle_limit: Duration,
+    handler: H,
+) where
     H: Fn(Request<Incoming>, &Peer) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
-    let Connection {
-        stream,
-        peer,
-        permit,
-        watcher,
-    } = accepted;
+    let Connection { stream, peer, slot } = accepted;
     let client = Peer::new(peer);
+    let activity = Arc::clone(slot.activity());
     let service = service_fn(move |req| {
+        // In progress from its head until its body is sent or dropped.
+        let busy = activity.busy();
         let response = handler(req, &client);
-        async move { Ok::<_, Infallible>(response.await) }
+        async move { Ok::<_, Infallible>(response.await.map(|body| TrackedBody::new(body, busy))) }
     });
-    let connection = watcher.watch(
-        builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned(),
-    );
+    let connection = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .into_owned();
     tokio::spawn(async move {
-        if let Err(err) = connection.await {
-            tracing::debug!(peer = %peer, error = %err, "connection ended with an error");
+        let activity = Arc::clone(slot.activity());
+        let mut connection = std::pin::pin!(connection);
+        let timer = tokio::time::sleep(idle_limit);
+        let mut timer = std::pin::pin!(timer);
+        // Set once the connection was asked to close: by then the timer
+        // bounds how long closing may take (none for shutdown, which the
+        // drain timeout bounds).
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(err) = result {
+                        tracing::debug!(peer = %peer, error = %err, "connection ended with an error");
+                    }
+                    break;
+                }
+                () = activity.close_requested(), if !closing => {
+                    closing = true;
+                    connection.as_mut().graceful_shutdown();
+                    let grace = if activity.was_evicted() {
+                        CLOSE_GRACE
+                    } else {
+                        Duration::from_secs(u32::MAX.into())
+                    };
+                    timer.as_mut().reset(tokio::time::Instant::now() + grace);
+                }
+                () = timer.as_mut() => {
+                    if closing {
+                        tracing::debug!(peer = %peer, "connection did not close in time; dropped");
+                        break;
+                    }
+                    match activity.idle_deadline(idle_limit) {
+                        Some(at) if at <= tokio::time::Instant::now() => {
+                            tracing::debug!(peer = %peer, idle_s = idle_limit.as_secs_f64(), "closing an idle connection");
+                            slot.count_idle_close();
+                            closing = true;
+                            connection.as_mut().graceful_shutdown();
+                            timer.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
+                        }
+                        Some(at) => timer.as_mut().reset(at),
+                        None => timer.as_mut().reset(tokio::time::Instant::now() + idle_limit),
+                    }
+                }
+            }
         }
-        drop(permit);
+        drop(slot);
     });
 }
 
-/// Accepts until `stop`, taking a permit before each `accept`.
+/// Accepts until `stop`: each connection takes a slot from `connections`,
+/// or is refused at once when every slot is busy.
 async fn accept_loop<F, Fut>(
     listener: TcpListener,
-    limit: Arc<Semaphore>,
+    connections: Arc<Tracker>,
     mut stop: watch::Receiver<bool>,
-    graceful: &GracefulShutdown,
     mut on_accept: F,
 ) where
     F: FnMut(Accepted) -> Fut,
     Fut: Future<Output = ()>,
 {
     loop {
-        let permit = tokio::select! {
-            permit = Arc::clone(&limit).acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
-            },
-            _ = stop.changed() => return,
-        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -337,13 +408,11 @@ async fn accept_loop<F, Fut>(
             },
             _ = stop.changed() => return,
         };
+        let Some(slot) = connections.admit() else {
+            connections.refuse(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
-        on_accept(Accepted {
-            stream,
-            peer,
-            permit,
-            watcher: graceful.watcher(),
-        })
-        .await;
+        on_accept(Accepted { stream, peer, slot }).await;
     }
 }

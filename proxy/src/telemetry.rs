@@ -53,6 +53,11 @@ pub const PROCESS_CPU: &str = "sluice_process_cpu_seconds";
 /// Gauge: client connections open, by `listener` (`main`, `admin`).
 pub const OPEN_CONNECTIONS: &str = "sluice_open_connections";
 
+/// Client connections Sluice closed, by `listener` and `reason` (`idle_timeout`, `evicted`).
+pub const CONNECTIONS_CLOSED: &str = "sluice_connections_closed_total";
+/// Client connections refused at `--max-connections` (answered 503), by `listener`.
+pub const CONNECTIONS_REFUSED: &str = "sluice_connections_refused_total";
+
 /// Client requests received (see [`crate::ledger`]).
 pub const REQUESTS_RECEIVED: &str = "sluice_requests_received_total";
 /// Client requests ended, by `ending` (answered, refused, cut).
@@ -156,6 +161,14 @@ pub fn install() -> PrometheusHandle {
 
 fn describe() {
     describe_counter!(REQUESTS, "Requests finished, by route and outcome.");
+    describe_counter!(
+        CONNECTIONS_CLOSED,
+        "Client connections Sluice closed: idle past --client-idle-timeout, or evicted (the longest idle) to make room at --max-connections."
+    );
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Client connections answered 503 at --max-connections because every open one had a request in progress."
+    );
     describe_counter!(
         REQUESTS_RECEIVED,
         "Client requests received; each ends once in sluice_requests_ended_total."
