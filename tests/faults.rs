@@ -978,3 +978,91 @@ async fn every_request_is_accounted_for_exactly_once() {
         "{balance}"
     );
 }
+
+#[tokio::test]
+async fn bodies_being_read_share_one_memory_budget() {
+    let upstream = EchoUpstream::start().await;
+    let proxy = ProxyProcess::start(
+        &upstream.url(),
+        &["--max-body", "1MiB", "--body-memory", "2MiB"],
+    );
+    let url = format!("{}/v1/completions", proxy.url());
+    // A token-id prompt of about 900 KB, declared whole, sent but its last
+    // byte: it holds twice its size of the 2 MiB budget while it is read.
+    let ids: Vec<String> = (0..130_000u32).map(|i| (100_000 + i).to_string()).collect();
+    let big = format!(
+        r#"{{"model":"m","max_tokens":1,"prompt":[{}]}}"#,
+        ids.join(",")
+    );
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        big.len()
+    );
+    let mut first = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    first.write_all(head.as_bytes()).await.unwrap();
+    first
+        .write_all(&big.as_bytes()[..big.len() - 1])
+        .await
+        .unwrap();
+    // A second such body does not fit beside it: 503 at once, with Retry-After.
+    let refused = wait_until(Duration::from_secs(10), || async {
+        let reply = send(
+            Method::POST,
+            &url,
+            &[("content-type", "application/json")],
+            Bytes::from(big.clone()),
+        )
+        .await;
+        reply.status == 503
+    })
+    .await;
+    assert!(refused, "a second large body was read beside the first");
+    let reply = send(
+        Method::POST,
+        &url,
+        &[("content-type", "application/json")],
+        Bytes::from(big.clone()),
+    )
+    .await;
+    assert_openai_error(&reply, 503, "body_memory_full");
+    assert_eq!(reply.headers["retry-after"], "1");
+    // Small requests still fit.
+    assert_eq!(post_json(&url, &completion(json!({}))).await.status, 200);
+    // The first body ends: it is served, and the budget is free again.
+    first
+        .write_all(&big.as_bytes()[big.len() - 1..])
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains("\r\n\r\n") {
+        let n = first.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before answering");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    drop(first);
+    let served = wait_until(Duration::from_secs(10), || async {
+        send(
+            Method::POST,
+            &url,
+            &[("content-type", "application/json")],
+            Bytes::from(big.clone()),
+        )
+        .await
+        .status
+            == 200
+    })
+    .await;
+    assert!(served, "the budget was not given back");
+    assert!(
+        proxy
+            .metric("sluice_requests_total{route=\"completions\",outcome=\"body_memory_full\"}")
+            .await
+            >= 2.0
+    );
+}

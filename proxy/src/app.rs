@@ -15,6 +15,7 @@ use crate::admission::{Admission, AdmissionConfig, Policy};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::gpu::{self, GpuSnapshot};
+use crate::intake::BodyBudget;
 use crate::prefix::{BlockUnit, PrefixTracker};
 use crate::proxy::Proxy;
 use crate::scrape::{self, UpstreamMetrics};
@@ -128,6 +129,7 @@ impl App {
             admission.clone(),
             Arc::clone(&prefix),
             config.server.max_body,
+            BodyBudget::new(config.server.body_memory),
         ));
         Ok(Arc::new(Self {
             config,

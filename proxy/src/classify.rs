@@ -209,7 +209,7 @@ impl InferenceRequest {
         let fields: Fields<'_> = serde_json::from_slice(body).map_err(not_json)?;
         let prompt = match route {
             Route::ChatCompletions => Prompt::Messages(messages(value(fields.messages)?)?),
-            _ => prompt(value(fields.prompt)?)?,
+            _ => prompt(fields.prompt)?,
         };
         let max_tokens = match opt_u32(value_or_null(fields.max_tokens)?, "max_tokens")? {
             Some(n) => Some(n),
@@ -306,47 +306,192 @@ fn opt_u32(value: Value, key: &str) -> Result<Option<u32>, ProxyError> {
 }
 
 /// `prompt`: `None` when the field is absent (a JSON `null` is present, and invalid).
-fn prompt(value: Option<Value>) -> Result<Prompt, ProxyError> {
-    let value = value.ok_or_else(|| bad("`prompt` is required"))?;
-    let invalid = || {
-        bad(
+///
+/// Read straight into its typed form: a prompt of token ids is built as
+/// `u32`s, never as a JSON `Value` per id (32 bytes and an allocation
+/// each, about 7× the body for a long token-id prompt).
+fn prompt(raw: Option<&RawValue>) -> Result<Prompt, ProxyError> {
+    let raw = raw.ok_or_else(|| bad("`prompt` is required"))?;
+    let form: PromptForm = serde_json::from_str(raw.get()).map_err(not_json)?;
+    match form {
+        PromptForm::Valid(prompt) => Ok(prompt),
+        PromptForm::Empty => Err(bad("`prompt` must not be empty")),
+        PromptForm::Invalid => Err(bad(
             "`prompt` must be a string, an array of strings, an array of token ids, \
              or an array of token-id arrays",
-        )
-    };
-    match value {
-        Value::String(s) => Ok(Prompt::Text(vec![s])),
-        Value::Array(items) if items.is_empty() => Err(bad("`prompt` must not be empty")),
-        Value::Array(items) => match &items[0] {
-            Value::String(_) => items
-                .into_iter()
-                .map(|v| match v {
-                    Value::String(s) => Ok(s),
-                    _ => Err(invalid()),
-                })
-                .collect::<Result<_, _>>()
-                .map(Prompt::Text),
-            Value::Number(_) => Ok(Prompt::Tokens(vec![token_ids(&items).ok_or_else(invalid)?])),
-            Value::Array(_) => items
-                .iter()
-                .map(|seq| {
-                    seq.as_array()
-                        .and_then(|s| token_ids(s))
-                        .ok_or_else(invalid)
-                })
-                .collect::<Result<_, _>>()
-                .map(Prompt::Tokens),
-            _ => Err(invalid()),
-        },
-        _ => Err(invalid()),
+        )),
     }
 }
 
-fn token_ids(items: &[Value]) -> Option<Vec<u32>> {
-    items
-        .iter()
-        .map(|v| v.as_u64().and_then(|n| u32::try_from(n).ok()))
-        .collect()
+/// What a `prompt` value turned out to be (a wrong shape is not a JSON
+/// error: the whole value is still read, so JSON errors come first).
+enum PromptForm {
+    Valid(Prompt),
+    Empty,
+    Invalid,
+}
+
+/// One element of a `prompt` array.
+enum PromptItem {
+    Text(String),
+    Id(u32),
+    Ids(Vec<u32>),
+    Invalid,
+}
+
+/// A token id: a JSON integer that fits in `u32`.
+struct TokenId(Option<u32>);
+
+impl<'de> Deserialize<'de> for TokenId {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(match deserializer.deserialize_any(ItemVisitor)? {
+            PromptItem::Id(id) => TokenId(Some(id)),
+            _ => TokenId(None),
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for PromptItem {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ItemVisitor)
+    }
+}
+
+struct ItemVisitor;
+
+impl<'de> Visitor<'de> for ItemVisitor {
+    type Value = PromptItem;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a prompt element")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<PromptItem, E> {
+        Ok(PromptItem::Text(v.to_owned()))
+    }
+
+    fn visit_string<E: de::Error>(self, v: String) -> Result<PromptItem, E> {
+        Ok(PromptItem::Text(v))
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<PromptItem, E> {
+        Ok(u32::try_from(v).map_or(PromptItem::Invalid, PromptItem::Id))
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<PromptItem, E> {
+        Ok(u32::try_from(v).map_or(PromptItem::Invalid, PromptItem::Id))
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<PromptItem, E> {
+        Ok(PromptItem::Invalid)
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<PromptItem, E> {
+        Ok(PromptItem::Invalid)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<PromptItem, E> {
+        Ok(PromptItem::Invalid)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<PromptItem, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(PromptItem::Invalid)
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<PromptItem, A::Error> {
+        let mut ids = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
+        let mut valid = true;
+        while let Some(TokenId(id)) = seq.next_element()? {
+            match id {
+                Some(id) if valid => ids.push(id),
+                _ => valid = false,
+            }
+        }
+        Ok(if valid {
+            PromptItem::Ids(ids)
+        } else {
+            PromptItem::Invalid
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for PromptForm {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct FormVisitor;
+        impl<'de> Visitor<'de> for FormVisitor {
+            type Value = PromptForm;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a prompt")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<PromptForm, E> {
+                Ok(PromptForm::Valid(Prompt::Text(vec![v.to_owned()])))
+            }
+
+            fn visit_string<E: de::Error>(self, v: String) -> Result<PromptForm, E> {
+                Ok(PromptForm::Valid(Prompt::Text(vec![v])))
+            }
+
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<PromptForm, E> {
+                Ok(PromptForm::Invalid)
+            }
+
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<PromptForm, E> {
+                Ok(PromptForm::Invalid)
+            }
+
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<PromptForm, E> {
+                Ok(PromptForm::Invalid)
+            }
+
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<PromptForm, E> {
+                Ok(PromptForm::Invalid)
+            }
+
+            fn visit_unit<E: de::Error>(self) -> Result<PromptForm, E> {
+                Ok(PromptForm::Invalid)
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<PromptForm, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(PromptForm::Invalid)
+            }
+
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<PromptForm, A::Error> {
+                // The first element decides the form; every other must match it.
+                let (mut texts, mut ids, mut sequences) = (Vec::new(), Vec::new(), Vec::new());
+                let mut valid = true;
+                while let Some(item) = seq.next_element::<PromptItem>()? {
+                    if !valid {
+                        continue;
+                    }
+                    let first = texts.is_empty() && ids.is_empty() && sequences.is_empty();
+                    match item {
+                        PromptItem::Text(t) if first || !texts.is_empty() => texts.push(t),
+                        PromptItem::Id(id) if first || !ids.is_empty() => ids.push(id),
+                        PromptItem::Ids(seq) if first || !sequences.is_empty() => {
+                            sequences.push(seq);
+                        }
+                        _ => valid = false,
+                    }
+                }
+                Ok(if !valid {
+                    PromptForm::Invalid
+                } else if !texts.is_empty() {
+                    PromptForm::Valid(Prompt::Text(texts))
+                } else if !ids.is_empty() {
+                    PromptForm::Valid(Prompt::Tokens(vec![ids]))
+                } else if !sequences.is_empty() {
+                    PromptForm::Valid(Prompt::Tokens(sequences))
+                } else {
+                    PromptForm::Empty
+                })
+            }
+        }
+        deserializer.deserialize_any(FormVisitor)
+    }
 }
 
 fn messages(value: Option<Value>) -> Result<Vec<ChatMessage>, ProxyError> {
@@ -461,6 +606,44 @@ mod tests {
         let r = parse(Route::Completions, r#"{"prompt":[[1],[2,3]]}"#).unwrap();
         assert_eq!(r.prompt, Prompt::Tokens(vec![vec![1], vec![2, 3]]));
         assert!(parse(Route::Completions, r#"{"prompt":[1,"a"]}"#).is_err());
+        let r = parse(Route::Completions, r#"{"prompt":[[]]}"#).unwrap();
+        assert_eq!(r.prompt, Prompt::Tokens(vec![vec![]]));
+    }
+
+    #[test]
+    fn wrong_prompt_shapes_are_refused_after_the_json_is_read() {
+        for prompt in [
+            "[1,-1]",
+            "[4294967296]",
+            "[1,2.5]",
+            r#"[[1],"a"]"#,
+            r#"["a",[1]]"#,
+            r#"[[1,"a"]]"#,
+            r#"{"a":[1]}"#,
+            r#"[1,{"x":[1,2]}]"#,
+            "true",
+            "7",
+        ] {
+            let e = parse(Route::Completions, &format!(r#"{{"prompt":{prompt}}}"#)).unwrap_err();
+            assert!(e.contains("`prompt` must be a string"), "{prompt}: {e}");
+        }
+        let e = parse(Route::Completions, r#"{"prompt":[]}"#).unwrap_err();
+        assert!(e.contains("must not be empty"), "{e}");
+        let e = parse(Route::Completions, r#"{"prompt":[1,2,}"#).unwrap_err();
+        assert!(e.contains("not valid JSON"), "{e}");
+    }
+
+    #[test]
+    fn a_long_token_id_prompt_is_read_as_u32s() {
+        let ids: Vec<String> = (0..100_000u32).map(|i| (i * 7).to_string()).collect();
+        let body = format!(r#"{{"prompt":[{}]}}"#, ids.join(","));
+        let r = parse(Route::Completions, &body).unwrap();
+        let Prompt::Tokens(seqs) = r.prompt else {
+            panic!("not tokens")
+        };
+        assert_eq!(seqs.len(), 1);
+        assert_eq!(seqs[0].len(), 100_000);
+        assert_eq!(seqs[0][99_999], 99_999 * 7);
     }
 
     #[test]

@@ -126,6 +126,16 @@ fn validate(
     }
     policy_config.extend(flags);
     config.admission.policy_config = policy_config.into_iter().collect();
+    if config.server.body_memory < config.server.max_body.saturating_mul(2) {
+        return Err(CliError::Invalid {
+            key: "--body-memory",
+            value: config.server.body_memory.to_string(),
+            reason: format!(
+                "must be at least twice --max-body ({} bytes), or a body of the largest size could never be read",
+                config.server.max_body
+            ),
+        });
+    }
     Ok(config)
 }
 

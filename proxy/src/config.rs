@@ -55,6 +55,13 @@ pub struct ServerConfig {
     #[arg(long, env = "SLUICE_MAX_BODY", value_name = "SIZE", default_value = "16MiB", value_parser = parse_size)]
     pub max_body: u64,
 
+    /// Memory that completion and chat bodies being read and parsed may hold
+    /// in total (each body counts twice its size: the bytes and what parsing
+    /// builds); past it new requests get 503 with Retry-After. At least
+    /// twice --max-body
+    #[arg(long, env = "SLUICE_BODY_MEMORY", value_name = "SIZE", default_value = "256MiB", value_parser = parse_size)]
+    pub body_memory: u64,
+
     /// Most client connections served at once; at the limit a new one takes
     /// the place of the longest-idle connection, or gets 503 at once when
     /// every connection has a request in progress

@@ -78,6 +78,14 @@ pub enum ProxyError {
     /// The proxy is shutting down and admits nothing new.
     #[error("the proxy is shutting down")]
     ShuttingDown,
+    /// The request bodies being read and parsed hold all of `--body-memory`.
+    #[error(
+        "too many large request bodies at once: the bodies being read hold the whole --body-memory budget of {budget} bytes; retry shortly"
+    )]
+    BodyMemoryFull {
+        /// `--body-memory`.
+        budget: u64,
+    },
     /// Every client connection the listener may serve has a request in progress.
     #[error(
         "too many connections: this proxy serves at most {limit} at once and each has a request in progress (--max-connections); retry shortly"
@@ -105,7 +113,8 @@ impl ProxyError {
             Self::UpstreamDown { .. }
             | Self::QueueTimeout(_)
             | Self::ShuttingDown
-            | Self::TooManyConnections { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | Self::TooManyConnections { .. }
+            | Self::BodyMemoryFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::QueueFull { .. } | Self::RateLimited { .. } | Self::PolicyRejected(_) => {
                 StatusCode::TOO_MANY_REQUESTS
@@ -131,6 +140,7 @@ impl ProxyError {
             Self::PolicyRejected(_) => "policy_rejected",
             Self::ShuttingDown => "shutting_down",
             Self::TooManyConnections { .. } => "too_many_connections",
+            Self::BodyMemoryFull { .. } => "body_memory_full",
             Self::Internal(_) => "internal_error",
         }
     }
@@ -154,7 +164,8 @@ impl ProxyError {
             Self::QueueTimeout(_)
             | Self::PolicyRejected(_)
             | Self::ShuttingDown
-            | Self::TooManyConnections { .. } => Some(Duration::from_secs(1)),
+            | Self::TooManyConnections { .. }
+            | Self::BodyMemoryFull { .. } => Some(Duration::from_secs(1)),
             _ => None,
         }
     }

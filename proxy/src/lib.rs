@@ -17,7 +17,8 @@
 //!    and OpenAI error body), [`cli`] (flags, environment and file →
 //!    [`config::Config`]), [`pool`] (idle upstream connections).
 //! 3. **Requests and the engine.** [`classify`] (route labels, the typed view
-//!    of completion/chat bodies), [`upstream`] (connections, deadlines,
+//!    of completion/chat bodies), [`intake`] (reading bodies within
+//!    `--max-body` and the shared `--body-memory`), [`upstream`] (connections, deadlines,
 //!    upstream health), [`tokens`] (prompt lengths, the HF tokenizer),
 //!    [`prefix`] (chained block hashes in an LRU → predicted cached tokens).
 //! 4. **Measurement.** [`stats`] (exact HDR percentiles for `/stats`), then
@@ -48,6 +49,7 @@ pub mod error;
 pub mod exchange;
 pub mod gpu;
 pub mod headers;
+pub mod intake;
 pub mod ledger;
 pub mod observed;
 pub mod pool;

@@ -17,6 +17,7 @@ use crate::classify::{InferenceRequest, Prompt, Route};
 use crate::error::ProxyError;
 use crate::exchange::{Exchange, Inference};
 use crate::headers::{self, Peer};
+use crate::intake::BodyBudget;
 use crate::ledger::{self, AdmittedEnding, Ending, Received};
 use crate::observed::ObservedBody;
 use crate::prefix::{Prediction, PrefixTracker};
@@ -34,8 +35,14 @@ pub struct Proxy {
     admission: Option<Admission>,
     prefix: Arc<PrefixTracker>,
     max_body: u64,
+    body_budget: BodyBudget,
     next_id: AtomicU64,
 }
+
+/// Bodies larger than this are parsed (and their prefix looked up) on the
+/// blocking pool, so one large token-id prompt never stalls the serving
+/// thread's other connections.
+const INLINE_PARSE_BYTES: usize = 64 * 1024;
 
 impl Proxy {
     /// A proxy to `upstream`; `admission` is `None` for pass-through.
@@ -44,12 +51,14 @@ impl Proxy {
         admission: Option<Admission>,
         prefix: Arc<PrefixTracker>,
         max_body: u64,
+        body_budget: BodyBudget,
     ) -> Self {
         Self {
             upstream,
             admission,
             prefix,
             max_body,
+            body_budget,
             next_id: AtomicU64::new(1),
         }
     }
@@ -132,8 +141,10 @@ impl Proxy {
         let mut prediction: Option<Prediction> = None;
         let mut strip_usage = false;
         let body = if route.is_inference() {
-            let mut bytes = self.read_body(body).await?;
-            let parsed = InferenceRequest::parse(route, &bytes)?;
+            let (mut bytes, share) = self.body_budget.read(body, declared, self.max_body).await?;
+            let (parsed, predicted) = self.parse_and_predict(route, bytes.clone()).await?;
+            // Parsed: what the body holds now is the buffer being forwarded.
+            drop(share);
             if parsed.stream
                 && !parsed.include_usage
                 && let Some(asking) = stream_usage::ask_for_usage(&bytes)
@@ -145,7 +156,6 @@ impl Proxy {
                     .headers
                     .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
             }
-            let (parsed, predicted) = self.predict(parsed).await?;
             let hot = telemetry::hot();
             hot.prefix_query_tokens
                 .increment(u64::from(predicted.prompt_tokens));
@@ -230,37 +240,37 @@ impl Proxy {
         Ok(Response::from_parts(parts, body.boxed_unsync()))
     }
 
-    /// The prefix prediction for `parsed`. With `--tokenizer`, encoding a
-    /// long prompt takes milliseconds, so it runs on the blocking pool and
-    /// the async workers keep serving other connections meanwhile.
-    async fn predict(
+    /// The typed view of `bytes` and its prefix prediction. A large body
+    /// is parsed on the blocking pool; with `--tokenizer`, encoding a long
+    /// text prompt takes milliseconds, so that runs there too. Meanwhile the
+    /// serving thread goes on with its other connections.
+    async fn parse_and_predict(
         &self,
-        parsed: InferenceRequest,
+        route: Route,
+        bytes: Bytes,
     ) -> Result<(InferenceRequest, Prediction), ProxyError> {
-        if !self.prefix.tokenizes() || matches!(parsed.prompt, Prompt::Tokens(_)) {
-            let predicted = self.prefix.lookup(&parsed.prompt);
-            return Ok((parsed, predicted));
+        if bytes.len() <= INLINE_PARSE_BYTES {
+            let parsed = InferenceRequest::parse(route, &bytes)?;
+            if !self.prefix.tokenizes() || matches!(parsed.prompt, Prompt::Tokens(_)) {
+                let predicted = self.prefix.lookup(&parsed.prompt);
+                return Ok((parsed, predicted));
+            }
+            let prefix = Arc::clone(&self.prefix);
+            return tokio::task::spawn_blocking(move || {
+                let predicted = prefix.lookup(&parsed.prompt);
+                (parsed, predicted)
+            })
+            .await
+            .map_err(|e| ProxyError::Internal(format!("prefix prediction failed: {e}")));
         }
         let prefix = Arc::clone(&self.prefix);
         tokio::task::spawn_blocking(move || {
+            let parsed = InferenceRequest::parse(route, &bytes)?;
             let predicted = prefix.lookup(&parsed.prompt);
-            (parsed, predicted)
+            Ok((parsed, predicted))
         })
         .await
-        .map_err(|e| ProxyError::Internal(format!("prefix prediction failed: {e}")))
-    }
-
-    /// Reads a body that must be parsed, enforcing `--max-body`.
-    async fn read_body(&self, body: Incoming) -> Result<Bytes, ProxyError> {
-        match Limited::new(body, self.max_body as usize).collect().await {
-            Ok(collected) => Ok(collected.to_bytes()),
-            Err(e) if e.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge {
-                limit: self.max_body,
-            }),
-            Err(e) => Err(ProxyError::InvalidRequest(format!(
-                "could not read the request body: {e}"
-            ))),
-        }
+        .map_err(|e| ProxyError::Internal(format!("request parsing failed: {e}")))?
     }
 }
 
