@@ -62,6 +62,7 @@
 //!    - [`sim_reference`]: `bench sim-vs-reference` — the simulator against
 //!      the reference GPU benchmark's two client modes.
 
+mod bodies;
 mod client;
 mod compare;
 mod engine;
@@ -106,6 +107,8 @@ enum Command {
     Overhead(overhead::Args),
     /// Cost of one admission-policy event including the wasm call.
     PolicyCost(policy_cost::Args),
+    /// What large request bodies (token-id prompts) do to small requests' latency and to the proxy's memory.
+    Bodies(bodies::Args),
     /// The proxy's memory over a long run at steady load (`--duration 1h`), with or without a /metrics scraper.
     Soak(soak::Args),
     /// The suite: batching, cache resume and memory, each against its target.
@@ -132,6 +135,7 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => runtime.block_on(run::run(args)),
         Command::Overhead(args) => runtime.block_on(overhead::run(args)),
         Command::PolicyCost(args) => policy_cost::run(args),
+        Command::Bodies(args) => runtime.block_on(bodies::run(args)),
         Command::Soak(args) => runtime.block_on(soak::run(args)),
         Command::Suite(args) => runtime.block_on(suite::run(args)),
         Command::TelemetryCost(args) => runtime.block_on(telemetry_cost::run(args)),

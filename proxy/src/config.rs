@@ -57,8 +57,8 @@ pub struct ServerConfig {
 
     /// Memory that completion and chat bodies being read and parsed may hold
     /// in total (each body counts twice its size: the bytes and what parsing
-    /// builds); past it new requests get 503 with Retry-After. At least
-    /// twice --max-body
+    /// builds; the first 64 KiB of each are free). A larger body waits up to
+    /// 5 s for room, then gets 503 with Retry-After. At least twice --max-body
     #[arg(long, env = "SLUICE_BODY_MEMORY", value_name = "SIZE", default_value = "256MiB", value_parser = parse_size)]
     pub body_memory: u64,
 

@@ -2,13 +2,19 @@
 //! within two bounds: `--max-body` per request, and `--body-memory` for all
 //! the bodies being read and parsed at once.
 //!
-//! A body takes its share of the shared budget as its bytes arrive — twice
-//! its length, for the buffer and what parsing builds from it (a token-id
-//! prompt becomes 4 bytes per id) — and gives it back once it is parsed.
-//! When the budget is spent, the request gets `503` with `Retry-After`
-//! at once rather than waiting (a body that waited while holding part of
-//! the budget could keep others waiting in turn). The bytes go straight into
-//! one buffer, sized by `Content-Length` when given.
+//! A body takes a share of the budget of twice its length (the buffer, and
+//! what parsing builds from it: a token-id prompt becomes 4 bytes per id),
+//! and gives it back once it is parsed. The first [`FREE_BYTES`] of every
+//! body need no share, so ordinary requests never wait on large ones.
+//!
+//! - A larger body with a `Content-Length` waits for its whole share before
+//!   its first byte is read, up to [`BUDGET_WAIT`], in arrival order (it
+//!   holds nothing while it waits, so waiters cannot block each other).
+//! - A body without one (chunked) takes its share as its bytes arrive, and
+//!   only when the budget has it at that moment.
+//!
+//! Past either bound the request gets `503` with `Retry-After`. The bytes
+//! go straight into one buffer, sized by `Content-Length` when given.
 
 use std::sync::Arc;
 
@@ -23,6 +29,12 @@ use crate::error::ProxyError;
 /// builds from it.
 const BUDGET_PER_BYTE: usize = 2;
 
+/// The bytes of every body that need no share of the budget.
+pub const FREE_BYTES: usize = 64 * 1024;
+
+/// The longest a body waits for its share of the budget.
+pub const BUDGET_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The shared budget of memory for bodies being read and parsed.
 #[derive(Debug, Clone)]
 pub struct BodyBudget {
@@ -33,6 +45,15 @@ pub struct BodyBudget {
 /// A body's share of the budget, given back when dropped.
 #[derive(Debug)]
 pub struct Share(Option<OwnedSemaphorePermit>);
+
+impl Share {
+    fn add(&mut self, taken: OwnedSemaphorePermit) {
+        match &mut self.0 {
+            Some(held) => held.merge(taken),
+            none => *none = Some(taken),
+        }
+    }
+}
 
 impl BodyBudget {
     /// A budget of `bytes` in total.
@@ -51,20 +72,42 @@ impl BodyBudget {
         self.permits.available_permits()
     }
 
+    fn full(&self) -> ProxyError {
+        ProxyError::BodyMemoryFull {
+            budget: self.bytes as u64,
+        }
+    }
+
     /// Takes `bytes` body bytes' worth more for `share`, or fails at once.
     fn take(&self, share: &mut Share, bytes: usize) -> Result<(), ProxyError> {
         let cost = bytes.saturating_mul(BUDGET_PER_BYTE);
         let taken = u32::try_from(cost)
             .ok()
             .and_then(|cost| Arc::clone(&self.permits).try_acquire_many_owned(cost).ok())
-            .ok_or(ProxyError::BodyMemoryFull {
-                budget: self.bytes as u64,
-            })?;
-        match &mut share.0 {
-            Some(held) => held.merge(taken),
-            none => *none = Some(taken),
-        }
+            .ok_or_else(|| self.full())?;
+        share.add(taken);
         Ok(())
+    }
+
+    /// Waits up to `wait` for `bytes` body bytes' worth for an empty `share`.
+    async fn wait_for(
+        &self,
+        share: &mut Share,
+        bytes: usize,
+        wait: std::time::Duration,
+    ) -> Result<(), ProxyError> {
+        let cost = u32::try_from(bytes.saturating_mul(BUDGET_PER_BYTE))
+            .ok()
+            .filter(|&cost| cost as usize <= self.bytes)
+            .ok_or_else(|| self.full())?;
+        let acquire = Arc::clone(&self.permits).acquire_many_owned(cost);
+        match tokio::time::timeout(wait, acquire).await {
+            Ok(Ok(taken)) => {
+                share.add(taken);
+                Ok(())
+            }
+            _ => Err(self.full()),
+        }
     }
 
     /// Reads `body` whole into one buffer, within `max_body` bytes and the
@@ -82,9 +125,12 @@ impl BodyBudget {
             return Err(too_large());
         }
         let expected = expected as usize;
-        self.take(&mut share, expected)?;
-        // Body bytes the share covers so far.
-        let mut covered = expected;
+        // Body bytes the share covers so far (the first ones are free).
+        let mut covered = FREE_BYTES;
+        if expected > FREE_BYTES {
+            self.wait_for(&mut share, expected, BUDGET_WAIT).await?;
+            covered = expected;
+        }
         let mut buffer = BytesMut::with_capacity(expected);
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| {
@@ -111,6 +157,42 @@ impl BodyBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_declared_body_waits_for_its_whole_share() {
+        let budget = BodyBudget::new(100);
+        let mut held = Share(None);
+        budget.take(&mut held, 40).unwrap();
+        let mut waiting = Share(None);
+        let short = std::time::Duration::from_millis(10);
+        let refused = budget.wait_for(&mut waiting, 20, short).await.unwrap_err();
+        assert_eq!(refused.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(budget.available(), 20, "a wait that ran out holds nothing");
+        let more_than_all = budget.wait_for(&mut waiting, 51, short).await;
+        assert!(
+            more_than_all.is_err(),
+            "a share larger than the budget fails at once"
+        );
+        let waiter = {
+            let budget = budget.clone();
+            tokio::spawn(async move {
+                let mut share = Share(None);
+                budget
+                    .wait_for(&mut share, 30, std::time::Duration::from_secs(10))
+                    .await
+                    .map(|()| share)
+            })
+        };
+        tokio::task::yield_now().await;
+        drop(held);
+        let share = waiter
+            .await
+            .unwrap()
+            .expect("the share came once the budget was free");
+        assert_eq!(budget.available(), 40);
+        drop(share);
+        assert_eq!(budget.available(), 100);
+    }
 
     #[test]
     fn shares_are_taken_whole_and_given_back() {

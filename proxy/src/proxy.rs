@@ -44,6 +44,17 @@ pub struct Proxy {
 /// thread's other connections.
 const INLINE_PARSE_BYTES: usize = 64 * 1024;
 
+/// Large bodies parsed at once: half the CPUs (at least one), so parsing
+/// never takes every core from the serving threads; the others wait their
+/// turn (their memory is already within `--body-memory`).
+fn large_parse_slots() -> &'static tokio::sync::Semaphore {
+    static SLOTS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    SLOTS.get_or_init(|| {
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        tokio::sync::Semaphore::new((cpus / 2).max(1))
+    })
+}
+
 impl Proxy {
     /// A proxy to `upstream`; `admission` is `None` for pass-through.
     pub fn new(
@@ -263,6 +274,10 @@ impl Proxy {
             .await
             .map_err(|e| ProxyError::Internal(format!("prefix prediction failed: {e}")));
         }
+        let _slot = large_parse_slots()
+            .acquire()
+            .await
+            .map_err(|_| ProxyError::Internal("parse slots closed".into()))?;
         let prefix = Arc::clone(&self.prefix);
         tokio::task::spawn_blocking(move || {
             let parsed = InferenceRequest::parse(route, &bytes)?;
