@@ -21,6 +21,14 @@ bench-vllm *ARGS: plugins build vllm
 bench-suite *ARGS: build
     target/release/bench suite {{ARGS}}
 
+# The proxy's memory at steady load: RSS at the start, every 5 minutes and at the end, failing past 10% growth; 2 minutes by default, e.g. `just soak --duration 1h` (add `--scrape-interval 15s` for a Prometheus-like scraper).
+soak *ARGS: build
+    target/release/bench soak {{ARGS}}
+
+# Small requests' latency beside 16 clients sending 15 MiB token-id prompts, and the proxy's peak RSS (about 30 s).
+bench-bodies *ARGS: build
+    target/release/bench bodies {{ARGS}}
+
 # Batching and cache resume against the real CPU vLLM (`just vllm`); under a minute.
 bench-suite-vllm *ARGS: build vllm
     target/release/bench suite --upstream http://127.0.0.1:{{vllm_port}} --only batching,cache-resume {{ARGS}}
