@@ -10,11 +10,15 @@
 //! the case where an unscraped recorder would pile up histogram samples.
 //!
 //! RSS (`VmRSS`) is printed at the start, every `--report-every` and at the
-//! end. The baseline is the RSS once `--warmup` has passed (allocator pools
-//! and connection buffers reach their working size first); the run fails
-//! when the RSS at the end exceeds it by more than `--max-growth`, or when
-//! more than 0.1% of the requests failed (a proxy refusing everything
-//! would look flat).
+//! end, and sampled every 10 s. After `--warmup` (allocator pools and
+//! connection buffers reach their working size first), a least-squares line
+//! through the samples gives the growth: the line's rise from the end of
+//! the warm-up to the end of the run, as a share of its value at the end of
+//! the warm-up (the baseline). A line, not the last sample against the
+//! first: the allocator's RSS moves a few MiB up and down as it returns
+//! memory, and one sample would judge that noise. The run fails when the
+//! growth exceeds `--max-growth`, or when more than 0.1% of the requests
+//! failed (a proxy refusing everything would look flat).
 //!
 //! # JSON (`--json PATH`)
 //!
@@ -23,7 +27,8 @@
 //!  "stream_share", "scrape_interval_s" | null, "scrapes", "warmup_s",
 //!  "sent", "ok", "failed", "samples": [[t_s, rss_bytes], ...],
 //!  "start_rss_bytes", "baseline_rss_bytes", "end_rss_bytes", "peak_rss_bytes",
-//!  "growth": f, "max_growth": f, "passed": bool}
+//!  "growth": f,          // the fitted line's rise after warm-up / baseline
+//!  "end_over_baseline": f, "max_growth": f, "passed": bool}
 //! ```
 
 use std::path::PathBuf;
@@ -38,6 +43,7 @@ use crate::client::{self, Conn, Request};
 use crate::engine::EngineArgs;
 use crate::load::parse_duration;
 use crate::procs::{self, Proc};
+use crate::stats::fit;
 use crate::workload::WorkloadArgs;
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -72,7 +78,7 @@ pub(crate) struct Args {
     /// Print RSS this often.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     report_every: f64,
-    /// Time before the baseline RSS is taken (default: a tenth of the run, at most 60 s).
+    /// Time before the baseline (default: a tenth of the run, at most 5 minutes).
     #[arg(long, value_parser = parse_duration)]
     warmup: Option<f64>,
     /// Largest allowed growth of RSS from the baseline to the end (0.10: 10%).
@@ -107,6 +113,7 @@ struct Report {
     end_rss_bytes: u64,
     peak_rss_bytes: u64,
     growth: f64,
+    end_over_baseline: f64,
     max_growth: f64,
     passed: bool,
 }
@@ -144,7 +151,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     };
     let warmup = args
         .warmup
-        .unwrap_or((args.duration / 10.0).min(60.0))
+        .unwrap_or((args.duration / 10.0).min(300.0))
         .min(args.duration);
     eprintln!(
         "bench soak: {engine}; {} req/s for {:.0} s ({:.0}% streamed), {}",
@@ -204,10 +211,23 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             .or(samples.last())
             .map_or(0, |s| s.1)
     };
-    let (start, baseline) = (at(0.0), at(warmup));
+    let start = at(0.0);
     let end = samples.last().map_or(0, |s| s.1);
     let peak = samples.iter().map(|s| s.1).max().unwrap_or(0);
-    let growth = end as f64 / baseline.max(1) as f64 - 1.0;
+    let after: Vec<(f64, f64)> = samples
+        .iter()
+        .filter(|s| s.0 >= warmup)
+        .map(|&(t, rss)| (t, rss as f64))
+        .collect();
+    let (baseline, growth) = match fit(&after) {
+        Some((intercept, slope)) => {
+            let baseline = intercept + slope * warmup;
+            let span = after.last().map_or(warmup, |l| l.0) - warmup;
+            (baseline, slope * span / baseline.max(1.0))
+        }
+        None => (at(warmup) as f64, 0.0),
+    };
+    let end_over_baseline = end as f64 / baseline.max(1.0) - 1.0;
     let (sent, ok) = (
         counts.sent.load(Ordering::Relaxed),
         counts.ok.load(Ordering::Relaxed),
@@ -216,7 +236,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let failed_share = failed as f64 / sent.max(1) as f64;
     let passed = growth <= args.max_growth && failed_share <= MAX_FAILED_SHARE;
     println!(
-        "soak {:.0} s at {} req/s, {}: RSS start {:.1} MiB, baseline (at {:.0} s) {:.1} MiB, end {:.1} MiB, peak {:.1} MiB; growth {:+.1}% (limit {:.0}%); {sent} sent, {failed} failed; {}",
+        "soak {:.0} s at {} req/s, {}: RSS start {:.1} MiB, baseline (at {:.0} s, fitted) {:.1} MiB, end {:.1} MiB ({:+.1}%), peak {:.1} MiB; fitted growth after warm-up {:+.1}% (limit {:.0}%); {sent} sent, {failed} failed; {}",
         args.duration,
         args.rate,
         match args.scrape_interval {
@@ -225,8 +245,9 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         },
         start as f64 / MIB,
         warmup,
-        baseline as f64 / MIB,
+        baseline / MIB,
         end as f64 / MIB,
+        end_over_baseline * 100.0,
         peak as f64 / MIB,
         growth * 100.0,
         args.max_growth * 100.0,
@@ -247,10 +268,11 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         failed,
         samples,
         start_rss_bytes: start,
-        baseline_rss_bytes: baseline,
+        baseline_rss_bytes: baseline as u64,
         end_rss_bytes: end,
         peak_rss_bytes: peak,
         growth,
+        end_over_baseline,
         max_growth: args.max_growth,
         passed,
     };

@@ -61,7 +61,7 @@ use crate::client::{self, Conn, Request};
 use crate::fast_upstream;
 use crate::procs::{self, Proc};
 use crate::soak::{Counts, paced_load};
-use crate::stats::prom_sum;
+use crate::stats::{fit, prom_sum};
 
 const MIB: f64 = 1024.0 * 1024.0;
 /// Linearity is judged only when the last level grew at least this much:
@@ -264,18 +264,6 @@ fn rss(proxy: &Proc) -> anyhow::Result<u64> {
 }
 
 /// Least-squares line through `(x, y)`: `(intercept, slope)`.
-fn fit(points: &[(f64, f64)]) -> Option<(f64, f64)> {
-    if points.len() < 2 {
-        return None;
-    }
-    let n = points.len() as f64;
-    let mx = points.iter().map(|p| p.0).sum::<f64>() / n;
-    let my = points.iter().map(|p| p.1).sum::<f64>() / n;
-    let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
-    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
-    (sxx > 0.0).then(|| (my - sxy / sxx * mx, sxy / sxx))
-}
-
 /// Runs the category: its own fast upstream and proxy.
 pub(crate) async fn run(args: &Args, nonce: u64) -> anyhow::Result<Memory> {
     let mut levels: Vec<usize> = args.sessions.iter().copied().filter(|&n| n > 0).collect();
