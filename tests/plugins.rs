@@ -1,5 +1,6 @@
 //! The bundled plugins (built by `just plugins` into plugins/dist) loaded by
-//! the real proxy binary, against the counting echo upstream.
+//! the real proxy binary, against the counting echo upstream. Where tenants
+//! matter the test plays the gateway: `X-Tenant` with `--trust-tenant-header`.
 
 mod common;
 
@@ -99,6 +100,7 @@ async fn concurrency_per_tenant_limits_each_tenant() {
             "limit=2",
             "--policy-config",
             "key=tenant",
+            "--trust-tenant-header",
         ],
     );
     // Tenant a takes both of its slots and queues a third request.
@@ -327,6 +329,7 @@ async fn concurrency_admits_a_priority_request_ahead_of_a_backlog() {
             &plugin("concurrency"),
             "--policy-config",
             "limit=1",
+            "--trust-tenant-header",
         ],
     );
     let conn = blocker(&proxy, &upstream).await;
@@ -361,6 +364,7 @@ async fn concurrency_shares_turns_between_tenants_by_weight() {
             "limit=1",
             "--policy-config",
             "weights=trickle:3",
+            "--trust-tenant-header",
         ],
     );
     let conn = blocker(&proxy, &upstream).await;
@@ -394,7 +398,10 @@ async fn concurrency_shares_turns_between_tenants_by_weight() {
 #[tokio::test]
 async fn adaptive_admits_live_traffic_while_the_batch_waits() {
     let upstream = EchoUpstream::start().await;
-    let proxy = ProxyProcess::start(&upstream.url(), &["--policy", &plugin("adaptive")]);
+    let proxy = ProxyProcess::start(
+        &upstream.url(),
+        &["--policy", &plugin("adaptive"), "--trust-tenant-header"],
+    );
     // Adaptive starts at one batch request in flight.
     let conn = blocker(&proxy, &upstream).await;
     let mut waiting = Vec::new();

@@ -178,6 +178,9 @@ pub(crate) fn start_proxy_wrapped(
             "127.0.0.1:0",
             "--admin-listen",
             "127.0.0.1:0",
+            // The bench plays the gateway: its requests name their tenant
+            // (`X-Tenant: live`/`batch`, the memory sessions' `user`).
+            "--trust-tenant-header",
         ])
         .args(extra)
         .env(

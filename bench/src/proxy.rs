@@ -88,6 +88,8 @@ pub(crate) async fn start(
         "127.0.0.1:0".into(),
         "--admin-listen".into(),
         "127.0.0.1:0".into(),
+        // As `procs::start_proxy` does: the bench's requests name their tenant.
+        "--trust-tenant-header".into(),
     ];
     argv.extend(extra.iter().cloned());
     let config = sluice::cli::load(argv).map_err(|e| anyhow::anyhow!("{e}"))?;

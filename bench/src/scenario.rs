@@ -10,7 +10,8 @@
 //!
 //! Live requests carry `X-Priority: 10` and `X-Tenant: live` (and, for a
 //! vLLM that schedules by priority, `"priority": -10` in the body), batch
-//! ones `X-Priority: 0` and `X-Tenant: batch` ([`Tag`]); every request of a
+//! ones `X-Priority: 0` and `X-Tenant: batch` ([`Tag`]; the bench's
+//! proxies run with `--trust-tenant-header`); every request of a
 //! comparison evaluates a candidate of its own ([`Feed`]). The result types
 //! here are what the scorecard reports.
 

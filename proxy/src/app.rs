@@ -15,7 +15,11 @@ use crate::admission::{Admission, AdmissionConfig, Policy};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::gpu::{self, GpuSnapshot};
+<<<<<<< HEAD
 use crate::intake::BodyBudget;
+=======
+use crate::headers::Tenants;
+>>>>>>> h15-tenant
 use crate::prefix::{BlockUnit, PrefixTracker};
 use crate::proxy::Proxy;
 use crate::scrape::{self, UpstreamMetrics};
@@ -60,6 +64,9 @@ pub enum StartError {
     /// `--tokenizer` could not be loaded.
     #[error("--tokenizer: {0}")]
     Tokenizer(#[from] TokenizerError),
+    /// No random secret for the API key digests (see [`Tenants`]).
+    #[error("cannot draw a secret for API key digests: {0}")]
+    Entropy(#[from] getrandom::Error),
 }
 
 impl App {
@@ -124,10 +131,21 @@ impl App {
             config.prefix.block_size,
             unit,
         ));
+        let trust = config.admission.trust_tenant_header;
+        let tenants = match &config.admission.tenant_hash_key_file {
+            Some(secret) => Tenants::new(trust, secret.bytes()),
+            None => Tenants::with_random_secret(trust)?,
+        };
+        if trust {
+            tracing::info!(
+                "--trust-tenant-header: X-Tenant names the tenant; clients must reach this proxy only through a gateway that sets it"
+            );
+        }
         let proxy = Arc::new(Proxy::new(
             upstream,
             admission.clone(),
             Arc::clone(&prefix),
+            tenants,
             config.server.max_body,
             BodyBudget::new(config.server.body_memory),
         ));

@@ -94,14 +94,24 @@ where
             file_policy_config = table.into_iter().map(|(k, v)| (k, scalar(v))).collect();
             continue;
         }
-        let id = setting_id(&command, &key).ok_or_else(|| {
+        let arg = setting(&command, &key).ok_or_else(|| {
             file_error(
                 path,
                 format!("unknown key `{key}` (keys are the flag names, see --help)"),
             )
         })?;
-        if !set_by_user(&matches, &id) {
+        if set_by_user(&matches, arg.get_id().as_str()) {
+            continue;
+        }
+        if arg.get_action().takes_values() {
             from_file.push(format!("--{key}={}", scalar(value)).into());
+        } else {
+            // A flag without a value (`trust-tenant-header = true`).
+            match value {
+                toml::Value::Boolean(true) => from_file.push(format!("--{key}").into()),
+                toml::Value::Boolean(false) => {}
+                _ => return Err(file_error(path, format!("`{key}` must be true or false"))),
+            }
         }
     }
     let mut merged = args;
@@ -139,12 +149,11 @@ fn validate(
     Ok(config)
 }
 
-/// The clap id of the setting whose flag is `--{key}` (not `--config` itself).
-fn setting_id(command: &clap::Command, key: &str) -> Option<String> {
+/// The setting whose flag is `--{key}` (not `--config` itself).
+fn setting<'a>(command: &'a clap::Command, key: &str) -> Option<&'a clap::Arg> {
     command
         .get_arguments()
         .find(|arg| arg.get_long() == Some(key) && key != "config")
-        .map(|arg| arg.get_id().to_string())
 }
 
 fn set_by_user(matches: &ArgMatches, id: &str) -> bool {
@@ -268,6 +277,52 @@ mod tests {
         std::fs::write(&path, "max-queue = \"many\"\n").unwrap();
         let err = config(&["--config", p]).unwrap_err().to_string();
         assert!(err.contains(p) && err.contains("--max-queue"), "{err}");
+    }
+
+    #[test]
+    fn tenant_settings_come_from_flags_variables_and_the_file() {
+        let c = config(&[]).unwrap();
+        assert!(!c.admission.trust_tenant_header);
+        assert!(c.admission.tenant_hash_key_file.is_none());
+        assert!(
+            config(&["--trust-tenant-header"])
+                .unwrap()
+                .admission
+                .trust_tenant_header
+        );
+        let secret = temp_file("tenant.key", "0123456789abcdef0123\n");
+        let path = temp_file(
+            "tenants.toml",
+            &format!(
+                "trust-tenant-header = true\ntenant-hash-key-file = {:?}\n",
+                secret.to_str().unwrap()
+            ),
+        );
+        let c = config(&["--config", path.to_str().unwrap()]).unwrap();
+        assert!(c.admission.trust_tenant_header);
+        let key = c.admission.tenant_hash_key_file.unwrap();
+        assert_eq!(key.bytes(), b"0123456789abcdef0123");
+        assert_eq!(format!("{key:?}"), "HashKey(20 bytes)");
+        std::fs::write(&path, "trust-tenant-header = false\n").unwrap();
+        let c = config(&["--config", path.to_str().unwrap()]).unwrap();
+        assert!(!c.admission.trust_tenant_header);
+        std::fs::write(&path, "trust-tenant-header = \"yes\"\n").unwrap();
+        let err = config(&["--config", path.to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("true or false"), "{err}");
+        std::fs::write(&secret, "too short\n").unwrap();
+        let err = config(&["--tenant-hash-key-file", secret.to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--tenant-hash-key-file") && err.contains("9 bytes"),
+            "{err}"
+        );
+        let err = config(&["--tenant-hash-key-file", "/no/such/key"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--tenant-hash-key-file"), "{err}");
     }
 
     #[test]

@@ -8,12 +8,13 @@
 //!
 //! A leaf: the modules that use a group take it by reference.
 
+use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
-use clap::builder::RangedU64ValueParser;
+use clap::builder::{BoolishValueParser, RangedU64ValueParser};
 use http::Uri;
 
 /// Folder where bare policy names are looked up (relative to the working directory).
@@ -150,6 +151,19 @@ pub struct AdmissionSettings {
     #[arg(long, env = "SLUICE_RATE_BURST", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     rate_burst: Option<u32>,
 
+    /// Name the tenant by the X-Tenant header (then the API key, then the
+    /// body's `user`). Only behind a gateway that sets X-Tenant itself and
+    /// drops the client's own: without this flag the tenant is the API key
+    /// (by a keyed digest), and requests without a key share one tenant
+    #[arg(long, env = "SLUICE_TRUST_TENANT_HEADER", value_parser = BoolishValueParser::new())]
+    pub trust_tenant_header: bool,
+
+    /// Secret for the API key digests that name tenants (at least 16 bytes;
+    /// a trailing newline is ignored): proxies given the same file name a
+    /// key's tenant alike [default: a random secret for each process]
+    #[arg(long, env = "SLUICE_TENANT_HASH_KEY_FILE", value_name = "FILE", value_parser = read_hash_key)]
+    pub tenant_hash_key_file: Option<HashKey>,
+
     /// Deadline for one policy call; a policy that overruns is replaced by the fallback
     #[arg(long, env = "SLUICE_POLICY_DEADLINE", value_name = "DURATION", default_value = "50ms", value_parser = parse_positive_duration)]
     pub policy_deadline: Duration,
@@ -172,6 +186,23 @@ pub struct RateLimit {
     pub per: Duration,
     /// Requests allowed at once above the steady rate.
     pub burst: u32,
+}
+
+/// The secret of `--tenant-hash-key-file`, read when the flag is parsed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HashKey(Vec<u8>);
+
+impl HashKey {
+    /// The secret's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for HashKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HashKey({} bytes)", self.0.len())
+    }
 }
 
 /// `--rate-limit` as given: `requests` per `per`.
@@ -297,6 +328,27 @@ fn resolve_policy(text: &str) -> Result<PathBuf, String> {
     ))
 }
 
+/// Reads `--tenant-hash-key-file`: 16 bytes to 4 KiB, less trailing whitespace.
+fn read_hash_key(text: &str) -> Result<HashKey, String> {
+    const MAX: u64 = 4096;
+    let file = std::fs::File::open(text).map_err(|e| e.to_string())?;
+    let mut secret = Vec::new();
+    file.take(MAX + 1)
+        .read_to_end(&mut secret)
+        .map_err(|e| e.to_string())?;
+    if secret.len() as u64 > MAX {
+        return Err(format!("the secret is longer than {MAX} bytes"));
+    }
+    let len = secret.trim_ascii_end().len();
+    if len < 16 {
+        return Err(format!(
+            "the secret is {len} bytes; give at least 16 (e.g. `head -c 32 /dev/urandom > FILE`)"
+        ));
+    }
+    secret.truncate(len);
+    Ok(HashKey(secret))
+}
+
 /// Parses `100/s`, `6000/m`, `10/100ms`.
 fn parse_rate(text: &str) -> Result<Rate, String> {
     let (count, unit) = text.split_once('/').ok_or("expected N/UNIT, e.g. 100/s")?;
@@ -397,6 +449,8 @@ mod tests {
                 queue_timeout: Duration::from_secs(1),
                 rate_limit: Some(parse_rate(rate).unwrap()),
                 rate_burst: burst,
+                trust_tenant_header: false,
+                tenant_hash_key_file: None,
                 policy_deadline: Duration::from_secs(1),
                 policy_memory: 1,
                 fallback_limit: 1,

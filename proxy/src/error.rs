@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::body::{ProxyBody, full};
+use crate::headers::InvalidTenant;
 
 /// A request that Sluice answers itself instead of forwarding.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +20,9 @@ pub enum ProxyError {
     /// The body is not valid JSON, or a field has the wrong type.
     #[error("{0}")]
     InvalidRequest(String),
+    /// A trusted `X-Tenant` is not a tenant name (`--trust-tenant-header`).
+    #[error(transparent)]
+    InvalidTenant(#[from] InvalidTenant),
     /// The body is larger than `--max-body`.
     #[error("request body exceeds the limit of {limit} bytes")]
     BodyTooLarge {
@@ -65,10 +69,10 @@ pub enum ProxyError {
     #[error("request waited {} in the admission queue without being admitted (--queue-timeout)", crate::units::format_duration(*.0))]
     QueueTimeout(Duration),
     /// The tenant is over its `--rate-limit`.
-    #[error("rate limit exceeded for tenant {tenant:?}; retry after {}ms", retry_after.as_millis())]
+    /// The tenant is not named: it may be a key's digest, or whatever a
+    /// client claimed, and the message goes to the log and the client.
+    #[error("rate limit exceeded for this tenant; retry after {}ms", retry_after.as_millis())]
     RateLimited {
-        /// The tenant key the limit applies to.
-        tenant: String,
         /// When the limiter will next allow a request.
         retry_after: Duration,
     },
@@ -103,7 +107,7 @@ impl ProxyError {
     /// The HTTP status this error is answered with.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            Self::InvalidRequest(_) | Self::InvalidTenant(_) => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -127,6 +131,7 @@ impl ProxyError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::InvalidRequest(_) => "invalid_request",
+            Self::InvalidTenant(_) => "invalid_tenant",
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::NotFound(_) => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
@@ -156,6 +161,14 @@ impl ProxyError {
         }
     }
 
+    /// The OpenAI `param` field: what in the request was wrong, when known.
+    fn param(&self) -> Option<&'static str> {
+        match self {
+            Self::InvalidTenant(_) => Some("x-tenant"),
+            _ => None,
+        }
+    }
+
     fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::UpstreamDown { retry_after, .. }
@@ -172,7 +185,11 @@ impl ProxyError {
 
     /// The JSON error body, as OpenAI's API shapes it.
     pub fn body_json(&self) -> serde_json::Value {
-        openai_error(&self.to_string(), self.kind(), self.code())
+        let mut body = openai_error(&self.to_string(), self.kind(), self.code());
+        if let Some(param) = self.param() {
+            body["error"]["param"] = param.into();
+        }
+        body
     }
 
     /// Renders the error as a complete HTTP response.
@@ -233,6 +250,17 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_invalid_tenant_is_400_naming_the_header_not_its_value() {
+        let (status, _, body) = render(InvalidTenant { len: 61_440 }.into()).await;
+        assert_eq!(status, 400);
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(body["error"]["code"], "invalid_tenant");
+        assert_eq!(body["error"]["param"], "x-tenant");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("61440 bytes"), "{message}");
+    }
+
+    #[tokio::test]
     async fn statuses_follow_the_cause() {
         let cases = [
             (ProxyError::BodyTooLarge { limit: 10 }, 413),
@@ -256,7 +284,6 @@ mod tests {
     #[tokio::test]
     async fn retry_after_rounds_up_to_whole_seconds() {
         let (status, headers, body) = render(ProxyError::RateLimited {
-            tenant: "t".into(),
             retry_after: Duration::from_millis(1200),
         })
         .await;

@@ -1,11 +1,13 @@
 //! Header rules for a forwarding proxy (RFC 9110 §7.6.1): hop-by-hop headers
 //! are dropped in both directions, `X-Forwarded-For` gains the client's
-//! address, and the tenant key is derived for rate limits and policies.
+//! address, and the tenant is found for rate limits and policies
+//! ([`Tenants`]: who may name it, and the keyed digest of API keys).
 
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 
+use hmac::{Hmac, Mac};
 use http::{HeaderMap, HeaderName, HeaderValue, header};
+use sha2::Sha256;
 
 /// Headers that describe one connection and never cross a proxy.
 static HOP_BY_HOP: [HeaderName; 9] = [
@@ -123,24 +125,118 @@ pub fn append_forwarded_for(headers: &mut HeaderMap, client: &Peer) {
     headers.insert(X_FORWARDED_FOR.clone(), value);
 }
 
-/// The tenant a request belongs to: `X-Tenant`, else a digest of the API key
-/// (never the key itself), else the body's `user`, else "".
-pub fn tenant_key(headers: &HeaderMap, user: Option<&str>) -> String {
-    if let Some(t) = headers.get("x-tenant").and_then(|v| v.to_str().ok()) {
-        return t.trim().to_owned();
+/// Longest tenant name a request may claim (`X-Tenant`, `user`), in bytes.
+pub const MAX_TENANT_LEN: usize = 64;
+
+/// Who a request's tenant is: the trust model.
+///
+/// By default (clients talk to Sluice directly) only the API key says who a
+/// client is: the tenant is a keyed digest of the `Authorization` value,
+/// `key:` and 16 hex digits, and every request without a key belongs to one
+/// shared anonymous tenant, `""`. The `X-Tenant` header and the body's `user`
+/// are claims a client makes about itself, and are ignored.
+///
+/// With `--trust-tenant-header` (behind a gateway that authenticates
+/// clients, sets `X-Tenant` and drops any the client sent) the tenant is
+/// `X-Tenant`, else the key's digest, else the body's `user`. A claimed name
+/// is 1 to [`MAX_TENANT_LEN`] bytes of `A-Z a-z 0-9 . _ : @ / -`: a bad
+/// `X-Tenant` is refused ([`InvalidTenant`]), a bad `user` (an OpenAI field
+/// that vLLM accepts in any form) is passed over.
+///
+/// The digest is HMAC-SHA-256 under a secret: drawn at random for each
+/// process, so digests cannot be reversed or compared across processes, or
+/// read from `--tenant-hash-key-file`, so that several proxies agree.
+#[derive(Clone)]
+pub struct Tenants {
+    /// Whether `X-Tenant` and `user` name the tenant.
+    trust_claims: bool,
+    /// HMAC-SHA-256 keyed with the secret; each digest starts from a clone,
+    /// so the key's padding blocks are hashed once, not once per request.
+    mac: Hmac<Sha256>,
+}
+
+impl std::fmt::Debug for Tenants {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The secret stays out of debug output.
+        f.debug_struct("Tenants")
+            .field("trust_claims", &self.trust_claims)
+            .finish_non_exhaustive()
     }
-    if let Some(auth) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
-        let key = auth.strip_prefix("Bearer ").unwrap_or(auth).trim();
-        if !key.is_empty() {
-            let mut hasher = DefaultHasher::new();
-            key.hash(&mut hasher);
-            return format!("key:{:016x}", hasher.finish());
+}
+
+/// A claimed tenant name that is not one: never the value itself, which may
+/// be large or hostile, only its length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "X-Tenant must be 1 to {MAX_TENANT_LEN} bytes of A-Z a-z 0-9 . _ : @ / - (got {len} bytes)"
+)]
+pub struct InvalidTenant {
+    /// The length of the value received, in bytes.
+    pub len: usize,
+}
+
+impl Tenants {
+    /// Digests keyed with `secret` (any length; HMAC hashes long ones).
+    pub fn new(trust_claims: bool, secret: &[u8]) -> Self {
+        Self {
+            trust_claims,
+            mac: Hmac::new_from_slice(secret).expect("HMAC takes a key of any length"),
         }
     }
-    user.unwrap_or_default().to_owned()
+
+    /// Digests keyed with 32 bytes from the operating system's generator.
+    pub fn with_random_secret(trust_claims: bool) -> Result<Self, getrandom::Error> {
+        let mut secret = [0u8; 32];
+        getrandom::fill(&mut secret)?;
+        Ok(Self::new(trust_claims, &secret))
+    }
+
+    /// The tenant of a request with these `headers` and body `user`.
+    pub fn of(&self, headers: &HeaderMap, user: Option<&str>) -> Result<String, InvalidTenant> {
+        if self.trust_claims
+            && let Some(claimed) = headers.get(&X_TENANT)
+        {
+            return match claimed.to_str() {
+                Ok(name) if is_tenant_name(name) => Ok(name.to_owned()),
+                _ => Err(InvalidTenant { len: claimed.len() }),
+            };
+        }
+        if let Some(key) = api_key(headers) {
+            return Ok(self.digest(key));
+        }
+        Ok(match user {
+            Some(name) if self.trust_claims && is_tenant_name(name) => name.to_owned(),
+            _ => String::new(),
+        })
+    }
+
+    /// `key:` and the first 64 bits of the key's HMAC, in hex.
+    fn digest(&self, key: &[u8]) -> String {
+        let mut mac = self.mac.clone();
+        mac.update(key);
+        let tag = mac.finalize().into_bytes();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&tag[..8]);
+        format!("key:{:016x}", u64::from_be_bytes(first))
+    }
+}
+
+static X_TENANT: HeaderName = HeaderName::from_static("x-tenant");
+
+/// The credential in `Authorization` (the token of `Bearer TOKEN`, else the
+/// whole value); `None` when absent or empty.
+fn api_key(headers: &HeaderMap) -> Option<&[u8]> {
+    let value = headers.get(header::AUTHORIZATION)?.as_bytes();
+    let key = value.strip_prefix(b"Bearer ").unwrap_or(value).trim_ascii();
+    (!key.is_empty()).then_some(key)
+}
+
+/// 1 to [`MAX_TENANT_LEN`] bytes of `A-Z a-z 0-9 . _ : @ / -`.
+fn is_tenant_name(name: &str) -> bool {
+    (1..=MAX_TENANT_LEN).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:@/-".contains(&b))
 }
 
 /// `X-Priority` as an integer (higher is more urgent); 0 when absent or invalid.
@@ -200,20 +296,148 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, ::1");
     }
 
+    const SECRET: &[u8] = b"a secret of sixteen bytes or more";
+
+    fn request(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(name, value)| {
+                (
+                    HeaderName::from_static(name),
+                    HeaderValue::from_str(value).unwrap(),
+                )
+            })
+            .collect()
+    }
+
     #[test]
-    fn tenant_prefers_header_then_key_then_user() {
+    fn by_default_only_the_api_key_names_the_tenant() {
+        let tenants = Tenants::new(false, SECRET);
+        let keyed = request(&[("authorization", "Bearer sk-123"), ("x-tenant", "team-a")]);
+        let tenant = tenants.of(&keyed, Some("alice")).unwrap();
+        assert_eq!(
+            tenant,
+            tenants
+                .of(&request(&[("authorization", "Bearer sk-123")]), None)
+                .unwrap()
+        );
+        assert!(tenant.starts_with("key:"), "{tenant}");
+        // Without a key, the header and `user` are claims, and ignored.
+        let claims = request(&[("x-tenant", &tenant)]);
+        assert_eq!(tenants.of(&claims, Some("alice")).unwrap(), "");
+        // Even a claim no trusted tenant could make is no error.
+        let huge = "x".repeat(60_000);
+        assert_eq!(
+            tenants
+                .of(&request(&[("x-tenant", &huge)]), Some(&huge))
+                .unwrap(),
+            ""
+        );
+    }
+
+    #[test]
+    fn trusted_claims_come_first_then_the_key_then_user() {
+        let tenants = Tenants::new(true, SECRET);
+        let digest = Tenants::new(false, SECRET)
+            .of(&request(&[("authorization", "Bearer sk-123")]), None)
+            .unwrap();
         let mut h = HeaderMap::new();
-        assert_eq!(tenant_key(&h, Some("alice")), "alice");
+        assert_eq!(tenants.of(&h, None).unwrap(), "");
+        assert_eq!(
+            tenants.of(&h, Some("alice@example.com")).unwrap(),
+            "alice@example.com"
+        );
         h.insert(
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer sk-123"),
         );
-        let keyed = tenant_key(&h, Some("alice"));
-        assert!(
-            keyed.starts_with("key:") && !keyed.contains("sk-123"),
-            "{keyed}"
+        assert_eq!(tenants.of(&h, Some("alice")).unwrap(), digest);
+        h.insert("x-tenant", HeaderValue::from_static("org/team-a:v1.2_x"));
+        assert_eq!(tenants.of(&h, Some("alice")).unwrap(), "org/team-a:v1.2_x");
+    }
+
+    #[test]
+    fn a_bad_trusted_header_is_refused_without_its_value() {
+        let tenants = Tenants::new(true, SECRET);
+        let longest = "t".repeat(MAX_TENANT_LEN);
+        assert_eq!(
+            tenants
+                .of(&request(&[("x-tenant", &longest)]), None)
+                .unwrap(),
+            longest
         );
-        h.insert("x-tenant", HeaderValue::from_static("team-a"));
-        assert_eq!(tenant_key(&h, Some("alice")), "team-a");
+        let huge = "x".repeat(60 * 1024);
+        for (value, len) in [
+            (huge.as_str(), huge.len()),
+            (&format!("{longest}t"), MAX_TENANT_LEN + 1),
+            ("", 0),
+            ("team a", 6),
+            ("team\"a", 6),
+            ("a+b", 3),
+        ] {
+            let err = tenants
+                .of(&request(&[("x-tenant", value)]), None)
+                .unwrap_err();
+            assert_eq!(err, InvalidTenant { len });
+            let message = err.to_string();
+            assert!(message.len() < 200, "{message}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert("x-tenant", HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap());
+        assert_eq!(tenants.of(&h, None), Err(InvalidTenant { len: 5 }));
+    }
+
+    #[test]
+    fn a_bad_trusted_user_is_passed_over() {
+        let tenants = Tenants::new(true, SECRET);
+        for user in ["", "a b", "ü", &"u".repeat(MAX_TENANT_LEN + 1)] {
+            assert_eq!(tenants.of(&HeaderMap::new(), Some(user)).unwrap(), "");
+        }
+    }
+
+    #[test]
+    fn key_digests_are_keyed_stable_and_hide_the_key() {
+        let key = |k: &str| request(&[("authorization", k)]);
+        let ours = Tenants::new(false, SECRET);
+        let digest = ours.of(&key("Bearer sk-123"), None).unwrap();
+        assert_eq!(digest.len(), "key:".len() + 16, "{digest}");
+        assert!(
+            digest[4..].bytes().all(|b| b.is_ascii_hexdigit()),
+            "{digest}"
+        );
+        assert!(!digest.contains("sk-123"), "{digest}");
+        // Stable within a process, and with the same secret elsewhere.
+        assert_eq!(ours.of(&key("Bearer sk-123"), None).unwrap(), digest);
+        assert_eq!(ours.of(&key("Bearer  sk-123 "), None).unwrap(), digest);
+        assert_eq!(
+            Tenants::new(true, SECRET)
+                .of(&key("Bearer sk-123"), None)
+                .unwrap(),
+            digest
+        );
+        // Different for another key, another secret, or a random secret.
+        assert_ne!(ours.of(&key("Bearer sk-124"), None).unwrap(), digest);
+        let other = Tenants::new(false, b"another secret of sixteen bytes");
+        assert_ne!(other.of(&key("Bearer sk-123"), None).unwrap(), digest);
+        let random = Tenants::with_random_secret(false).unwrap();
+        assert_ne!(random.of(&key("Bearer sk-123"), None).unwrap(), digest);
+        // No key: the anonymous tenant.
+        assert_eq!(ours.of(&key("Bearer "), None).unwrap(), "");
+    }
+
+    #[test]
+    fn the_digest_is_hmac_sha256() {
+        // RFC 4231, test case 2: the first 64 bits of HMAC-SHA-256("Jefe",
+        // "what do ya want for nothing?").
+        let tenants = Tenants::new(false, b"Jefe");
+        let h = request(&[("authorization", "Bearer what do ya want for nothing?")]);
+        assert_eq!(tenants.of(&h, None).unwrap(), "key:5bdcc146bf60754e");
+    }
+
+    #[test]
+    fn debug_output_hides_the_secret() {
+        let shown = format!("{:?}", Tenants::new(true, SECRET));
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(shown.contains("trust_claims: true"), "{shown}");
     }
 }

@@ -11,7 +11,7 @@
 //!
 //! 1. **Leaves.** [`units`] (how durations read), [`config`] (every
 //!    setting, defined once), [`body`] (the body type), [`headers`]
-//!    (hop-by-hop, `X-Forwarded-For`, tenant keys), [`usage`] and
+//!    (hop-by-hop, `X-Forwarded-For`, who the tenant is), [`usage`] and
 //!    [`stream_usage`] (the engine's token counts in a response).
 //! 2. **Vocabulary.** [`error`] (the one mapping from failure to status code
 //!    and OpenAI error body), [`cli`] (flags, environment and file →

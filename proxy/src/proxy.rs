@@ -16,7 +16,7 @@ use crate::body::{BodyLimitExceeded, ProxyBody, full};
 use crate::classify::{InferenceRequest, Prompt, Route};
 use crate::error::ProxyError;
 use crate::exchange::{Exchange, Inference};
-use crate::headers::{self, Peer};
+use crate::headers::{self, Peer, Tenants};
 use crate::intake::BodyBudget;
 use crate::ledger::{self, AdmittedEnding, Ending, Received};
 use crate::observed::ObservedBody;
@@ -34,6 +34,8 @@ pub struct Proxy {
     upstream: Arc<Upstream>,
     admission: Option<Admission>,
     prefix: Arc<PrefixTracker>,
+    /// Who a request's tenant is (the trust model and the key digests).
+    tenants: Tenants,
     max_body: u64,
     body_budget: BodyBudget,
     next_id: AtomicU64,
@@ -61,6 +63,7 @@ impl Proxy {
         upstream: Arc<Upstream>,
         admission: Option<Admission>,
         prefix: Arc<PrefixTracker>,
+        tenants: Tenants,
         max_body: u64,
         body_budget: BodyBudget,
     ) -> Self {
@@ -68,6 +71,7 @@ impl Proxy {
             upstream,
             admission,
             prefix,
+            tenants,
             max_body,
             body_budget,
             next_id: AtomicU64::new(1),
@@ -173,7 +177,7 @@ impl Proxy {
             hot.prefix_hit_tokens
                 .increment(u64::from(predicted.cached_tokens));
             if let Some(admission) = &self.admission {
-                let info = request_info(&parts.headers, &parsed, &predicted);
+                let info = request_info(&self.tenants, &parts.headers, &parsed, &predicted)?;
                 permit = Some(admission.admit(id, info).await?);
             }
             prediction = Some(predicted);
@@ -290,19 +294,20 @@ impl Proxy {
 }
 
 fn request_info(
+    tenants: &Tenants,
     headers: &http::HeaderMap,
     parsed: &InferenceRequest,
     prediction: &Prediction,
-) -> RequestInfo {
-    RequestInfo {
-        tenant: headers::tenant_key(headers, parsed.user.as_deref()),
+) -> Result<RequestInfo, ProxyError> {
+    Ok(RequestInfo {
+        tenant: tenants.of(headers, parsed.user.as_deref())?,
         model: parsed.model.clone(),
         prompt_tokens: prediction.prompt_tokens,
         max_tokens: parsed.max_tokens.unwrap_or(0),
         cached_tokens: prediction.cached_tokens,
         prefix_group: prediction.prefix_group,
         priority: headers::priority(headers),
-    }
+    })
 }
 
 fn json_response(status: StatusCode, body: &str) -> Response<ProxyBody> {

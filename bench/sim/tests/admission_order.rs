@@ -100,6 +100,8 @@ async fn turns_between_tenants_and_priority_first_by_counting() {
         plugin,
         "--policy-config",
         &format!("limit={LIMIT}"),
+        // The test is the gateway that names each request's tenant.
+        "--trust-tenant-header",
     ];
     let config = sluice::cli::load(argv).unwrap();
     let app = sluice::App::new(config).unwrap();

@@ -8,7 +8,9 @@
 pub struct Request {
     /// Unique for the life of the proxy process.
     pub id: u64,
-    /// `X-Tenant` header, else a digest of the API key, else the body's `user`, else "".
+    /// A digest of the API key (`key:` and 16 hex digits), else "" (no key);
+    /// with the proxy's `--trust-tenant-header`, the `X-Tenant` header, else
+    /// the key's digest, else the body's `user`, else "".
     pub tenant: String,
     /// The body's `model` ("" when the route has no JSON body).
     pub model: String,

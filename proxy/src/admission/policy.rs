@@ -26,7 +26,7 @@ pub trait Policy: fmt::Debug + Send {
 /// What the policy is told about a request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RequestInfo {
-    /// Tenant key (see [`crate::headers::tenant_key`]).
+    /// The tenant (see [`crate::headers::Tenants`]).
     pub tenant: String,
     /// Model name from the body.
     pub model: String,

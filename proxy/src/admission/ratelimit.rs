@@ -59,10 +59,7 @@ impl TenantLimiter {
                 let retry_after = not_until.wait_time_from(self.clock.now());
                 metrics::counter!(crate::telemetry::REQUESTS_SHED, "reason" => "rate_limited")
                     .increment(1);
-                Err(ProxyError::RateLimited {
-                    tenant: tenant.to_owned(),
-                    retry_after,
-                })
+                Err(ProxyError::RateLimited { retry_after })
             }
         }
     }
@@ -88,7 +85,7 @@ mod tests {
         assert!(limiter.check("a").is_ok());
         assert!(limiter.check("a").is_ok());
         let err = limiter.check("a").unwrap_err();
-        let ProxyError::RateLimited { retry_after, .. } = err else {
+        let ProxyError::RateLimited { retry_after } = err else {
             panic!("expected RateLimited, got {err:?}");
         };
         assert!(retry_after > Duration::from_secs(50) && retry_after <= Duration::from_secs(60));
