@@ -15,11 +15,8 @@ use crate::admission::{Admission, AdmissionConfig, Policy};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::gpu::{self, GpuSnapshot};
-<<<<<<< HEAD
-use crate::intake::BodyBudget;
-=======
 use crate::headers::Tenants;
->>>>>>> h15-tenant
+use crate::intake::BodyBudget;
 use crate::prefix::{BlockUnit, PrefixTracker};
 use crate::proxy::Proxy;
 use crate::scrape::{self, UpstreamMetrics};
