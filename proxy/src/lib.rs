@@ -30,7 +30,8 @@
 //!    logged and measured), [`observed`] (the streaming pass-through that
 //!    finishes it), [`proxy`] (classify → admit → forward → stream back).
 //! 7. **The process.** [`app`] (the services built from a config; policy
-//!    reloads), [`admin`] (`/metrics`, `/stats`, `/admin/policy`),
+//!    reloads), [`admin`] (`/metrics`, `/stats`, `/admin/policy`, and who
+//!    may use them),
 //!    [`server`] (listeners, connection limits, HTTP/1.1 + h2c, drain).
 #![deny(missing_docs)]
 
