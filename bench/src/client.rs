@@ -57,7 +57,8 @@ pub(crate) struct Request {
     pub(crate) path: &'static str,
     /// JSON body; empty for none.
     pub(crate) body: Bytes,
-    /// Headers besides `Host` and `Content-Type` (e.g. `X-Priority`, `X-Tenant`).
+    /// Headers besides `Content-Type` (e.g. `X-Priority`, `X-Tenant`); `Host`
+    /// is `bench` unless set here.
     pub(crate) headers: HeaderMap,
     /// Limit on the whole exchange, connecting included; `None`: no limit.
     pub(crate) timeout: Option<Duration>,
@@ -98,11 +99,22 @@ impl Request {
         self
     }
 
+    /// With `Host: addr`, as a browser or curl sends it: the proxy's admin
+    /// listener answers only to IP addresses and names it is given.
+    fn host(mut self, addr: SocketAddr) -> Self {
+        if let Ok(value) = http::HeaderValue::try_from(addr.to_string()) {
+            self.headers.insert(HOST, value);
+        }
+        self
+    }
+
     fn to_http(&self) -> http::Request<Full<Bytes>> {
         let mut builder = http::Request::builder()
             .method(self.method.clone())
-            .uri(self.path)
-            .header(HOST, "bench");
+            .uri(self.path);
+        if !self.headers.contains_key(HOST) {
+            builder = builder.header(HOST, "bench");
+        }
         if !self.body.is_empty() {
             builder = builder.header(CONTENT_TYPE, "application/json");
         }
@@ -448,7 +460,18 @@ pub(crate) async fn resolve(url: &str) -> anyhow::Result<SocketAddr> {
 /// `GET path` on `addr` over a fresh connection, within 10 s: the status
 /// and body.
 pub(crate) async fn get(addr: SocketAddr, path: &'static str) -> anyhow::Result<(u16, Bytes)> {
-    let request = Request::get(path).timeout(Some(Duration::from_secs(10)));
+    let request = Request::get(path)
+        .host(addr)
+        .timeout(Some(Duration::from_secs(10)));
+    Ok(Conn::new(addr).fetch(&request).await?)
+}
+
+/// `POST path` without a body on `addr` over a fresh connection, within
+/// 10 s: the status and body.
+pub(crate) async fn post(addr: SocketAddr, path: &'static str) -> anyhow::Result<(u16, Bytes)> {
+    let request = Request::post(path, Bytes::new())
+        .host(addr)
+        .timeout(Some(Duration::from_secs(10)));
     Ok(Conn::new(addr).fetch(&request).await?)
 }
 
@@ -468,8 +491,9 @@ pub(crate) async fn post_json(
     path: &'static str,
     body: &serde_json::Value,
 ) -> anyhow::Result<(u16, Bytes)> {
-    let request =
-        Request::post(path, serde_json::to_vec(body)?).timeout(Some(Duration::from_secs(60)));
+    let request = Request::post(path, serde_json::to_vec(body)?)
+        .host(addr)
+        .timeout(Some(Duration::from_secs(60)));
     Ok(Conn::new(addr).fetch(&request).await?)
 }
 
@@ -606,6 +630,12 @@ mod tests {
         let answer = conn.send(&request.clone().read(Read::Status)).await;
         assert_eq!(answer, Ok(Answer::default()));
         assert!(seen.recv().await.unwrap().contains_key("x-tenant"));
+        // The admin helpers name the address in `Host`, as curl does.
+        let answer = conn.send(&request.host(addr).read(Read::Status)).await;
+        assert_eq!(answer, Ok(Answer::default()));
+        let headers = seen.recv().await.unwrap();
+        assert_eq!(headers.get_all(HOST).iter().count(), 1);
+        assert_eq!(headers[HOST], addr.to_string().as_str());
     }
 
     #[tokio::test]

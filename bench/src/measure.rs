@@ -112,9 +112,14 @@ fn gpu_lines(text: &str) -> (String, Option<f64>) {
     (reading, used)
 }
 
+/// The proxy's `/stats`; with `reset`, those from before a reset (`POST /stats/reset`).
 async fn proxy_stats(admin: SocketAddr, reset: bool) -> Option<Value> {
-    let path = if reset { "/stats?reset=1" } else { "/stats" };
-    let (status, body) = client::get(admin, path).await.ok()?;
+    let answer = if reset {
+        client::post(admin, "/stats/reset").await
+    } else {
+        client::get(admin, "/stats").await
+    };
+    let (status, body) = answer.ok()?;
     (status == 200).then(|| serde_json::from_slice(&body).ok())?
 }
 

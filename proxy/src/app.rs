@@ -1,12 +1,17 @@
 //! One proxy process's services, built from a [`Config`]: the policy
 //! runtime and admission, the prefix tracker, the client-facing proxy and the
-//! background samplers; and policy reloads (admin upload or SIGHUP).
+//! background samplers; and policy reloads (admin upload or SIGHUP), with a
+//! record of the running plugin ([`LoadedPolicy`]).
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use metrics_exporter_prometheus::PrometheusHandle;
+use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use crate::admission::ratelimit::TenantLimiter;
@@ -45,6 +50,100 @@ pub struct App {
     pub upstream_metrics: Arc<UpstreamMetrics>,
     /// The shared-prompt prefix tracker.
     pub prefix: Arc<PrefixTracker>,
+    /// The running plugin, when a policy is configured: recorded at start
+    /// and by each successful reload while it holds `reloading`.
+    policy: Mutex<Option<LoadedPolicy>>,
+    /// Reloads since start: accepted, rejected.
+    reloads: [AtomicU64; 2],
+    // Held from loading a new policy until it is recorded, so that reloads
+    // that overlap apply (and are recorded) one after the other.
+    reloading: tokio::sync::Mutex<()>,
+}
+
+/// Where a policy came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicySource {
+    /// The `--policy` file, at start.
+    File(PathBuf),
+    /// The body of `PUT /admin/policy`.
+    Upload,
+    /// The `--policy` file, read again on SIGHUP.
+    Sighup(PathBuf),
+}
+
+impl PolicySource {
+    /// The plugin's name: its file stem, or `uploaded`.
+    pub fn name(&self) -> String {
+        match self {
+            Self::File(path) | Self::Sighup(path) => path
+                .file_stem()
+                .map_or_else(|| "policy".into(), |s| s.to_string_lossy().into_owned()),
+            Self::Upload => "uploaded".into(),
+        }
+    }
+}
+
+impl fmt::Display for PolicySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::File(path) => write!(f, "{}", path.display()),
+            Self::Upload => f.write_str("uploaded"),
+            Self::Sighup(path) => write!(f, "SIGHUP {}", path.display()),
+        }
+    }
+}
+
+/// The plugin that decides admission, as it was loaded.
+#[derive(Debug, Clone)]
+pub struct LoadedPolicy {
+    /// Where it came from.
+    pub source: PolicySource,
+    /// Its name (the label of its metrics and `/stats` series).
+    pub name: String,
+    /// SHA-256 of the component's bytes, in hex.
+    pub sha256: String,
+    /// The component's size in bytes.
+    pub size: usize,
+    /// What its `init` said about itself.
+    pub description: String,
+    /// The configuration its `init` was given.
+    pub config: Vec<(String, String)>,
+    /// When it took over (wall clock).
+    pub loaded_at: SystemTime,
+    /// When it took over (monotonic, for its age).
+    pub loaded: Instant,
+}
+
+impl LoadedPolicy {
+    fn new(
+        source: PolicySource,
+        bytes: &[u8],
+        description: &str,
+        config: Vec<(String, String)>,
+    ) -> Self {
+        Self {
+            name: source.name(),
+            source,
+            sha256: Sha256::digest(bytes)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+            size: bytes.len(),
+            description: description.to_owned(),
+            config,
+            loaded_at: SystemTime::now(),
+            loaded: Instant::now(),
+        }
+    }
+}
+
+/// Reload results counted by [`App::reload_counts`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReloadCounts {
+    /// Policies that replaced the running one.
+    pub ok: u64,
+    /// Policies refused (invalid, refused their config, unreadable file).
+    pub rejected: u64,
 }
 
 /// Why the proxy cannot start with this configuration.
@@ -72,8 +171,8 @@ impl App {
     pub fn new(config: Config) -> Result<Arc<Self>, StartError> {
         let metrics = telemetry::install();
         let upstream = Upstream::new(&config.upstream, config.server.workers());
-        let (admission, runtime) = match &config.admission.policy {
-            None => (None, None),
+        let (admission, runtime, loaded) = match &config.admission.policy {
+            None => (None, None, None),
             Some(path) => {
                 let policy_error = |source| StartError::Policy {
                     path: path.display().to_string(),
@@ -84,9 +183,23 @@ impl App {
                     config.admission.policy_memory,
                 )
                 .map_err(policy_error)?;
+                // Read once: the digest is of the bytes that were loaded.
+                let bytes = std::fs::read(path).map_err(|e| {
+                    policy_error(LoadError::Read {
+                        path: path.display().to_string(),
+                        reason: e.to_string(),
+                    })
+                })?;
+                let source = PolicySource::File(path.clone());
                 let policy = runtime
-                    .load_file(path, &config.admission.policy_config)
+                    .load(&source.name(), &bytes, &config.admission.policy_config)
                     .map_err(policy_error)?;
+                let loaded = LoadedPolicy::new(
+                    source,
+                    &bytes,
+                    policy.description(),
+                    config.admission.policy_config.clone(),
+                );
                 tracing::info!(policy = %path.display(), description = policy.description(), "admission policy loaded");
                 stats::set_policy_label(policy.name());
                 let limiter = config.admission.rate_limit().map(|limit| {
@@ -103,12 +216,19 @@ impl App {
                         limiter,
                     },
                 );
-                (Some(admission), Some(runtime))
+                (Some(admission), Some(runtime), Some(loaded))
             }
         };
         if config.admission.rate_limit().is_some() && admission.is_none() {
             tracing::warn!(
                 "--rate-limit applies to admitted routes and needs --policy; it is ignored in pass-through mode"
+            );
+        }
+        let admin_listen = config.server.admin_listen;
+        if config.admin.token.is_none() && !is_loopback(admin_listen.ip()) {
+            tracing::warn!(
+                admin = %admin_listen,
+                "the admin listener is not on a loopback address and has no --admin-token: anyone who reaches it can read /metrics and /stats, and it refuses changes (PUT /admin/policy, POST /stats/reset) until a token is set"
             );
         }
         let (config_upstream, scrape_interval) = (
@@ -156,40 +276,79 @@ impl App {
             gpus: gpu::start(),
             upstream_metrics: scrape::start(config_upstream, scrape_interval, Arc::clone(&prefix)),
             prefix,
+            policy: Mutex::new(loaded),
+            reloads: [AtomicU64::new(0), AtomicU64::new(0)],
+            reloading: tokio::sync::Mutex::new(()),
         }))
     }
 
-    /// Validates `bytes` as a policy (instantiate + init) and hands the queue to it.
-    /// `config` replaces `--policy-config` for this plugin when given.
+    /// The running plugin as it was loaded; `None` in pass-through.
+    pub fn loaded_policy(&self) -> Option<LoadedPolicy> {
+        self.policy.lock().ok().and_then(|p| p.clone())
+    }
+
+    /// Reloads accepted and rejected since start.
+    pub fn reload_counts(&self) -> ReloadCounts {
+        ReloadCounts {
+            ok: self.reloads[0].load(Ordering::Relaxed),
+            rejected: self.reloads[1].load(Ordering::Relaxed),
+        }
+    }
+
+    /// Whether the admin listener is bound to a loopback address, where
+    /// only this machine can reach it.
+    pub fn admin_is_loopback(&self) -> bool {
+        is_loopback(self.config.server.admin_listen.ip())
+    }
+
+    fn count_reload(&self, ok: bool) {
+        self.reloads[usize::from(!ok)].fetch_add(1, Ordering::Relaxed);
+        telemetry::count_reload(if ok { "ok" } else { "rejected" });
+    }
+
+    /// Validates `bytes` as a policy (instantiate + init), hands the queue to
+    /// it and records it. `config` replaces `--policy-config` for this plugin
+    /// when given.
     pub async fn reload(
         &self,
-        name: &str,
+        source: PolicySource,
         bytes: Bytes,
         config: Option<Vec<(String, String)>>,
-    ) -> Result<String, ProxyError> {
+    ) -> Result<LoadedPolicy, ProxyError> {
         let (Some(admission), Some(runtime)) = (&self.admission, &self.runtime) else {
             return Err(ProxyError::InvalidRequest(
                 "the proxy was started without --policy (pass-through); restart it with one to use policies".into(),
             ));
         };
+        let _turn = self.reloading.lock().await;
         let runtime = runtime.clone();
         let config = config.unwrap_or_else(|| self.config.admission.policy_config.clone());
-        let name = name.to_owned();
-        let loaded = tokio::task::spawn_blocking(move || runtime.load(&name, &bytes, &config))
-            .await
-            .map_err(|e| ProxyError::Internal(e.to_string()))?;
+        let name = source.name();
+        let (loaded, bytes, config) = tokio::task::spawn_blocking(move || {
+            let loaded = runtime.load(&name, &bytes, &config);
+            (loaded, bytes, config)
+        })
+        .await
+        .map_err(|e| ProxyError::Internal(e.to_string()))?;
         match loaded {
             Ok(policy) => {
-                let description = policy.description().to_owned();
-                let label = policy.name().to_owned();
+                let record = LoadedPolicy::new(source, &bytes, policy.description(), config);
                 admission.reload(Box::new(policy)).await?;
-                stats::set_policy_label(&label);
-                telemetry::count_reload("ok");
-                tracing::info!(description, "policy reload complete");
-                Ok(description)
+                stats::set_policy_label(&record.name);
+                self.count_reload(true);
+                tracing::info!(
+                    source = %record.source,
+                    sha256 = record.sha256,
+                    description = record.description,
+                    "policy reload complete"
+                );
+                if let Ok(mut running) = self.policy.lock() {
+                    *running = Some(record.clone());
+                }
+                Ok(record)
             }
             Err(err) => {
-                telemetry::count_reload("rejected");
+                self.count_reload(false);
                 tracing::warn!(error = %err, "policy reload rejected; the running policy stays");
                 Err(ProxyError::InvalidRequest(format!(
                     "policy rejected: {err}"
@@ -198,19 +357,23 @@ impl App {
         }
     }
 
-    /// Reloads the configured `--policy` file (SIGHUP).
+    /// Reloads the configured `--policy` file (SIGHUP); answers with the
+    /// new policy's description.
     pub async fn reload_from_config(&self) -> Result<String, ProxyError> {
         let Some(path) = &self.config.admission.policy else {
             return Err(ProxyError::InvalidRequest("no --policy configured".into()));
         };
         let bytes = tokio::fs::read(path).await.map_err(|e| {
-            telemetry::count_reload("rejected");
+            self.count_reload(false);
             ProxyError::InvalidRequest(format!("cannot read {}: {e}", path.display()))
         })?;
-        let name = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        self.reload(&name, Bytes::from(bytes), None).await
+        let source = PolicySource::Sighup(path.clone());
+        let loaded = self.reload(source, Bytes::from(bytes), None).await?;
+        Ok(loaded.description)
     }
+}
+
+/// Loopback, IPv4-mapped IPv6 included.
+fn is_loopback(ip: std::net::IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
 }

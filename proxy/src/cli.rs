@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 
+use crate::config::AdminToken;
 pub use crate::config::Config;
 
 /// Sluice: an admission proxy for OpenAI-compatible inference servers (vLLM).
@@ -103,15 +104,22 @@ where
         if set_by_user(&matches, arg.get_id().as_str()) {
             continue;
         }
-        if arg.get_action().takes_values() {
-            from_file.push(format!("--{key}={}", scalar(value)).into());
-        } else {
-            // A flag without a value (`trust-tenant-header = true`).
+        if !arg.get_action().takes_values() {
+            // A switch: `trust-tenant-header = true` is the bare flag.
             match value {
                 toml::Value::Boolean(true) => from_file.push(format!("--{key}").into()),
                 toml::Value::Boolean(false) => {}
                 _ => return Err(file_error(path, format!("`{key}` must be true or false"))),
             }
+        } else if let toml::Value::Array(items) = value {
+            // A repeatable flag: `admin-allowed-host = ["a", "b"]`.
+            from_file.extend(
+                items
+                    .into_iter()
+                    .map(|item| format!("--{key}={}", scalar(item)).into()),
+            );
+        } else {
+            from_file.push(format!("--{key}={}", scalar(value)).into());
         }
     }
     let mut merged = args;
@@ -146,7 +154,26 @@ fn validate(
             ),
         });
     }
+    if let Some(path) = &config.admin.token_file {
+        config.admin.token = Some(read_token_file(path)?);
+    }
     Ok(config)
+}
+
+/// The token in `--admin-token-file`, without its trailing newline.
+fn read_token_file(path: &Path) -> Result<AdminToken, CliError> {
+    let invalid = |reason: String| CliError::Invalid {
+        key: "--admin-token-file",
+        value: path.display().to_string(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| invalid(e.to_string()))?;
+    let token = text.strip_suffix('\n').unwrap_or(&text);
+    let token = token.strip_suffix('\r').unwrap_or(token);
+    if token.is_empty() {
+        return Err(invalid("the file is empty".into()));
+    }
+    AdminToken::parse(token).map_err(invalid)
 }
 
 /// The setting whose flag is `--{key}` (not `--config` itself).
@@ -335,6 +362,55 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("KEY=VALUE"), "{err}");
+    }
+
+    #[test]
+    fn the_admin_token_comes_from_a_flag_or_a_file_not_both() {
+        assert!(config(&[]).unwrap().admin.token.is_none());
+        let c = config(&["--admin-token", "s3cret"]).unwrap();
+        assert!(c.admin.token.as_ref().unwrap().matches(b"s3cret"));
+        assert!(!format!("{c:?}").contains("s3cret"), "the token is printed");
+        let file = temp_file("token", "from-file\n");
+        let c = config(&["--admin-token-file", file.to_str().unwrap()]).unwrap();
+        assert!(c.admin.token.as_ref().unwrap().matches(b"from-file"));
+        let err = config(&[
+            "--admin-token",
+            "s3cret",
+            "--admin-token-file",
+            file.to_str().unwrap(),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("cannot be used with"), "{err}");
+        let empty = temp_file("empty-token", "\n");
+        let err = config(&["--admin-token-file", empty.to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--admin-token-file") && err.contains("empty"),
+            "{err}"
+        );
+        let err = config(&["--admin-token", "two words"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--admin-token"), "{err}");
+    }
+
+    #[test]
+    fn admin_switches_and_lists_read_from_the_file() {
+        let path = temp_file(
+            "admin.toml",
+            "admin-open-metrics = true\nadmin-allowed-host = [\"Sluice.Internal.\", \"b.example\"]\n",
+        );
+        let c = config(&["--config", path.to_str().unwrap()]).unwrap();
+        assert!(c.admin.open_metrics);
+        assert_eq!(c.admin.allowed_hosts, ["sluice.internal", "b.example"]);
+        let c = config(&["--admin-allowed-host", "a.example,b.example"]).unwrap();
+        assert_eq!(c.admin.allowed_hosts, ["a.example", "b.example"]);
+        let err = config(&["--admin-allowed-host", "a.example:9464"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no port"), "{err}");
     }
 
     #[test]

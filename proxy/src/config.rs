@@ -1,6 +1,6 @@
 //! Every setting of the proxy, grouped by concern ([`ServerConfig`],
-//! [`UpstreamConfig`], [`AdmissionSettings`], [`PrefixConfig`],
-//! [`TelemetryConfig`]), each defined once: its flag, its `SLUICE_*`
+//! [`AdminConfig`], [`UpstreamConfig`], [`AdmissionSettings`],
+//! [`PrefixConfig`], [`TelemetryConfig`]), each defined once: its flag, its `SLUICE_*`
 //! variable, its default and its help text are the attributes of one field,
 //! and the `--config` TOML keys are the flag names ([`crate::cli`] merges
 //! them). A field holds the parsed, validated value: a malformed one is
@@ -8,6 +8,7 @@
 //!
 //! A leaf: the modules that use a group take it by reference.
 
+use std::fmt;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use std::time::Duration;
 use clap::Args;
 use clap::builder::{BoolishValueParser, RangedU64ValueParser};
 use http::Uri;
+use sha2::{Digest, Sha256};
 
 /// Folder where bare policy names are looked up (relative to the working directory).
 pub const PLUGIN_DIR: &str = "plugins/dist";
@@ -26,6 +28,9 @@ pub struct Config {
     /// Listeners and client connections.
     #[command(flatten)]
     pub server: ServerConfig,
+    /// Who may use the admin listener.
+    #[command(flatten)]
+    pub admin: AdminConfig,
     /// The inference server behind the proxy.
     #[command(flatten)]
     pub upstream: UpstreamConfig,
@@ -93,6 +98,80 @@ impl ServerConfig {
         self.workers.unwrap_or_else(|| {
             std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
         })
+    }
+}
+
+/// Who may use the admin listener (`--admin-listen`).
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Admin")]
+pub struct AdminConfig {
+    /// Bearer token for the admin listener. With it, every admin route needs
+    /// `Authorization: Bearer TOKEN` (but see --admin-open-metrics); without
+    /// it, reads are open and changes (PUT /admin/policy, POST /stats/reset)
+    /// are taken only when --admin-listen is a loopback address
+    #[arg(long = "admin-token", env = "SLUICE_ADMIN_TOKEN", value_name = "TOKEN", hide_env_values = true, value_parser = AdminToken::parse, conflicts_with = "token_file")]
+    pub token: Option<AdminToken>,
+
+    /// File that holds the admin token, read at start (a trailing newline is
+    /// ignored); keeps the token out of the process list
+    #[arg(
+        long = "admin-token-file",
+        env = "SLUICE_ADMIN_TOKEN_FILE",
+        value_name = "FILE"
+    )]
+    pub token_file: Option<PathBuf>,
+
+    /// With an admin token, serve /metrics and /healthz without it (for
+    /// scrapers and probes that cannot send one)
+    #[arg(long = "admin-open-metrics", env = "SLUICE_ADMIN_OPEN_METRICS")]
+    pub open_metrics: bool,
+
+    /// A host name the admin listener answers to (repeatable, or a comma
+    /// list). IP addresses and localhost always work; any other `Host` gets
+    /// 403, so a web page cannot reach the listener by DNS rebinding
+    #[arg(long = "admin-allowed-host", env = "SLUICE_ADMIN_ALLOWED_HOST", value_name = "NAME", value_delimiter = ',', value_parser = parse_host_name)]
+    pub allowed_hosts: Vec<String>,
+}
+
+/// The admin bearer token. Only its SHA-256 digest is kept: the token never
+/// appears in `Debug` output or logs, and [`AdminToken::matches`] takes the
+/// same time however much of a guess is right.
+#[derive(Clone)]
+pub struct AdminToken {
+    digest: [u8; 32],
+}
+
+impl AdminToken {
+    /// A token: one or more visible ASCII characters (it travels in an HTTP
+    /// header), with no spaces.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text.is_empty() {
+            return Err("the token is empty".into());
+        }
+        if !text.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("the token must be visible ASCII characters without spaces".into());
+        }
+        Ok(Self {
+            digest: Sha256::digest(text.as_bytes()).into(),
+        })
+    }
+
+    /// Whether `presented` is the token, in constant time: both sides are
+    /// hashed to 32 bytes and every byte is compared.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        let presented: [u8; 32] = Sha256::digest(presented).into();
+        let difference = self
+            .digest
+            .iter()
+            .zip(presented)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        std::hint::black_box(difference) == 0
+    }
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminToken(<redacted>)")
     }
 }
 
@@ -275,6 +354,20 @@ fn parse_workers(text: &str) -> Result<usize, String> {
 fn parse_addr(text: &str) -> Result<SocketAddr, String> {
     text.parse()
         .map_err(|_| "expected IP:PORT, e.g. 127.0.0.1:8080".into())
+}
+
+/// A host name as `Host` carries it, without a port: lower case, no trailing dot.
+fn parse_host_name(text: &str) -> Result<String, String> {
+    let name = text.trim().trim_end_matches('.').to_ascii_lowercase();
+    let valid = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if valid {
+        Ok(name)
+    } else {
+        Err("expected a host name such as sluice.internal (no port; IP addresses and localhost are always allowed)".into())
+    }
 }
 
 fn parse_key_value(pair: &str) -> Result<(String, String), String> {

@@ -33,8 +33,37 @@ pub enum ProxyError {
     #[error("no route for {0}")]
     NotFound(String),
     /// The method is not allowed on a route Sluice serves itself.
-    #[error("method not allowed")]
-    MethodNotAllowed,
+    #[error("method not allowed; this route takes {allow}")]
+    MethodNotAllowed {
+        /// The methods the route takes (the `Allow` header).
+        allow: &'static str,
+    },
+    /// `GET /stats?reset=1`: a GET never changes anything.
+    #[error(
+        "GET /stats no longer resets the statistics: POST /stats/reset does, and answers with the statistics from before the reset"
+    )]
+    ResetNeedsPost,
+    /// An admin route needs the bearer token (`--admin-token`) and the
+    /// request had none, or another.
+    #[error("{}", if *.presented {
+        "the bearer token is not the admin token"
+    } else {
+        "this admin route needs `Authorization: Bearer <token>` (the proxy runs with --admin-token)"
+    })]
+    Unauthorized {
+        /// Whether a token was presented (and was wrong).
+        presented: bool,
+    },
+    /// The admin listener does not answer to this `Host` (DNS rebinding).
+    #[error(
+        "the admin listener does not answer to host {0:?}: use an IP address, localhost, or a name given to --admin-allowed-host"
+    )]
+    HostNotAllowed(String),
+    /// A change on an admin listener that others can reach, with no token set.
+    #[error(
+        "{0} changes the proxy and the admin listener is not on a loopback address: set --admin-token (or bind --admin-listen to 127.0.0.1)"
+    )]
+    AdminTokenRequired(&'static str),
     /// The upstream refused the connection or could not be reached.
     #[error("upstream {upstream} is unreachable: {cause}")]
     UpstreamUnreachable {
@@ -110,7 +139,9 @@ impl ProxyError {
             Self::InvalidRequest(_) | Self::InvalidTenant(_) => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::MethodNotAllowed { .. } | Self::ResetNeedsPost => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            Self::HostNotAllowed(_) | Self::AdminTokenRequired(_) => StatusCode::FORBIDDEN,
             Self::UpstreamUnreachable { .. } | Self::UpstreamBadResponse(_) => {
                 StatusCode::BAD_GATEWAY
             }
@@ -134,7 +165,10 @@ impl ProxyError {
             Self::InvalidTenant(_) => "invalid_tenant",
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::NotFound(_) => "not_found",
-            Self::MethodNotAllowed => "method_not_allowed",
+            Self::MethodNotAllowed { .. } | Self::ResetNeedsPost => "method_not_allowed",
+            Self::Unauthorized { .. } => "unauthorized",
+            Self::HostNotAllowed(_) => "host_not_allowed",
+            Self::AdminTokenRequired(_) => "admin_token_required",
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",
             Self::UpstreamDown { .. } => "upstream_down",
             Self::UpstreamTimeout(_) => "upstream_timeout",
@@ -155,6 +189,7 @@ impl ProxyError {
         match self.status() {
             StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE => "invalid_request_error",
             StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => "invalid_request_error",
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => "invalid_request_error",
             StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
             StatusCode::INTERNAL_SERVER_ERROR => "server_error",
             _ => "upstream_error",
@@ -206,6 +241,26 @@ impl ProxyError {
             // Retry-After is whole seconds; round up so clients never retry early.
             let secs = after.as_millis().div_ceil(1000).max(1);
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs as u64));
+        }
+        match self {
+            Self::MethodNotAllowed { allow } => {
+                headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
+            Self::ResetNeedsPost => {
+                headers.insert(header::ALLOW, HeaderValue::from_static("POST"));
+            }
+            // RFC 6750 §3: the scheme, and `invalid_token` when one was presented.
+            Self::Unauthorized { presented } => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(if presented {
+                        r#"Bearer realm="sluice-admin", error="invalid_token""#
+                    } else {
+                        r#"Bearer realm="sluice-admin""#
+                    }),
+                );
+            }
+            _ => {}
         }
         response
     }
@@ -275,10 +330,38 @@ mod tests {
             (ProxyError::UpstreamBadResponse("x".into()), 502),
             (ProxyError::QueueTimeout(Duration::from_secs(3)), 503),
             (ProxyError::PolicyRejected("full".into()), 429),
+            (ProxyError::Unauthorized { presented: false }, 401),
+            (ProxyError::HostNotAllowed("evil.example".into()), 403),
+            (ProxyError::AdminTokenRequired("PUT /admin/policy"), 403),
+            (ProxyError::ResetNeedsPost, 405),
         ];
         for (err, status) in cases {
             assert_eq!(err.status(), status, "{err:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn admin_refusals_carry_their_headers() {
+        let (status, headers, body) = render(ProxyError::Unauthorized { presented: true }).await;
+        assert_eq!(status, 401);
+        assert_eq!(
+            headers[header::WWW_AUTHENTICATE],
+            r#"Bearer realm="sluice-admin", error="invalid_token""#
+        );
+        assert_eq!(body["error"]["code"], "unauthorized");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        let (_, headers, _) = render(ProxyError::Unauthorized { presented: false }).await;
+        assert_eq!(
+            headers[header::WWW_AUTHENTICATE],
+            r#"Bearer realm="sluice-admin""#
+        );
+        let (status, headers, body) = render(ProxyError::ResetNeedsPost).await;
+        assert_eq!(status, 405);
+        assert_eq!(headers[header::ALLOW], "POST");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("POST /stats/reset"), "{message}");
+        let (_, headers, _) = render(ProxyError::MethodNotAllowed { allow: "GET, PUT" }).await;
+        assert_eq!(headers[header::ALLOW], "GET, PUT");
     }
 
     #[tokio::test]

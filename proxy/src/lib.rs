@@ -32,9 +32,10 @@
 //!    logged and measured), [`observed`] (the streaming pass-through that
 //!    finishes it), [`proxy`] (classify → admit → forward → stream back).
 //! 7. **The process.** [`app`] (the services built from a config; policy
-//!    reloads), [`admin`] (`/metrics`, `/stats`, `/admin/policy`),
-//!    [`connections`] (each listener's connection limit, idle timeout and
-//!    refusals), [`server`] (listeners, HTTP/1.1 + h2c, drain).
+//!    reloads), [`admin`] (`/metrics`, `/stats`, `/admin/policy`, and who
+//!    may use them), [`connections`] (each listener's connection limit,
+//!    idle timeout and refusals), [`server`] (listeners, HTTP/1.1 + h2c,
+//!    drain).
 #![deny(missing_docs)]
 
 pub mod admin;

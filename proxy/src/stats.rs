@@ -1,5 +1,5 @@
 //! Exact latency percentiles for `/stats`: HDR histograms per route and
-//! policy, since start or since the last `GET /stats?reset=1`. This is what
+//! policy, since start or since the last `POST /stats/reset`. This is what
 //! the load generator reads for server-side truth (queue wait and service
 //! time next to what the client saw).
 

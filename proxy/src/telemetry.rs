@@ -52,6 +52,11 @@ pub const PROCESS_RESIDENT_MEMORY: &str = "sluice_process_resident_memory_bytes"
 pub const PROCESS_CPU: &str = "sluice_process_cpu_seconds";
 /// Gauge: client connections open, by `listener` (`main`, `admin`).
 pub const OPEN_CONNECTIONS: &str = "sluice_open_connections";
+/// Admin requests refused by the access rules, by reason.
+pub const ADMIN_DENIED: &str = "sluice_admin_denied_total";
+/// The `reason`s of [`ADMIN_DENIED`]: the [`crate::error::ProxyError::code`]s of the refusals.
+pub const ADMIN_DENIED_REASONS: [&str; 3] =
+    ["unauthorized", "host_not_allowed", "admin_token_required"];
 
 /// Client connections Sluice closed, by `listener` and `reason` (`idle_timeout`, `evicted`).
 pub const CONNECTIONS_CLOSED: &str = "sluice_connections_closed_total";
@@ -241,6 +246,10 @@ fn describe() {
         OPEN_CONNECTIONS,
         "Client connections open, by listener (main, admin)."
     );
+    describe_counter!(
+        ADMIN_DENIED,
+        "Admin requests refused: no or a wrong bearer token, a Host the listener does not answer to, a change without --admin-token on a listener others can reach."
+    );
     describe_gauge!(
         POLICY_VALUE,
         "A number the admission policy publishes (e.g. its current limit), by name."
@@ -286,6 +295,9 @@ fn register_at_zero() {
     }
     for result in ["ok", "rejected"] {
         counter!(POLICY_RELOADS, "result" => result).increment(0);
+    }
+    for reason in ADMIN_DENIED_REASONS {
+        counter!(ADMIN_DENIED, "reason" => reason).increment(0);
     }
 }
 
@@ -415,4 +427,9 @@ pub fn record_request(r: &RequestRecord) {
 /// Records a reload's result.
 pub fn count_reload(result: &'static str) {
     metrics::counter!(POLICY_RELOADS, "result" => result).increment(1);
+}
+
+/// Records an admin request refused for `reason` (one of [`ADMIN_DENIED_REASONS`]).
+pub fn count_admin_denied(reason: &'static str) {
+    metrics::counter!(ADMIN_DENIED, "reason" => reason).increment(1);
 }

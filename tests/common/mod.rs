@@ -30,7 +30,8 @@ pub struct ProxyProcess {
 }
 
 impl ProxyProcess {
-    /// Starts `proxy --upstream URL --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 ARGS`.
+    /// Starts `proxy --upstream URL --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 ARGS`
+    /// (`--admin-listen` only when ARGS has none).
     pub fn start(upstream: &str, args: &[&str]) -> Self {
         Self::start_with_env(upstream, args, &[])
     }
@@ -38,14 +39,13 @@ impl ProxyProcess {
     /// [`Self::start`] with extra environment variables (e.g. `SLUICE_*` settings).
     pub fn start_with_env(upstream: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_proxy"))
-            .args([
-                "--upstream",
-                upstream,
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-            ])
+            .args(["--upstream", upstream, "--listen", "127.0.0.1:0"])
+            // Tests of a listener others can reach pass their own.
+            .args(if args.contains(&"--admin-listen") {
+                &[][..]
+            } else {
+                &["--admin-listen", "127.0.0.1:0"][..]
+            })
             .args(args)
             // The upstream scrape would add its own requests to what the test
             // upstreams count; tests that want it pass --scrape-interval.

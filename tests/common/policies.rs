@@ -132,6 +132,22 @@ pub fn rejects_config() -> String {
     )
 }
 
+/// Admits every arrival; `init` describes it as "admits each arrival".
+pub fn admit_each_described() -> String {
+    let wat = component(
+        &admit(&["(local.get $id)"]),
+        r#"(data (i32.const 0x500) "admits each arrival")"#,
+    );
+    // init's answer: the ok result at 0x400: discriminant 0, ptr, len.
+    wat.replace(
+        "(func (export \"sluice:policy/policy@0.1.0#init\") (param i32 i32) (result i32)\n      (i32.const 0x300))",
+        "(func (export \"sluice:policy/policy@0.1.0#init\") (param i32 i32) (result i32)
+      (i32.store (i32.const 0x404) (i32.const 0x500))
+      (i32.store (i32.const 0x408) (i32.const 19))
+      (i32.const 0x400))",
+    )
+}
+
 /// Writes a policy to a temporary `.wat` file and returns its path.
 pub fn write(name: &str, wat: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("sluice-policies-{}", std::process::id()));

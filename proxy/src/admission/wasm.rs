@@ -28,6 +28,9 @@ mod bindings {
 
 use bindings::exports::sluice::policy::policy as guest;
 
+/// The contract every loaded policy implements: the WIT package (`wit/policy.wit`).
+pub const CONTRACT: &str = "sluice:policy@0.1.0";
+
 /// How often the epoch advances; policy deadlines are counted in these ticks.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
@@ -35,7 +38,7 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// Not a component of the `admission` world.
-    #[error("not a valid sluice:policy@0.1.0 component: {0}")]
+    #[error("not a valid {contract} component: {0}", contract = CONTRACT)]
     Invalid(String),
     /// `init` refused the configuration.
     #[error("policy rejected its configuration: {0}")]
