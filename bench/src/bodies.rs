@@ -117,14 +117,15 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     // Peak RSS while the large bodies flow.
     let sampler = {
         let stop = Arc::clone(&stop);
-        let pid_rss = move || proxy.rss_bytes().unwrap_or(0);
         tokio::spawn(async move {
             let mut peak = 0;
             while !stop.load(Ordering::Relaxed) {
-                peak = peak.max(pid_rss());
+                peak = peak.max(proxy.rss_bytes().unwrap_or(0));
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            peak
+            // The proxy goes back with the figure: it must outlive the
+            // large requests still in flight.
+            (peak, proxy)
         })
     };
     // Let the large clients get going before measuring beside them.
@@ -133,10 +134,11 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let beside = closed_loop(addr, &small, 1, seconds).await?;
     let elapsed = started.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
+    let (peak, proxy) = sampler.await?;
     for task in large {
         let _ = task.await;
     }
-    let peak = sampler.await?;
+    drop(proxy);
     print_report(
         &args,
         &alone,
