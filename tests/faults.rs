@@ -12,7 +12,7 @@ use common::upstream::{
     EchoUpstream, answers_once, gated_stream, hanging, one_request_per_connection, read_request,
     refusing, scripted,
 };
-use common::{ProxyProcess, post_json, send, wait_until};
+use common::{ProxyProcess, post_json, raw_post, send, wait_until};
 use http::{Method, StatusCode};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -293,13 +293,12 @@ async fn hanging_upstream_is_504() {
 async fn client_disconnect_aborts_the_upstream_request() {
     let upstream = hanging().await;
     let proxy = ProxyProcess::start(&format!("http://{}", upstream.addr), &[]);
-    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let body = completion(json!({})).to_string();
-    let head = format!(
-        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    conn.write_all(head.as_bytes()).await.unwrap();
+    let conn = raw_post(
+        proxy.addr,
+        "/v1/completions",
+        &completion(json!({})).to_string(),
+    )
+    .await;
     let reached = wait_until(Duration::from_secs(10), || async {
         upstream.accepted.load(Ordering::SeqCst) == 1
     })
@@ -953,13 +952,12 @@ async fn every_request_is_accounted_for_exactly_once() {
     // … and a client that leaves while the engine works: cut, client_gone.
     let upstream = hanging().await;
     let proxy = ProxyProcess::start(&format!("http://{}", upstream.addr), &[]);
-    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let body = completion(json!({})).to_string();
-    let head = format!(
-        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    conn.write_all(head.as_bytes()).await.unwrap();
+    let conn = raw_post(
+        proxy.addr,
+        "/v1/completions",
+        &completion(json!({})).to_string(),
+    )
+    .await;
     let reached = wait_until(Duration::from_secs(10), || async {
         upstream.accepted.load(Ordering::SeqCst) == 1
     })

@@ -292,16 +292,18 @@ impl Handoff {
     }
 }
 
-/// HTTP/1.1 with keep-alive, or h2c with prior knowledge. An HTTP/1.1
-/// request's head must arrive within `idle_limit` (the connection is idle
-/// until it has).
+/// HTTP/1.1 with keep-alive, or h2c with prior knowledge. A connection is
+/// idle until a request's head has arrived, so the idle timeout in
+/// [`serve`] also bounds a slow head; hyper's own header timeout is set
+/// past it, as a backstop that never fires first (the idle closes are then
+/// all counted).
 fn http_builder(idle_limit: Duration) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .keep_alive(true)
-        .header_read_timeout(idle_limit);
+        .header_read_timeout(idle_limit * 2 + CLOSE_GRACE);
     builder
         .http2()
         .timer(TokioTimer::new())

@@ -206,6 +206,20 @@ impl ProxyProcess {
     }
 }
 
+/// Opens a connection to `addr` and writes a whole HTTP/1.1 `POST path`
+/// with the JSON `body` on it, for tests that hold or drop the socket
+/// themselves.
+pub async fn raw_post(addr: SocketAddr, path: &str, body: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream
+}
+
 /// Every test that starts a proxy ends by checking its request ledger:
 /// with nothing in progress, received = answered + refused + cut and
 /// admitted = completed + failed + client_gone, exactly.
