@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::upstream::{
-    EchoUpstream, answers_once, gated_stream, hanging, one_request_per_connection, read_request,
-    refusing, scripted,
+    EchoUpstream, Hanging, answers_once, gated_stream, hanging, one_request_per_connection,
+    read_request, refusing, scripted,
 };
 use common::{ProxyProcess, post_json, raw_post, send, wait_until};
 use http::{Method, StatusCode};
@@ -289,10 +289,10 @@ async fn hanging_upstream_is_504() {
     );
 }
 
-#[tokio::test]
-async fn client_disconnect_aborts_the_upstream_request() {
-    let upstream = hanging().await;
-    let proxy = ProxyProcess::start(&format!("http://{}", upstream.addr), &[]);
+/// Sends a completion through `proxy` on a connection of its own, waits
+/// until it has reached the hanging `upstream`, then closes the connection:
+/// a client that leaves while the engine works.
+async fn leave_once_the_upstream_has_it(proxy: &ProxyProcess, upstream: &Hanging) {
     let conn = raw_post(
         proxy.addr,
         "/v1/completions",
@@ -305,6 +305,13 @@ async fn client_disconnect_aborts_the_upstream_request() {
     .await;
     assert!(reached, "request never reached the upstream");
     drop(conn);
+}
+
+#[tokio::test]
+async fn client_disconnect_aborts_the_upstream_request() {
+    let upstream = hanging().await;
+    let proxy = ProxyProcess::start(&format!("http://{}", upstream.addr), &[]);
+    leave_once_the_upstream_has_it(&proxy, &upstream).await;
     let aborted = wait_until(Duration::from_secs(10), || async {
         upstream.closed_by_peer.load(Ordering::SeqCst) == 1
     })
@@ -952,18 +959,7 @@ async fn every_request_is_accounted_for_exactly_once() {
     // … and a client that leaves while the engine works: cut, client_gone.
     let upstream = hanging().await;
     let proxy = ProxyProcess::start(&format!("http://{}", upstream.addr), &[]);
-    let conn = raw_post(
-        proxy.addr,
-        "/v1/completions",
-        &completion(json!({})).to_string(),
-    )
-    .await;
-    let reached = wait_until(Duration::from_secs(10), || async {
-        upstream.accepted.load(Ordering::SeqCst) == 1
-    })
-    .await;
-    assert!(reached, "request never reached the upstream");
-    drop(conn);
+    leave_once_the_upstream_has_it(&proxy, &upstream).await;
     let balance = settled_accounting(&proxy).await;
     assert_eq!(
         [
