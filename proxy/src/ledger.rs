@@ -26,6 +26,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use metrics::Counter;
 use serde::Serialize;
 
 use crate::telemetry;
@@ -66,14 +67,82 @@ impl AdmittedEnding {
     }
 }
 
+/// One balance's counts: entries opened, and ended by each of three endings.
+#[derive(Debug)]
+struct Tally {
+    opened: AtomicU64,
+    ended: [AtomicU64; 3],
+}
+
+impl Tally {
+    const fn new() -> Self {
+        Self {
+            opened: AtomicU64::new(0),
+            ended: [const { AtomicU64::new(0) }; 3],
+        }
+    }
+
+    /// Counts an entry as opened; it ends as ending `on_drop` if dropped.
+    /// `exported`: the Prometheus counters that mirror this tally.
+    fn open(
+        &'static self,
+        exported: Option<(&'static Counter, &'static [Counter; 3])>,
+        on_drop: usize,
+    ) -> Entry {
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        if let Some((opened, _)) = exported {
+            opened.increment(1);
+        }
+        Entry {
+            tally: self,
+            exported: exported.map(|(_, ended)| ended),
+            on_drop,
+            ended: false,
+        }
+    }
+
+    /// Opened, and ended by each ending. The endings are read first, so a
+    /// request ending between the reads is never counted as ended and not
+    /// opened.
+    fn counts(&self) -> (u64, [u64; 3]) {
+        let ended = self.ended.each_ref().map(|a| a.load(Ordering::Relaxed));
+        (self.opened.load(Ordering::Relaxed), ended)
+    }
+}
+
+/// An entry of a [`Tally`] not yet ended; ends exactly once, as the ending
+/// given, or as `on_drop` when dropped first.
+#[derive(Debug)]
+struct Entry {
+    tally: &'static Tally,
+    exported: Option<&'static [Counter; 3]>,
+    on_drop: usize,
+    ended: bool,
+}
+
+impl Entry {
+    fn end(&mut self, ending: usize) {
+        if !std::mem::replace(&mut self.ended, true) {
+            self.tally.ended[ending].fetch_add(1, Ordering::Relaxed);
+            if let Some(counters) = self.exported {
+                counters[ending].increment(1);
+            }
+        }
+    }
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        self.end(self.on_drop);
+    }
+}
+
 /// The counts behind the balances; [`global`] is the one the proxy keeps
 /// and exports (tests make their own).
 #[derive(Debug)]
 pub struct Ledger {
-    received: AtomicU64,
-    ended: [AtomicU64; 3],
-    admitted: AtomicU64,
-    admitted_ended: [AtomicU64; 3],
+    received: Tally,
+    admitted: Tally,
     // Whether the counts also go to Prometheus.
     exported: bool,
 }
@@ -89,46 +158,38 @@ impl Ledger {
     /// An empty ledger; `exported`: also count in Prometheus.
     pub const fn new(exported: bool) -> Self {
         Self {
-            received: AtomicU64::new(0),
-            ended: [const { AtomicU64::new(0) }; 3],
-            admitted: AtomicU64::new(0),
-            admitted_ended: [const { AtomicU64::new(0) }; 3],
+            received: Tally::new(),
+            admitted: Tally::new(),
             exported,
         }
     }
 
     /// Counts a request as received.
     pub fn receive(&'static self) -> Received {
-        self.received.fetch_add(1, Ordering::Relaxed);
-        if self.exported {
-            telemetry::hot().received.increment(1);
-        }
-        Received {
-            ledger: self,
-            ended: false,
-        }
+        let exported = self.exported.then(|| {
+            let hot = telemetry::hot();
+            (&hot.received, &hot.ended)
+        });
+        Received(self.received.open(exported, Ending::Cut as usize))
     }
 
     /// Counts a request as admitted.
     pub fn admit(&'static self) -> Admitted {
-        self.admitted.fetch_add(1, Ordering::Relaxed);
-        if self.exported {
-            telemetry::hot().admitted.increment(1);
-        }
-        Admitted {
-            ledger: self,
-            ended: false,
-        }
+        let exported = self.exported.then(|| {
+            let hot = telemetry::hot();
+            (&hot.admitted, &hot.admitted_ended)
+        });
+        Admitted(
+            self.admitted
+                .open(exported, AdmittedEnding::ClientGone as usize),
+        )
     }
 
     /// The counts now. Each is read once; a request ending between two
     /// reads can make the in-progress figures momentarily one off.
     pub fn balance(&self) -> Balance {
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let admitted = load(&self.admitted);
-        let [completed, failed, client_gone] = self.admitted_ended.each_ref().map(load);
-        let [answered, refused, cut] = self.ended.each_ref().map(load);
-        let received = load(&self.received);
+        let (received, [answered, refused, cut]) = self.received.counts();
+        let (admitted, [completed, failed, client_gone]) = self.admitted.counts();
         Balance {
             received,
             answered,
@@ -147,30 +208,12 @@ impl Ledger {
 /// A received request not yet ended; ends as `cut` when dropped.
 #[derive(Debug)]
 #[must_use = "a request that is not ended counts as cut"]
-pub struct Received {
-    ledger: &'static Ledger,
-    ended: bool,
-}
+pub struct Received(Entry);
 
 impl Received {
     /// Ends it.
     pub fn end(mut self, ending: Ending) {
-        self.record(ending);
-    }
-
-    fn record(&mut self, ending: Ending) {
-        if !std::mem::replace(&mut self.ended, true) {
-            self.ledger.ended[ending as usize].fetch_add(1, Ordering::Relaxed);
-            if self.ledger.exported {
-                telemetry::hot().ended[ending as usize].increment(1);
-            }
-        }
-    }
-}
-
-impl Drop for Received {
-    fn drop(&mut self) {
-        self.record(Ending::Cut);
+        self.0.end(ending as usize);
     }
 }
 
@@ -178,30 +221,12 @@ impl Drop for Received {
 /// (only a dropped request future, i.e. a client that left, drops one).
 #[derive(Debug)]
 #[must_use = "an admitted request that is not ended counts as client_gone"]
-pub struct Admitted {
-    ledger: &'static Ledger,
-    ended: bool,
-}
+pub struct Admitted(Entry);
 
 impl Admitted {
     /// Ends it.
     pub fn end(mut self, ending: AdmittedEnding) {
-        self.record(ending);
-    }
-
-    fn record(&mut self, ending: AdmittedEnding) {
-        if !std::mem::replace(&mut self.ended, true) {
-            self.ledger.admitted_ended[ending as usize].fetch_add(1, Ordering::Relaxed);
-            if self.ledger.exported {
-                telemetry::hot().admitted_ended[ending as usize].increment(1);
-            }
-        }
-    }
-}
-
-impl Drop for Admitted {
-    fn drop(&mut self) {
-        self.record(AdmittedEnding::ClientGone);
+        self.0.end(ending as usize);
     }
 }
 
