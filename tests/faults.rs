@@ -1002,6 +1002,16 @@ async fn bodies_being_read_share_one_memory_budget() {
         .write_all(&big.as_bytes()[..big.len() - 1])
         .await
         .unwrap();
+    let held = "sluice_body_memory_held_bytes";
+    let first_holds_its_share = wait_until(Duration::from_secs(10), || async {
+        proxy.metric(held).await >= (2 * big.len()) as f64
+    })
+    .await;
+    assert!(
+        first_holds_its_share,
+        "{held}: {}",
+        proxy.metric(held).await
+    );
     // Small requests need no share: they are served meanwhile.
     assert_eq!(post_json(&url, &completion(json!({}))).await.status, 200);
     // A second declared large body waits for room (it is not refused) …
@@ -1017,6 +1027,12 @@ async fn bodies_being_read_share_one_memory_budget() {
             .await
         }
     });
+    let waiting = "sluice_body_memory_waiting_requests";
+    let second_waits = wait_until(Duration::from_secs(10), || async {
+        proxy.metric(waiting).await == 1.0
+    })
+    .await;
+    assert!(second_waits, "the second body did not wait");
     // … and a chunked one that finds the budget spent is refused at once.
     let mut chunked = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     chunked
@@ -1030,7 +1046,10 @@ async fn bodies_being_read_share_one_memory_budget() {
         refused.to_ascii_lowercase().contains("retry-after: 1"),
         "{refused}"
     );
-    assert!(!second.is_finished(), "the second body did not wait");
+    assert!(
+        !second.is_finished(),
+        "the second body was not kept waiting"
+    );
     // The first body ends: it is served, and the second gets its room.
     first
         .write_all(&big.as_bytes()[big.len() - 1..])

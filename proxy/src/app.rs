@@ -258,13 +258,15 @@ impl App {
                 "--trust-tenant-header: X-Tenant names the tenant; clients must reach this proxy only through a gateway that sets it"
             );
         }
+        let body_budget = BodyBudget::new(config.server.body_memory);
+        crate::resources::watch_body_budget(&body_budget);
         let proxy = Arc::new(Proxy::new(
             upstream,
             admission.clone(),
             Arc::clone(&prefix),
             tenants,
             config.server.max_body,
-            BodyBudget::new(config.server.body_memory),
+            body_budget,
         ));
         Ok(Arc::new(Self {
             config,

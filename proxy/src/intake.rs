@@ -17,6 +17,7 @@
 //! go straight into one buffer, sized by `Content-Length` when given.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
@@ -40,6 +41,8 @@ pub const BUDGET_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 pub struct BodyBudget {
     bytes: usize,
     permits: Arc<Semaphore>,
+    /// Declared bodies waiting for their share now.
+    waiting: Arc<AtomicUsize>,
 }
 
 /// A body's share of the budget, given back when dropped.
@@ -55,6 +58,23 @@ impl Share {
     }
 }
 
+/// One body counted as waiting until dropped (also when the client leaves
+/// while it waits).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn count(waiting: &'a AtomicUsize) -> Self {
+        waiting.fetch_add(1, Ordering::Relaxed);
+        Self(waiting)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl BodyBudget {
     /// A budget of `bytes` in total.
     pub fn new(bytes: u64) -> Self {
@@ -64,12 +84,23 @@ impl BodyBudget {
         Self {
             bytes,
             permits: Arc::new(Semaphore::new(bytes)),
+            waiting: Arc::new(AtomicUsize::new(0)),
         }
     }
 
     /// The bytes not taken now.
     pub fn available(&self) -> usize {
         self.permits.available_permits()
+    }
+
+    /// The bytes taken now by bodies being read and parsed.
+    pub fn held(&self) -> usize {
+        self.bytes - self.available()
+    }
+
+    /// Declared bodies waiting for their share now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
     }
 
     fn full(&self) -> ProxyError {
@@ -101,7 +132,11 @@ impl BodyBudget {
             .filter(|&cost| cost as usize <= self.bytes)
             .ok_or_else(|| self.full())?;
         let acquire = Arc::clone(&self.permits).acquire_many_owned(cost);
-        match tokio::time::timeout(wait, acquire).await {
+        let acquired = {
+            let _counted = Waiting::count(&self.waiting);
+            tokio::time::timeout(wait, acquire).await
+        };
+        match acquired {
             Ok(Ok(taken)) => {
                 share.add(taken);
                 Ok(())
@@ -183,12 +218,18 @@ mod tests {
                     .map(|()| share)
             })
         };
-        tokio::task::yield_now().await;
+        while budget.waiting() == 0 {
+            tokio::task::yield_now().await;
+        }
+        // The waiter may already be assigned what is free (tokio's
+        // semaphore fills a queued acquire as permits come back).
+        assert!(budget.held() >= 80, "{}", budget.held());
         drop(held);
         let share = waiter
             .await
             .unwrap()
             .expect("the share came once the budget was free");
+        assert_eq!(budget.waiting(), 0);
         assert_eq!(budget.available(), 40);
         drop(share);
         assert_eq!(budget.available(), 100);

@@ -4,15 +4,18 @@
 //!
 //! - [`watch_listener`]: the server registers each listener's count of
 //!   open connections.
+//! - [`watch_body_budget`]: the app registers its `--body-memory` budget.
 //! - [`sample`]: sets [`telemetry::PROCESS_RESIDENT_MEMORY`],
 //!   [`telemetry::PROCESS_CPU`] (from `/proc/self`, Linux only) and
-//!   [`telemetry::OPEN_CONNECTIONS`].
+//!   [`telemetry::OPEN_CONNECTIONS`], [`telemetry::BODY_MEMORY_HELD`] and
+//!   [`telemetry::BODY_MEMORY_WAITING`].
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use metrics::gauge;
 
+use crate::intake::BodyBudget;
 use crate::telemetry;
 
 /// Clock ticks per second of `/proc/<pid>/stat`'s CPU times: `USER_HZ`,
@@ -23,6 +26,15 @@ const USER_HZ: f64 = 100.0;
 type Watched = (&'static str, Weak<AtomicUsize>);
 
 static LISTENERS: Mutex<Vec<Watched>> = Mutex::new(Vec::new());
+
+static BODY_BUDGET: Mutex<Option<BodyBudget>> = Mutex::new(None);
+
+/// Reports `budget`'s use from now on (in place of any earlier one).
+pub fn watch_body_budget(budget: &BodyBudget) {
+    if let Ok(mut watched) = BODY_BUDGET.lock() {
+        *watched = Some(budget.clone());
+    }
+}
 
 /// Reports `open` as `listener`'s open connections from now on.
 pub fn watch_listener(listener: &'static str, open: &Arc<AtomicUsize>) {
@@ -39,6 +51,12 @@ pub fn sample() {
     }
     if let Some(cpu) = cpu_seconds() {
         gauge!(telemetry::PROCESS_CPU).set(cpu);
+    }
+    if let Ok(watched) = BODY_BUDGET.lock()
+        && let Some(budget) = watched.as_ref()
+    {
+        gauge!(telemetry::BODY_MEMORY_HELD).set(budget.held() as f64);
+        gauge!(telemetry::BODY_MEMORY_WAITING).set(budget.waiting() as f64);
     }
     let Ok(listeners) = LISTENERS.lock() else {
         return;

@@ -52,6 +52,10 @@ pub const PROCESS_RESIDENT_MEMORY: &str = "sluice_process_resident_memory_bytes"
 pub const PROCESS_CPU: &str = "sluice_process_cpu_seconds";
 /// Gauge: client connections open, by `listener` (`main`, `admin`).
 pub const OPEN_CONNECTIONS: &str = "sluice_open_connections";
+/// Gauge: bytes of `--body-memory` held by bodies being read and parsed.
+pub const BODY_MEMORY_HELD: &str = "sluice_body_memory_held_bytes";
+/// Gauge: declared bodies waiting for their share of `--body-memory`.
+pub const BODY_MEMORY_WAITING: &str = "sluice_body_memory_waiting_requests";
 /// Admin requests refused by the access rules, by reason.
 pub const ADMIN_DENIED: &str = "sluice_admin_denied_total";
 /// The `reason`s of [`ADMIN_DENIED`]: the [`crate::error::ProxyError::code`]s of the refusals.
@@ -241,6 +245,15 @@ fn describe() {
         PROCESS_CPU,
         Unit::Seconds,
         "CPU time the proxy has used, user and system; rate() gives cores in use."
+    );
+    describe_gauge!(
+        BODY_MEMORY_HELD,
+        Unit::Bytes,
+        "Bytes of --body-memory held by request bodies being read and parsed (two per body byte past the first 64 KiB)."
+    );
+    describe_gauge!(
+        BODY_MEMORY_WAITING,
+        "Request bodies waiting for their share of --body-memory."
     );
     describe_gauge!(
         OPEN_CONNECTIONS,
