@@ -94,8 +94,8 @@ pub(crate) async fn start(
     argv.extend(extra.iter().cloned());
     let config = sluice::cli::load(argv).map_err(|e| anyhow::anyhow!("{e}"))?;
     let app = sluice::App::new(config).map_err(|e| anyhow::anyhow!("{e}"))?;
-    app.upstream_metrics
-        .first_attempt(std::time::Duration::from_secs(2))
+    app.replicas
+        .first_scrapes(std::time::Duration::from_secs(2))
         .await;
     let main = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

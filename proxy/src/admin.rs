@@ -141,13 +141,35 @@ async fn stats(app: &App, reset: bool) -> Result<Value, ProxyError> {
     body["uptime_s"] = app.started.elapsed().as_secs_f64().into();
     body["accounting"] =
         serde_json::to_value(crate::ledger::global().balance()).unwrap_or_default();
-    body["upstream"] = serde_json::to_value(app.upstream_metrics.view()).unwrap_or_default();
+    let replicas = app.replicas.all();
+    if let Some(first) = replicas.first() {
+        body["upstream"] = serde_json::to_value(first.engine.view()).unwrap_or_default();
+    }
+    body["route"] = serde_json::to_value(app.replicas.mode()).unwrap_or_default();
+    body["replicas"] = replicas.iter().map(|r| replica_stats(r)).collect();
     body["gpus"] = match &app.gpus {
         Some(gpus) => serde_json::to_value(gpus.lock().map(|g| g.clone()).unwrap_or_default())
             .unwrap_or_default(),
         None => Value::String("n/a (no NVIDIA driver)".into()),
     };
     Ok(body)
+}
+
+/// One replica in `/stats`.
+fn replica_stats(replica: &crate::replicas::Replica) -> Value {
+    let engine = replica.engine.load();
+    json!({
+        "id": replica.id,
+        "name": replica.name,
+        "healthy": replica.healthy(),
+        "in_flight": replica.in_flight(),
+        "engine": {
+            "running": engine.running,
+            "waiting": engine.waiting,
+            "kv_usage": engine.kv_usage,
+        },
+        "prefix_blocks": replica.prefix.len(),
+    })
 }
 
 /// The scheduler's state, the running plugin and the reloads so far.

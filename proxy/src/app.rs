@@ -24,9 +24,8 @@ use crate::headers::Tenants;
 use crate::intake::BodyBudget;
 use crate::prefix::{BlockUnit, PrefixTracker};
 use crate::proxy::Proxy;
-use crate::scrape::{self, UpstreamMetrics};
+use crate::replicas::{ReplicaSet, discovery};
 use crate::tokens::{HfTokenizer, TokenizerError};
-use crate::upstream::Upstream;
 use crate::{stats, telemetry};
 
 /// Everything one proxy process serves with.
@@ -46,8 +45,8 @@ pub struct App {
     pub started: Instant,
     /// Latest GPU readings, when NVML is present.
     pub gpus: Option<GpuSnapshot>,
-    /// The upstream's own metrics, scraped.
-    pub upstream_metrics: Arc<UpstreamMetrics>,
+    /// The replicas: their health, load, scraped metrics and routing.
+    pub replicas: Arc<ReplicaSet>,
     /// The shared-prompt prefix tracker.
     pub prefix: Arc<PrefixTracker>,
     /// The running plugin, when a policy is configured: recorded at start
@@ -170,7 +169,6 @@ impl App {
     /// Must run inside a tokio runtime (it spawns the scheduler task).
     pub fn new(config: Config) -> Result<Arc<Self>, StartError> {
         let metrics = telemetry::install();
-        let upstream = Upstream::new(&config.upstream, config.server.workers());
         let (admission, runtime, loaded) = match &config.admission.policy {
             None => (None, None, None),
             Some(path) => {
@@ -231,10 +229,6 @@ impl App {
                 "the admin listener is not on a loopback address and has no --admin-token: anyone who reaches it can read /metrics and /stats, and it refuses changes (PUT /admin/policy, POST /stats/reset) until a token is set"
             );
         }
-        let (config_upstream, scrape_interval) = (
-            config.upstream.url.clone(),
-            config.telemetry.scrape_interval(),
-        );
         let unit = match &config.prefix.tokenizer {
             None => BlockUnit::Bytes,
             Some(path) => {
@@ -258,10 +252,11 @@ impl App {
                 "--trust-tenant-header: X-Tenant names the tenant; clients must reach this proxy only through a gateway that sets it"
             );
         }
+        let replicas = start_replicas(&config, Arc::clone(&prefix));
         let body_budget = BodyBudget::new(config.server.body_memory);
         crate::resources::watch_body_budget(&body_budget);
         let proxy = Arc::new(Proxy::new(
-            upstream,
+            Arc::clone(&replicas),
             admission.clone(),
             Arc::clone(&prefix),
             tenants,
@@ -276,7 +271,7 @@ impl App {
             metrics,
             started: Instant::now(),
             gpus: gpu::start(),
-            upstream_metrics: scrape::start(config_upstream, scrape_interval, Arc::clone(&prefix)),
+            replicas,
             prefix,
             policy: Mutex::new(loaded),
             reloads: [AtomicU64::new(0), AtomicU64::new(0)],
@@ -378,4 +373,27 @@ impl App {
 /// Loopback, IPv4-mapped IPv6 included.
 fn is_loopback(ip: std::net::IpAddr) -> bool {
     ip.to_canonical().is_loopback()
+}
+
+/// The replicas of `--upstream`, resolved now and followed every
+/// `--resolve-interval` when a URL names a host.
+fn start_replicas(config: &Config, hasher: Arc<PrefixTracker>) -> Arc<ReplicaSet> {
+    let urls = &config.upstream.urls;
+    let addresses = discovery::addresses(urls, discovery::resolve_now);
+    let replicas = ReplicaSet::new(
+        addresses,
+        &config.upstream,
+        config.server.workers(),
+        config.telemetry.scrape_interval(),
+        hasher,
+    );
+    let interval = config.upstream.resolve_interval;
+    if discovery::has_names(urls) && !interval.is_zero() {
+        discovery::follow(&replicas, urls.clone(), interval);
+    }
+    if replicas.all().len() > 1 {
+        let names: Vec<String> = replicas.all().iter().map(|r| r.name.clone()).collect();
+        tracing::info!(replicas = ?names, route = ?config.upstream.route, "several replicas");
+    }
+    replicas
 }

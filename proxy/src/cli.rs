@@ -245,7 +245,7 @@ mod tests {
     #[test]
     fn defaults_work() {
         let c = config(&[]).unwrap();
-        assert_eq!(c.upstream.url, "http://127.0.0.1:8000/");
+        assert_eq!(c.upstream.urls, ["http://127.0.0.1:8000/"]);
         assert_eq!(c.server.listen.to_string(), "0.0.0.0:8080");
         assert_eq!(c.server.admin_listen.to_string(), "127.0.0.1:9464");
         assert_eq!(c.server.max_body, 16 << 20);
@@ -292,7 +292,7 @@ mod tests {
         );
         let p = path.to_str().unwrap();
         let c = config(&["--config", p, "--max-body", "2MiB"]).unwrap();
-        assert_eq!(c.upstream.url, "http://10.0.0.1:9000/");
+        assert_eq!(c.upstream.urls, ["http://10.0.0.1:9000/"]);
         assert_eq!(c.server.max_body, 2 << 20);
         assert_eq!(c.admission.max_queue, 7);
         std::fs::write(&path, "upstrem = \"typo\"\n").unwrap();

@@ -31,7 +31,7 @@ pub struct Config {
     /// Who may use the admin listener.
     #[command(flatten)]
     pub admin: AdminConfig,
-    /// The inference server behind the proxy.
+    /// The inference servers behind the proxy, and routing among them.
     #[command(flatten)]
     pub upstream: UpstreamConfig,
     /// The admission policy, its queue and limits.
@@ -179,9 +179,29 @@ impl fmt::Debug for AdminToken {
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Upstream")]
 pub struct UpstreamConfig {
-    /// The inference server to forward to
-    #[arg(long = "upstream", env = "SLUICE_UPSTREAM", value_name = "URL", default_value = "http://127.0.0.1:8000", value_parser = parse_upstream)]
-    pub url: Uri,
+    /// An inference server to forward to. Repeat it for several replicas
+    /// (or separate URLs with commas); a host name stands for every address
+    /// it resolves to (a Kubernetes headless Service, say), each a replica
+    #[arg(long = "upstream", env = "SLUICE_UPSTREAM", value_name = "URL", default_value = "http://127.0.0.1:8000", value_delimiter = ',', value_parser = parse_upstream)]
+    pub urls: Vec<Uri>,
+
+    /// How often host names given to --upstream are resolved again, so
+    /// replicas that come and go are followed; 0 resolves them once
+    #[arg(long = "resolve-interval", env = "SLUICE_RESOLVE_INTERVAL", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub resolve_interval: Duration,
+
+    /// Which replica an admitted request goes to: `prefix` (the replica
+    /// predicted to hold most of its prompt, within a load band; a new
+    /// prefix by rendezvous hashing), `least-loaded` or `round-robin`
+    #[arg(long = "route", env = "SLUICE_ROUTE", value_name = "MODE", default_value = "prefix")]
+    pub route: RouteMode,
+
+    /// The port each replica publishes vLLM's KV-cache events on (its
+    /// `--kv-events-config` endpoint, topic `kv`); the replica's own host.
+    /// Without it, what each replica caches is predicted from what this
+    /// proxy sent it
+    #[arg(long = "kv-events-port", env = "SLUICE_KV_EVENTS_PORT", value_name = "PORT")]
+    pub kv_events_port: Option<u16>,
 
     /// Longest wait for the upstream's response headers, and longest silence
     /// between body chunks, before answering 504 / ending the stream
@@ -198,6 +218,19 @@ pub struct UpstreamConfig {
     /// a connection the upstream is closing and get a 502
     #[arg(long = "upstream-keepalive", env = "SLUICE_UPSTREAM_KEEPALIVE", value_name = "DURATION", default_value = "4s", value_parser = parse_positive_duration)]
     pub keepalive: Duration,
+}
+
+/// How admitted requests are spread over the replicas (`--route`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RouteMode {
+    /// Most predicted cached tokens within a load band; a new prefix by
+    /// rendezvous hashing.
+    Prefix,
+    /// Fewest requests in flight and waiting.
+    LeastLoaded,
+    /// Each healthy replica in turn.
+    RoundRobin,
 }
 
 /// The admission policy, its queue and limits.

@@ -13,6 +13,7 @@ use crate::classify::Route;
 use crate::ledger::{Admitted, AdmittedEnding, Ending, Received};
 use crate::pool::Lease;
 use crate::prefix::{Prediction, PrefixTracker};
+use crate::replicas::{Replica, Routed};
 use crate::telemetry::{self, RequestRecord};
 use crate::units::ms;
 use crate::usage::{Usage, UsageTap};
@@ -57,9 +58,10 @@ impl Inference {
         }
     }
 
-    /// Reads usage, checks the prediction against the engine, and — for a
-    /// request the engine completed — records its blocks as cached.
-    fn finish(self, ok: bool) -> (Option<Usage>, u32) {
+    /// Reads usage, checks the prediction against the engine (counted for
+    /// its `replica` too), and — for a request the
+    /// engine completed — records its blocks as cached.
+    fn finish(self, ok: bool, replica: Option<&Replica>) -> (Option<Usage>, u32) {
         let usage = self.tap.usage();
         let predicted = self.prediction.cached_tokens;
         if ok {
@@ -80,6 +82,9 @@ impl Inference {
                     std::cmp::Ordering::Less => 2,
                 };
                 hot.prefix_checks[result].increment(1);
+                if let Some(replica) = replica {
+                    replica.checked(result);
+                }
             }
         }
         (usage, predicted)
@@ -128,6 +133,9 @@ pub struct Exchange {
     pub received: Received,
     /// The request in the ledger's admitted balance.
     pub admitted_entry: Admitted,
+    /// The replica it went to, and its place in that replica's in-flight
+    /// count; `None` only in unit tests.
+    pub routed: Option<Routed>,
 }
 
 impl Exchange {
@@ -190,7 +198,8 @@ impl Exchange {
         });
         let (usage, predicted_cached) = match self.inference {
             Some(inference) => {
-                let (usage, predicted) = inference.finish(ok);
+                let replica = self.routed.as_ref().map(Routed::replica);
+                let (usage, predicted) = inference.finish(ok, replica.map(|r| &**r));
                 (usage, Some(predicted))
             }
             None => (None, None),
@@ -216,7 +225,8 @@ impl Exchange {
                 ttfb_ms = ttfb.map(ms), ttft_ms = ttft.map(ms), bytes = self.bytes,
                 prompt_tokens = usage.map(|u| u.prompt_tokens),
                 output_tokens = usage.map(|u| u.completion_tokens),
-                predicted_cached, actual_cached, "request"
+                predicted_cached, actual_cached,
+                replica = self.routed.as_ref().map(|r| r.replica().name.as_str()), "request"
             ),
         }
         telemetry::record_request(&RequestRecord {

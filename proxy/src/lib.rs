@@ -28,10 +28,12 @@
 //!    [`ledger`] (every request received and admitted ends exactly once).
 //! 5. **Admission.** [`admission`]: the `Policy` trait, the wasm host and the
 //!    fallback behind it, the scheduler task, the `Admission` handle.
-//! 6. **One request.** [`exchange`] (its timings; the single place it is
+//! 6. **Where it goes.** [`replicas`] (the replicas, their health and
+//!    load, and `--route`).
+//! 7. **One request.** [`exchange`] (its timings; the single place it is
 //!    logged and measured), [`observed`] (the streaming pass-through that
 //!    finishes it), [`proxy`] (classify → admit → forward → stream back).
-//! 7. **The process.** [`app`] (the services built from a config; policy
+//! 8. **The process.** [`app`] (the services built from a config; policy
 //!    reloads), [`admin`] (`/metrics`, `/stats`, `/admin/policy`, and who
 //!    may use them), [`connections`] (each listener's connection limit,
 //!    idle timeout and refusals), [`server`] (listeners, HTTP/1.1 + h2c,
@@ -56,6 +58,7 @@ pub mod observed;
 pub mod pool;
 pub mod prefix;
 pub mod proxy;
+pub mod replicas;
 pub mod resources;
 pub mod scrape;
 pub mod server;

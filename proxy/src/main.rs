@@ -66,8 +66,8 @@ fn main() -> ExitCode {
         };
         // Learn what the upstream's /metrics says (its KV block size) before
         // the first request; bounded, so a hanging upstream delays start by 2 s at most.
-        app.upstream_metrics
-            .first_attempt(std::time::Duration::from_secs(2))
+        app.replicas
+            .first_scrapes(std::time::Duration::from_secs(2))
             .await;
         let listeners = match bind(&app).await {
             Ok(listeners) => listeners,
@@ -82,7 +82,7 @@ fn main() -> ExitCode {
         let policy = app.config.admission.policy.as_ref().map(|p| p.display().to_string());
         tracing::info!(
             listen = %addr(&listeners.main), admin = %addr(&listeners.admin),
-            upstream = %app.config.upstream.url, workers = app.config.server.workers(), policy = policy.as_deref().unwrap_or("none (pass-through)"),
+            upstream = %app.replicas.all().iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(","), workers = app.config.server.workers(), policy = policy.as_deref().unwrap_or("none (pass-through)"),
             "sluice proxy listening"
         );
         spawn_reload_on_sighup(Arc::clone(&app));

@@ -339,6 +339,7 @@ mod tests {
             inference: None,
             received: LEDGER.receive(),
             admitted_entry: LEDGER.admit(),
+            routed: None,
         }
     }
 

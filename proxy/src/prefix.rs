@@ -158,6 +158,12 @@ impl PrefixTracker {
         }
     }
 
+    /// An empty tracker cutting like this one (same unit, block size and
+    /// capacity): another replica's.
+    pub fn sibling(&self) -> Self {
+        Self::with_unit(self.capacity(), self.block_size(), self.unit.clone())
+    }
+
     /// Cuts and hashes `prompt` and predicts its cached prefix; counts the
     /// query and the hit.
     ///
@@ -276,6 +282,42 @@ impl PrefixTracker {
     /// Predicted cached tokens so far (the engine's prefix-cache hits).
     pub fn hit_tokens(&self) -> u64 {
         self.hits.load(Ordering::Relaxed)
+    }
+
+    /// The tokens of `prediction` (made by any tracker with the same block
+    /// size and unit, e.g. the proxy's hashing tracker) that this tracker
+    /// holds: its leading run of blocks here, under the same last-token
+    /// rule as [`lookup`](Self::lookup). Counts nothing; for a request with
+    /// several prompts, only the run from the first block counts. Used to
+    /// ask each replica's tracker about one prompt hashed once.
+    pub fn held_tokens(&self, prediction: &Prediction) -> u32 {
+        let block_size = prediction.block_size.max(1);
+        if block_size != self.block_size() {
+            return 0;
+        }
+        let eligible = (prediction.prompt_tokens.saturating_sub(1) / block_size) as usize;
+        let chain = &prediction.blocks[..eligible.min(prediction.blocks.len())];
+        let table = self.read();
+        let found = chain
+            .iter()
+            .take_while(|hash| table.lru.map.contains_key(hash))
+            .count();
+        saturating_u32(found * block_size as usize)
+    }
+
+    /// `prediction` as this tracker sees it: the same blocks, its cached
+    /// tokens from [`held_tokens`](Self::held_tokens), and no slot hints
+    /// (they belong to the tracker that made it), ready for
+    /// [`insert`](Self::insert) here.
+    pub fn adopt(&self, prediction: &Prediction) -> Prediction {
+        Prediction {
+            blocks: prediction.blocks.clone(),
+            cached_tokens: self.held_tokens(prediction),
+            prompt_tokens: prediction.prompt_tokens,
+            prefix_group: prediction.prefix_group,
+            block_size: prediction.block_size,
+            slots: Vec::new(),
+        }
     }
 
     /// Adds one sequence: `cut` appends its chain and returns its length in

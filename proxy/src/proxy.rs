@@ -23,7 +23,8 @@ use crate::observed::ObservedBody;
 use crate::prefix::{Prediction, PrefixTracker};
 use crate::stream_usage;
 use crate::telemetry::{self, RequestRecord};
-use crate::upstream::Upstream;
+use crate::replicas::{Query, ReplicaSet};
+use crate::upstream::SendError;
 
 /// Response header carrying Sluice's id for the request (as in its log line).
 pub const REQUEST_ID_HEADER: &str = "x-sluice-request-id";
@@ -31,7 +32,7 @@ pub const REQUEST_ID_HEADER: &str = "x-sluice-request-id";
 /// The client-facing service.
 #[derive(Debug)]
 pub struct Proxy {
-    upstream: Arc<Upstream>,
+    replicas: Arc<ReplicaSet>,
     admission: Option<Admission>,
     prefix: Arc<PrefixTracker>,
     /// Who a request's tenant is (the trust model and the key digests).
@@ -58,9 +59,9 @@ fn large_parse_slots() -> &'static tokio::sync::Semaphore {
 }
 
 impl Proxy {
-    /// A proxy to `upstream`; `admission` is `None` for pass-through.
+    /// A proxy to `replicas`; `admission` is `None` for pass-through.
     pub fn new(
-        upstream: Arc<Upstream>,
+        replicas: Arc<ReplicaSet>,
         admission: Option<Admission>,
         prefix: Arc<PrefixTracker>,
         tenants: Tenants,
@@ -68,7 +69,7 @@ impl Proxy {
         body_budget: BodyBudget,
     ) -> Self {
         Self {
-            upstream,
+            replicas,
             admission,
             prefix,
             tenants,
@@ -116,12 +117,18 @@ impl Proxy {
         response
     }
 
+    /// Ready while at least one replica is healthy and accepts a connection.
     async fn readiness(&self) -> Response<ProxyBody> {
-        if self.upstream.check_up().is_ok() && self.upstream.reachable().await {
-            json_response(StatusCode::OK, r#"{"status":"ready"}"#)
-        } else {
+        let all = self.replicas.all();
+        for replica in all.iter().filter(|r| r.healthy()) {
+            if replica.upstream.reachable().await {
+                return json_response(StatusCode::OK, r#"{"status":"ready"}"#);
+            }
+        }
+        {
+            let names: Vec<&str> = all.iter().map(|r| r.name.as_str()).collect();
             let body = crate::error::openai_error(
-                &format!("upstream {} is not reachable", self.upstream.authority()),
+                &format!("no upstream is reachable ({})", names.join(", ")),
                 "upstream_error",
                 "upstream_unreachable",
             );
@@ -138,7 +145,7 @@ impl Proxy {
         client: &Peer,
         received: &mut Option<Received>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        self.upstream.check_up()?;
+        self.replicas.check_up()?;
         let (mut parts, body) = request.into_parts();
         let method = parts.method.clone();
         let declared = parts
@@ -171,11 +178,6 @@ impl Proxy {
                     .headers
                     .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
             }
-            let hot = telemetry::hot();
-            hot.prefix_query_tokens
-                .increment(u64::from(predicted.prompt_tokens));
-            hot.prefix_hit_tokens
-                .increment(u64::from(predicted.cached_tokens));
             if let Some(admission) = &self.admission {
                 let info = request_info(&self.tenants, &parts.headers, &parsed, &predicted)?;
                 permit = Some(admission.admit(id, info).await?);
@@ -208,11 +210,36 @@ impl Proxy {
         let upstream_request = Request::from_parts(parts, body);
 
         let admitted_entry = ledger::global().admit();
-        let (response, lease) = match self.upstream.send(upstream_request).await {
-            Ok(sent) => sent,
-            Err(err) => {
-                admitted_entry.end(AdmittedEnding::Failed);
-                return Err(err);
+        let query = Query {
+            prediction: prediction.as_ref(),
+            named: None,
+        };
+        let mut tried = Vec::new();
+        let mut request = upstream_request;
+        let (response, lease, routed) = loop {
+            let routed = match self.replicas.choose(query, &tried) {
+                Ok(routed) => routed,
+                Err(err) => {
+                    admitted_entry.end(AdmittedEnding::Failed);
+                    return Err(err);
+                }
+            };
+            let replica = routed.replica();
+            match replica.upstream.send(request).await {
+                Ok((response, lease)) => break (response, lease, routed),
+                Err(SendError {
+                    error,
+                    unsent: Some(unsent),
+                }) if self.replicas.all().len() > tried.len() + 1 => {
+                    tracing::warn!(id, replica = %replica.name, error = %error, "not sent; trying another replica");
+                    replica.failed_over();
+                    tried.push(replica.id);
+                    request = unsent;
+                }
+                Err(SendError { error, .. }) => {
+                    admitted_entry.end(AdmittedEnding::Failed);
+                    return Err(error);
+                }
             }
         };
         let Some(received) = received.take() else {
@@ -225,6 +252,7 @@ impl Proxy {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
+        let idle_timeout = routed.replica().upstream.idle_timeout();
         let exchange = Exchange {
             id,
             route,
@@ -236,12 +264,26 @@ impl Proxy {
             bytes: 0,
             permit,
             lease: Some(lease),
-            inference: prediction
-                .map(|prediction| Inference::new(Arc::clone(&self.prefix), prediction, sse)),
+            inference: prediction.map(|prediction| {
+                // The prediction for the replica it went to.
+                let tracker = &routed.replica().prefix;
+                let prediction = if Arc::ptr_eq(tracker, &self.prefix) {
+                    prediction
+                } else {
+                    tracker.adopt(&prediction)
+                };
+                let hot = telemetry::hot();
+                hot.prefix_query_tokens
+                    .increment(u64::from(prediction.prompt_tokens));
+                hot.prefix_hit_tokens
+                    .increment(u64::from(prediction.cached_tokens));
+                Inference::new(Arc::clone(tracker), prediction, sse)
+            }),
             received,
             admitted_entry,
+            routed: Some(routed),
         };
-        let mut body = ObservedBody::new(body, self.upstream.idle_timeout(), sse, exchange);
+        let mut body = ObservedBody::new(body, idle_timeout, sse, exchange);
         if strip_usage && sse {
             if parts.headers.contains_key(header::CONTENT_ENCODING) {
                 // Compressed events cannot be read; the client sees the extra event.

@@ -67,12 +67,27 @@ pub struct UpstreamView {
     pub ok: bool,
 }
 
+/// The engine's own load, from its last scrape (zeros before one).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EngineLoad {
+    /// `vllm:num_requests_running`.
+    pub running: u32,
+    /// `vllm:num_requests_waiting`.
+    pub waiting: u32,
+    /// `vllm:kv_cache_usage_perc` (0 to 1).
+    pub kv_usage: f32,
+}
+
 /// Shared scrape results.
 #[derive(Debug)]
 pub struct UpstreamMetrics {
     view: Mutex<UpstreamView>,
     // 0 until the upstream reports it.
     block_size: AtomicU32,
+    // The engine's load, read on every routing decision without a lock.
+    running: AtomicU32,
+    waiting: AtomicU32,
+    kv_usage_bits: AtomicU32,
     // Becomes true once the first scrape has been tried (or when none will be).
     first_attempt: watch::Sender<bool>,
 }
@@ -82,6 +97,9 @@ impl Default for UpstreamMetrics {
         Self {
             view: Mutex::default(),
             block_size: AtomicU32::new(0),
+            running: AtomicU32::new(0),
+            waiting: AtomicU32::new(0),
+            kv_usage_bits: AtomicU32::new(0),
             first_attempt: watch::Sender::new(false),
         }
     }
@@ -103,6 +121,27 @@ impl UpstreamMetrics {
     pub async fn first_attempt(&self, limit: Duration) {
         let mut done = self.first_attempt.subscribe();
         let _ = tokio::time::timeout(limit, done.wait_for(|tried| *tried)).await;
+    }
+
+    /// The engine's load at its last scrape.
+    pub fn load(&self) -> EngineLoad {
+        EngineLoad {
+            running: self.running.load(Ordering::Relaxed),
+            waiting: self.waiting.load(Ordering::Relaxed),
+            kv_usage: f32::from_bits(self.kv_usage_bits.load(Ordering::Relaxed)),
+        }
+    }
+
+    fn set_load(&self, values: &std::collections::BTreeMap<String, f64>) {
+        let count = |name: &str| values.get(name).map_or(0, |v| v.max(0.0) as u32);
+        self.running
+            .store(count("vllm:num_requests_running"), Ordering::Relaxed);
+        self.waiting
+            .store(count("vllm:num_requests_waiting"), Ordering::Relaxed);
+        let kv = values
+            .get("vllm:kv_cache_usage_perc")
+            .map_or(0.0, |v| *v as f32);
+        self.kv_usage_bits.store(kv.to_bits(), Ordering::Relaxed);
     }
 
     /// The engine's block size, once known.
@@ -137,10 +176,13 @@ pub fn parse(text: &str) -> (std::collections::BTreeMap<String, f64>, Option<u32
     (values, block_size)
 }
 
-/// Starts scraping `upstream`/metrics every `interval` (`None`: never).
-/// The engine's block size and cache size (`num_gpu_blocks`) go to `prefix`.
+/// Starts scraping `http://{authority}/metrics` every `interval` (`None`:
+/// never), exporting the mirrored series labelled `replica`. The engine's
+/// block size and cache size (`num_gpu_blocks`) go to `prefix`. The task
+/// ends when the returned handle is the last one left.
 pub fn start(
-    upstream: http::Uri,
+    authority: &str,
+    replica: &str,
     interval: Option<Duration>,
     prefix: Arc<crate::prefix::PrefixTracker>,
 ) -> Arc<UpstreamMetrics> {
@@ -149,12 +191,10 @@ pub fn start(
         shared.first_attempt.send_replace(true);
         return shared;
     };
-    let state = Arc::clone(&shared);
+    let weak = Arc::downgrade(&shared);
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
-    let url = format!(
-        "http://{}/metrics",
-        upstream.authority().map(|a| a.as_str()).unwrap_or("")
-    );
+    let url = format!("http://{authority}/metrics");
+    let replica = replica.to_owned();
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -162,6 +202,9 @@ pub fn start(
         loop {
             ticker.tick().await;
             let text = scrape_once(&client, &url, interval).await;
+            let Some(state) = weak.upgrade() else {
+                return;
+            };
             let _first = FirstAttempt(&state.first_attempt);
             let Some(text) = text else {
                 if let Ok(mut v) = state.view.lock() {
@@ -184,16 +227,20 @@ pub fn start(
             }
             for (vllm, ours, kind) in MIRRORED {
                 if let Some(v) = values.get(vllm) {
+                    let replica = replica.clone();
                     match kind {
-                        Kind::Counter => metrics::counter!(ours).absolute(*v as u64),
-                        Kind::Gauge => metrics::gauge!(ours).set(*v),
+                        Kind::Counter => {
+                            metrics::counter!(ours, "replica" => replica).absolute(*v as u64);
+                        }
+                        Kind::Gauge => metrics::gauge!(ours, "replica" => replica).set(*v),
                     }
                 }
             }
+            state.set_load(&values);
             if let Some(bs) = block_size
                 && state.block_size.swap(bs, Ordering::Relaxed) != bs
             {
-                tracing::info!(block_size = bs, "learned the engine's KV block size");
+                tracing::info!(replica = %replica, block_size = bs, "learned the engine's KV block size");
             }
             if let Ok(mut v) = state.view.lock() {
                 *v = UpstreamView {

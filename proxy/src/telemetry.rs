@@ -52,6 +52,18 @@ pub const PROCESS_RESIDENT_MEMORY: &str = "sluice_process_resident_memory_bytes"
 pub const PROCESS_CPU: &str = "sluice_process_cpu_seconds";
 /// Gauge: client connections open, by `listener` (`main`, `admin`).
 pub const OPEN_CONNECTIONS: &str = "sluice_open_connections";
+/// Requests sent to each replica, by `replica` and `reason` (see
+/// [`crate::replicas::replica::ROUTE_REASONS`]).
+pub const REPLICA_REQUESTS: &str = "sluice_replica_requests_total";
+/// Requests that left a replica unsent for another one, by `replica`.
+pub const REPLICA_FAILOVERS: &str = "sluice_replica_failovers_total";
+/// Prefix predictions checked against a replica's `cached_tokens`, by
+/// `replica` and `result` (`exact`, `over`, `under`, in whole blocks).
+pub const REPLICA_PREDICTIONS: &str = "sluice_replica_prefix_predictions_total";
+/// Gauge: requests in flight to each replica through this proxy.
+pub const REPLICA_IN_FLIGHT: &str = "sluice_replica_in_flight_requests";
+/// Gauge: 1 while a replica may take requests, by `replica`.
+pub const REPLICA_HEALTHY: &str = "sluice_replica_healthy";
 /// Gauge: bytes of `--body-memory` held by bodies being read and parsed.
 pub const BODY_MEMORY_HELD: &str = "sluice_body_memory_held_bytes";
 /// Gauge: declared bodies waiting for their share of `--body-memory`.
@@ -245,6 +257,26 @@ fn describe() {
         PROCESS_CPU,
         Unit::Seconds,
         "CPU time the proxy has used, user and system; rate() gives cores in use."
+    );
+    describe_counter!(
+        REPLICA_REQUESTS,
+        "Requests sent to each replica, by why it was chosen (prefix, rendezvous, least_loaded, round_robin, policy, failover)."
+    );
+    describe_counter!(
+        REPLICA_FAILOVERS,
+        "Requests that could not be sent to a replica (connect failed, or closed before any byte was written) and went to another."
+    );
+    describe_counter!(
+        REPLICA_PREDICTIONS,
+        "Prefix predictions checked against the replica's own cached_tokens: exact, over or under, in whole blocks."
+    );
+    describe_gauge!(
+        REPLICA_IN_FLIGHT,
+        "Requests in flight to each replica through this proxy, sampled at scrape."
+    );
+    describe_gauge!(
+        REPLICA_HEALTHY,
+        "1 while a replica may take new requests, 0 while its connect or /health check fails; sampled at scrape."
     );
     describe_gauge!(
         BODY_MEMORY_HELD,

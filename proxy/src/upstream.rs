@@ -27,6 +27,15 @@ pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// Idle upstream connections kept for reuse, per serving thread.
 const MAX_IDLE_CONNECTIONS: usize = 1024;
 
+/// A request that did not get a response from an upstream.
+#[derive(Debug)]
+pub struct SendError {
+    /// What went wrong, as the client would be told.
+    pub error: ProxyError,
+    /// The request, when none of it can have reached the upstream.
+    pub unsent: Option<Request<ProxyBody>>,
+}
+
 /// The upstream server and the connections that reach it.
 #[derive(Debug)]
 pub struct Upstream {
@@ -46,19 +55,19 @@ impl Upstream {
     /// connection pool for each of `workers` serving threads; no connection
     /// is opened yet.
     pub fn new(config: &UpstreamConfig, workers: usize) -> Arc<Self> {
-        let uri = &config.url;
-        let authority = format!(
-            "{}:{}",
-            uri.host().unwrap_or_default(),
-            uri.port_u16().unwrap_or(80)
-        );
-        // `Host` as a client would write it: no user info, no default port.
-        let host = match uri.port_u16() {
-            Some(port) if port != 80 => format!("{}:{port}", uri.host().unwrap_or_default()),
-            _ => uri.host().unwrap_or_default().to_owned(),
-        };
-        let host =
-            HeaderValue::try_from(host).unwrap_or_else(|_| HeaderValue::from_static("localhost"));
+        let uri = config.urls.first().cloned().unwrap_or_default();
+        let (authority, host) = dial_and_host(&uri);
+        Self::at(authority, host, config, workers)
+    }
+
+    /// The upstream dialled at `authority` (`host:port` or `ip:port`), sent
+    /// `host` as its `Host` header (the name the replica was configured by).
+    pub fn at(
+        authority: String,
+        host: HeaderValue,
+        config: &UpstreamConfig,
+        workers: usize,
+    ) -> Arc<Self> {
         Arc::new(Self {
             authority,
             host,
@@ -89,10 +98,14 @@ impl Upstream {
     /// here) and waits for the response headers, up to `--upstream-timeout`.
     /// The lease gives the connection back once the response has been passed
     /// on whole.
+    ///
+    /// A failure comes with the request when none of it can have reached
+    /// the upstream (the connect failed, or the connection closed before a
+    /// byte was written), so that it may go to another replica.
     pub async fn send(
         self: &Arc<Self>,
         mut request: Request<ProxyBody>,
-    ) -> Result<(Response<Incoming>, Lease), ProxyError> {
+    ) -> Result<(Response<Incoming>, Lease), SendError> {
         request
             .headers_mut()
             .insert(header::HOST, self.host.clone());
@@ -101,7 +114,15 @@ impl Upstream {
             loop {
                 let (mut sender, reused) = match pool.take() {
                     Some(sender) => (sender, true),
-                    None => (self.connect().await?, false),
+                    None => match self.connect().await {
+                        Ok(sender) => (sender, false),
+                        Err(error) => {
+                            return Err(SendError {
+                                error,
+                                unsent: Some(request),
+                            });
+                        }
+                    },
                 };
                 match sender.try_send_request(request).await {
                     Ok(response) => {
@@ -111,13 +132,29 @@ impl Upstream {
                         // An idle connection the upstream closed as it was
                         // taken: the request never left, so it goes out on another.
                         Some(unsent) if reused => request = unsent,
-                        _ => return Err(classify(failed.error())),
+                        // A new connection that closed before the request
+                        // was written: another replica may take it.
+                        Some(unsent) => {
+                            return Err(SendError {
+                                error: classify(failed.error()),
+                                unsent: Some(unsent),
+                            });
+                        }
+                        None => {
+                            return Err(SendError {
+                                error: classify(failed.error()),
+                                unsent: None,
+                            });
+                        }
                     },
                 }
             }
         };
         match tokio::time::timeout(self.response_timeout, exchange).await {
-            Err(_elapsed) => Err(ProxyError::UpstreamTimeout(self.response_timeout)),
+            Err(_elapsed) => Err(SendError {
+                error: ProxyError::UpstreamTimeout(self.response_timeout),
+                unsent: None,
+            }),
             Ok(result) => result,
         }
     }
@@ -186,6 +223,20 @@ impl Upstream {
             Ok(Ok(_))
         )
     }
+}
+
+/// What a URI dials (`host:port`, port 80 when the URI gives none) and the
+/// `Host` header a client would write for it (no user info, no default port).
+pub fn dial_and_host(uri: &http::Uri) -> (String, HeaderValue) {
+    let name = uri.host().unwrap_or_default();
+    let authority = format!("{name}:{}", uri.port_u16().unwrap_or(80));
+    let host = match uri.port_u16() {
+        Some(port) if port != 80 => format!("{name}:{port}"),
+        _ => name.to_owned(),
+    };
+    let host =
+        HeaderValue::try_from(host).unwrap_or_else(|_| HeaderValue::from_static("localhost"));
+    (authority, host)
 }
 
 /// A failed exchange on an open connection: a request body over `--max-body`

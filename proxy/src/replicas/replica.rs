@@ -1,0 +1,260 @@
+//! One upstream replica: where it is dialled, its connections and health,
+//! what it is predicted to cache, and how loaded it is — here (requests in
+//! flight through this proxy) and in the engine (its own running and
+//! waiting counts, scraped).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request};
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use metrics::{Counter, counter};
+use tokio::net::TcpStream;
+
+use crate::config::UpstreamConfig;
+use crate::prefix::PrefixTracker;
+use crate::scrape::UpstreamMetrics;
+use crate::telemetry;
+use crate::upstream::Upstream;
+
+/// How often a replica's `/health` is asked, when there are several.
+pub const HEALTH_EVERY: Duration = Duration::from_secs(2);
+
+/// One engine behind the proxy.
+#[derive(Debug)]
+pub struct Replica {
+    /// Stable for the life of the process; never reused.
+    pub id: u32,
+    /// `host:port` as dialled: the `replica` label of its metrics.
+    pub name: String,
+    /// Its connections, timeouts and passive health (a failed connect).
+    pub upstream: Arc<Upstream>,
+    /// What it is predicted to hold in its prefix cache.
+    pub prefix: Arc<PrefixTracker>,
+    /// Its own `/metrics`, scraped.
+    pub engine: Arc<UpstreamMetrics>,
+    in_flight: AtomicU32,
+    // Set by the `/health` probe: answered 5xx or not at all.
+    unhealthy: AtomicBool,
+    routed: [Counter; ROUTE_REASONS.len()],
+    failovers: Counter,
+    // Prediction checks against the engine's `cached_tokens`: exact, over, under.
+    checks: [Counter; 3],
+    // Tasks that watch the replica; stopped with it.
+    tasks: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
+    health_watched: AtomicBool,
+}
+
+/// Why a request went to a replica (`sluice_replica_requests_total`'s `reason`).
+pub const ROUTE_REASONS: [&str; 6] = [
+    "prefix",
+    "rendezvous",
+    "least_loaded",
+    "round_robin",
+    "policy",
+    "failover",
+];
+
+/// Index of a [`ROUTE_REASONS`] entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteReason {
+    /// It holds the most of the prompt (within the load band).
+    Prefix,
+    /// No replica holds the prompt: the prefix's rendezvous choice.
+    Rendezvous,
+    /// The fewest requests in flight and waiting.
+    LeastLoaded,
+    /// Its turn.
+    RoundRobin,
+    /// The admission policy named it.
+    Policy,
+    /// Another replica could not take the request before any of it was sent.
+    Failover,
+}
+
+impl RouteReason {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        ROUTE_REASONS[self as usize]
+    }
+}
+
+impl Replica {
+    /// The replica at `authority`, configured as `host` (its `Host`
+    /// header), predicted by `prefix`, its engine scraped into `engine`.
+    pub fn new(
+        id: u32,
+        authority: String,
+        host: HeaderValue,
+        config: &UpstreamConfig,
+        workers: usize,
+        prefix: Arc<PrefixTracker>,
+        engine: Arc<UpstreamMetrics>,
+    ) -> Self {
+        let label = authority.clone();
+        let routed = ROUTE_REASONS.map(|reason| {
+            counter!(telemetry::REPLICA_REQUESTS, "replica" => label.clone(), "reason" => reason)
+        });
+        let checks = ["exact", "over", "under"].map(|result| {
+            counter!(telemetry::REPLICA_PREDICTIONS, "replica" => label.clone(), "result" => result)
+        });
+        Self {
+            id,
+            upstream: Upstream::at(authority.clone(), host, config, workers),
+            name: authority,
+            prefix,
+            engine,
+            in_flight: AtomicU32::new(0),
+            unhealthy: AtomicBool::new(false),
+            routed,
+            failovers: counter!(telemetry::REPLICA_FAILOVERS, "replica" => label),
+            checks,
+            tasks: std::sync::Mutex::new(Vec::new()),
+            health_watched: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether it may get new requests: its last connect did not fail and
+    /// its `/health` did not fail.
+    pub fn healthy(&self) -> bool {
+        self.upstream.check_up().is_ok() && !self.unhealthy.load(Ordering::Acquire)
+    }
+
+    /// Requests in flight to it through this proxy.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Its load as routing weighs it: requests in flight through this
+    /// proxy, or the engine's running count if larger (other proxies share
+    /// it), plus the engine's waiting count.
+    pub fn load(&self) -> u32 {
+        let engine = self.engine.load();
+        self.in_flight()
+            .max(engine.running)
+            .saturating_add(engine.waiting)
+    }
+
+    /// Counts a request sent to it for `reason`; the returned guard holds
+    /// its place in [`in_flight`](Self::in_flight) until dropped.
+    pub fn take(self: &Arc<Self>, reason: RouteReason) -> Routed {
+        self.routed[reason as usize].increment(1);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Routed(Arc::clone(self))
+    }
+
+    /// Counts a request that left it unsent for another replica.
+    pub fn failed_over(&self) {
+        self.failovers.increment(1);
+    }
+
+    /// Counts a prediction check: 0 exact (in whole blocks), 1 over, 2 under.
+    pub fn checked(&self, result: usize) {
+        if let Some(counter) = self.checks.get(result) {
+            counter.increment(1);
+        }
+    }
+
+    /// Stops `task` when the replica is dropped.
+    pub fn own(&self, task: tokio::task::AbortHandle) {
+        if let Ok(mut tasks) = self.tasks.lock() {
+            tasks.push(task);
+        }
+    }
+
+    /// Whether its last `/health` check failed.
+    pub fn failed_health(&self) -> bool {
+        self.unhealthy.load(Ordering::Acquire)
+    }
+
+    /// Asks `/health` every [`HEALTH_EVERY`]: no answer within the connect
+    /// timeout plus one second, or a 5xx, takes the replica out of routing
+    /// until an answer under 500 comes (an upstream without `/health`
+    /// answers 404, and is healthy).
+    /// Does nothing if it is watched already.
+    pub fn watch_health(self: &Arc<Self>, connect_timeout: Duration) {
+        if self.health_watched.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let authority = self.name.clone();
+        let task = tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(HEALTH_EVERY);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                let limit = connect_timeout + Duration::from_secs(1);
+                let healthy = tokio::time::timeout(limit, answers_health(&authority))
+                    .await
+                    .unwrap_or(false);
+                let Some(replica) = weak.upgrade() else {
+                    return;
+                };
+                let was = !replica.unhealthy.swap(!healthy, Ordering::AcqRel);
+                if was != healthy {
+                    if healthy {
+                        tracing::info!(replica = %replica.name, "replica healthy again");
+                    } else {
+                        tracing::warn!(replica = %replica.name, "replica failed its /health check; no new requests go to it");
+                    }
+                }
+            }
+        });
+        self.own(task.abort_handle());
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if let Ok(tasks) = self.tasks.lock() {
+            for task in tasks.iter() {
+                task.abort();
+            }
+        }
+    }
+}
+
+/// Whether `GET /health` at `authority` answers below 500.
+async fn answers_health(authority: &str) -> bool {
+    let Ok(stream) = TcpStream::connect(authority).await else {
+        return false;
+    };
+    let Ok((mut sender, connection)) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await
+    else {
+        return false;
+    };
+    let connection = tokio::spawn(connection);
+    let request = Request::get("/health")
+        .header(http::header::HOST, authority)
+        .body(Empty::new());
+    let healthy = match request {
+        Ok(request) => sender
+            .send_request(request)
+            .await
+            .is_ok_and(|response| response.status().as_u16() < 500),
+        Err(_) => false,
+    };
+    connection.abort();
+    healthy
+}
+
+/// A request's place in its replica's in-flight count, given back on drop.
+#[derive(Debug)]
+pub struct Routed(Arc<Replica>);
+
+impl Routed {
+    /// The replica.
+    pub fn replica(&self) -> &Arc<Replica> {
+        &self.0
+    }
+}
+
+impl Drop for Routed {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}

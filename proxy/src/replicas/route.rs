@@ -1,0 +1,121 @@
+//! Which replica an admitted request goes to (`--route`).
+//!
+//! - `prefix` (default): among the healthy replicas whose load is within a
+//!   band of the least loaded ([`within_band`]), the one predicted to hold
+//!   the most of the prompt; when none holds a block of it, the prefix
+//!   group's rendezvous choice (highest `hash(group, replica name)`), so
+//!   every request of a new shared prompt, from this proxy or another one
+//!   routing the same replicas, goes to the same replica and its followers
+//!   find it warm. The band keeps one popular prefix from piling onto one
+//!   replica: past it, the prefix is warmed on a second one.
+//! - `least-loaded`: the fewest requests in flight and waiting.
+//! - `round-robin`: each healthy replica in turn.
+//!
+//! Load is [`Replica::load`]: requests in flight through this proxy (or the
+//! engine's running count, if larger) plus the engine's waiting count.
+//!
+//! tower's `balance::p2c` was considered: it picks two replicas at random
+//! and keeps the less loaded, which suits `least-loaded` but cannot weigh a
+//! per-request prediction, and it drives `Service`s through `poll_ready`,
+//! where Sluice's admission has already decided *when* and only *where* is
+//! left. The choice here is a pure function of the replicas' state.
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use super::replica::{Replica, RouteReason};
+use crate::config::RouteMode;
+use crate::prefix::Prediction;
+
+/// The request, as routing sees it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Query<'a> {
+    /// Its prefix prediction (completions and chat); `None` for other routes.
+    pub prediction: Option<&'a Prediction>,
+    /// The replica the admission policy named, if any.
+    pub named: Option<u32>,
+}
+
+/// Picks a replica among `candidates` (healthy, not yet tried; never
+/// empty) for `query`; `turn` is a counter for round-robin and ties.
+pub fn choose(
+    mode: RouteMode,
+    candidates: &[&Arc<Replica>],
+    query: Query<'_>,
+    turn: usize,
+) -> (Arc<Replica>, RouteReason) {
+    if let Some(named) = query.named
+        && let Some(replica) = candidates.iter().find(|r| r.id == named)
+    {
+        return (Arc::clone(replica), RouteReason::Policy);
+    }
+    let rotate = |i: usize| candidates[(i + turn) % candidates.len()];
+    match mode {
+        RouteMode::RoundRobin => (Arc::clone(rotate(0)), RouteReason::RoundRobin),
+        RouteMode::LeastLoaded => (least_loaded(candidates, turn), RouteReason::LeastLoaded),
+        RouteMode::Prefix => by_prefix(candidates, query.prediction, turn),
+    }
+}
+
+fn least_loaded(candidates: &[&Arc<Replica>], turn: usize) -> Arc<Replica> {
+    let n = candidates.len();
+    let best = (0..n)
+        .map(|i| candidates[(i + turn) % n])
+        .min_by_key(|r| r.load())
+        .unwrap_or(candidates[0]);
+    Arc::clone(best)
+}
+
+/// Whether `load` is close enough to the least load `least` to take a
+/// request for its prefix: at most a quarter more, plus two.
+pub fn within_band(load: u32, least: u32) -> bool {
+    load <= least.saturating_add(least / 4).saturating_add(2)
+}
+
+fn by_prefix(
+    candidates: &[&Arc<Replica>],
+    prediction: Option<&Prediction>,
+    turn: usize,
+) -> (Arc<Replica>, RouteReason) {
+    let Some(prediction) = prediction.filter(|p| p.prefix_group != 0) else {
+        return (least_loaded(candidates, turn), RouteReason::LeastLoaded);
+    };
+    let loads: Vec<u32> = candidates.iter().map(|r| r.load()).collect();
+    let least = loads.iter().copied().min().unwrap_or(0);
+    let in_band = || {
+        candidates
+            .iter()
+            .zip(&loads)
+            .filter(|&(_, &load)| within_band(load, least))
+    };
+    let warmest = in_band()
+        .map(|(r, &load)| (r, r.prefix.held_tokens(prediction), load))
+        .filter(|&(_, held, _)| held > 0)
+        // Most held; then least loaded; then the lower id.
+        .max_by(|a, b| {
+            (a.1, std::cmp::Reverse(a.2), std::cmp::Reverse(a.0.id)).cmp(&(
+                b.1,
+                std::cmp::Reverse(b.2),
+                std::cmp::Reverse(b.0.id),
+            ))
+        });
+    if let Some((replica, _, _)) = warmest {
+        return (Arc::clone(replica), RouteReason::Prefix);
+    }
+    let home = in_band()
+        .max_by_key(|(r, _)| rendezvous(prediction.prefix_group, &r.name))
+        .map(|(r, _)| Arc::clone(r));
+    match home {
+        Some(replica) => (replica, RouteReason::Rendezvous),
+        None => (least_loaded(candidates, turn), RouteReason::LeastLoaded),
+    }
+}
+
+/// The rendezvous weight of `group` on the replica `name`: the same in
+/// every proxy process (a fixed hash, no per-process key).
+pub fn rendezvous(group: u64, name: &str) -> u64 {
+    let mut hasher = std::hash::DefaultHasher::new();
+    group.hash(&mut hasher);
+    name.hash(&mut hasher);
+    hasher.finish()
+}
