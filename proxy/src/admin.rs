@@ -117,6 +117,7 @@ async fn serve(
     match route {
         Route::Metrics => {
             crate::resources::sample();
+            app.replicas.sample();
             Ok(text(
                 app.metrics.render(),
                 "text/plain; version=0.0.4; charset=utf-8",

@@ -193,14 +193,23 @@ pub struct UpstreamConfig {
     /// Which replica an admitted request goes to: `prefix` (the replica
     /// predicted to hold most of its prompt, within a load band; a new
     /// prefix by rendezvous hashing), `least-loaded` or `round-robin`
-    #[arg(long = "route", env = "SLUICE_ROUTE", value_name = "MODE", default_value = "prefix")]
+    #[arg(
+        long = "route",
+        env = "SLUICE_ROUTE",
+        value_name = "MODE",
+        default_value = "prefix"
+    )]
     pub route: RouteMode,
 
     /// The port each replica publishes vLLM's KV-cache events on (its
     /// `--kv-events-config` endpoint, topic `kv`); the replica's own host.
     /// Without it, what each replica caches is predicted from what this
     /// proxy sent it
-    #[arg(long = "kv-events-port", env = "SLUICE_KV_EVENTS_PORT", value_name = "PORT")]
+    #[arg(
+        long = "kv-events-port",
+        env = "SLUICE_KV_EVENTS_PORT",
+        value_name = "PORT"
+    )]
     pub kv_events_port: Option<u16>,
 
     /// Longest wait for the upstream's response headers, and longest silence

@@ -21,9 +21,9 @@ use crate::intake::BodyBudget;
 use crate::ledger::{self, AdmittedEnding, Ending, Received};
 use crate::observed::ObservedBody;
 use crate::prefix::{Prediction, PrefixTracker};
+use crate::replicas::{Query, ReplicaSet};
 use crate::stream_usage;
 use crate::telemetry::{self, RequestRecord};
-use crate::replicas::{Query, ReplicaSet};
 use crate::upstream::SendError;
 
 /// Response header carrying Sluice's id for the request (as in its log line).

@@ -294,7 +294,7 @@ pub async fn hanging() -> Hanging {
 }
 
 /// A raw TCP server on 127.0.0.1:0 that runs `serve` for each connection.
-async fn raw_server<F, Fut>(serve: F) -> SocketAddr
+pub async fn raw_server<F, Fut>(serve: F) -> SocketAddr
 where
     F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,

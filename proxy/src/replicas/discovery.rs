@@ -40,10 +40,9 @@ pub fn addresses(urls: &[Uri], resolve: impl Fn(&str) -> Option<Vec<SocketAddr>>
             vec![authority.clone()]
         } else {
             match resolve(&authority) {
-                Some(addrs) if !addrs.is_empty() => distinct(addrs)
-                    .into_iter()
-                    .map(|a| a.to_string())
-                    .collect(),
+                Some(addrs) if !addrs.is_empty() => {
+                    distinct(addrs).into_iter().map(|a| a.to_string()).collect()
+                }
                 _ => vec![authority.clone()],
             }
         };

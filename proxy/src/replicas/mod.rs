@@ -107,7 +107,10 @@ impl ReplicaSet {
         }
         let before = self.all();
         if before.len() == addresses.len()
-            && before.iter().zip(&addresses).all(|(r, a)| r.name == a.authority)
+            && before
+                .iter()
+                .zip(&addresses)
+                .all(|(r, a)| r.name == a.authority)
         {
             return;
         }
@@ -196,6 +199,18 @@ impl ReplicaSet {
             RouteReason::Failover
         };
         Ok(replica.take(reason))
+    }
+
+    /// Sets each replica's in-flight and health gauges (called when
+    /// `/metrics` is scraped).
+    pub fn sample(&self) {
+        for replica in self.all().iter() {
+            let name = replica.name.clone();
+            metrics::gauge!(crate::telemetry::REPLICA_IN_FLIGHT, "replica" => name.clone())
+                .set(f64::from(replica.in_flight()));
+            metrics::gauge!(crate::telemetry::REPLICA_HEALTHY, "replica" => name)
+                .set(if replica.healthy() { 1.0 } else { 0.0 });
+        }
     }
 
     /// Waits until every replica's first scrape has been tried, at most `limit`.

@@ -182,7 +182,10 @@ impl Replica {
         let weak = Arc::downgrade(self);
         let authority = self.name.clone();
         let task = tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(HEALTH_EVERY);
+            // Replicas start presumed healthy (a failed connect says
+            // otherwise at once); the first check is one period in.
+            let first = tokio::time::Instant::now() + HEALTH_EVERY;
+            let mut ticker = tokio::time::interval_at(first, HEALTH_EVERY);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticker.tick().await;

@@ -119,3 +119,116 @@ pub fn rendezvous(group: u64, name: &str) -> u64 {
     name.hash(&mut hasher);
     hasher.finish()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::Prompt;
+    use crate::prefix::PrefixTracker;
+    use crate::replicas::replica::Routed;
+
+    fn replica(id: u32) -> Arc<Replica> {
+        let config = crate::cli::load(["proxy"]).unwrap().upstream;
+        Arc::new(Replica::new(
+            id,
+            format!("10.0.0.{id}:8000"),
+            http::HeaderValue::from_static("vllm"),
+            &config,
+            1,
+            Arc::new(PrefixTracker::new(1024, 16)),
+            Arc::default(),
+        ))
+    }
+
+    fn prompt(ids: u32) -> Prompt {
+        Prompt::Tokens(vec![(0..ids).collect()])
+    }
+
+    fn busy(replica: &Arc<Replica>, requests: usize) -> Vec<Routed> {
+        (0..requests)
+            .map(|_| replica.take(RouteReason::LeastLoaded))
+            .collect()
+    }
+
+    #[test]
+    fn the_replica_holding_the_prefix_wins_within_the_load_band() {
+        let (a, b) = (replica(0), replica(1));
+        let hasher = PrefixTracker::new(1024, 16);
+        let prediction = hasher.lookup(&prompt(100));
+        b.prefix.insert(&b.prefix.adopt(&prediction));
+        let query = Query {
+            prediction: Some(&prediction),
+            named: None,
+        };
+        let (chosen, reason) = choose(RouteMode::Prefix, &[&a, &b], query, 0);
+        assert_eq!((chosen.id, reason), (1, RouteReason::Prefix));
+        // Busier, but within a quarter plus two of the least loaded: still b.
+        let _held = busy(&b, 2);
+        assert_eq!(choose(RouteMode::Prefix, &[&a, &b], query, 0).0.id, 1);
+        // Past the band: the prefix is warmed on a as well.
+        let _more = busy(&b, 1);
+        let (chosen, reason) = choose(RouteMode::Prefix, &[&a, &b], query, 0);
+        assert_eq!((chosen.id, reason), (0, RouteReason::Rendezvous));
+    }
+
+    #[test]
+    fn a_new_prefix_goes_to_the_same_replica_from_any_turn() {
+        let replicas: Vec<Arc<Replica>> = (0..4).map(replica).collect();
+        let all: Vec<&Arc<Replica>> = replicas.iter().collect();
+        let hasher = PrefixTracker::new(1024, 16);
+        let prediction = hasher.lookup(&prompt(64));
+        let query = Query {
+            prediction: Some(&prediction),
+            named: None,
+        };
+        let first = choose(RouteMode::Prefix, &all, query, 0);
+        assert_eq!(first.1, RouteReason::Rendezvous);
+        for turn in 1..8 {
+            assert_eq!(
+                choose(RouteMode::Prefix, &all, query, turn).0.id,
+                first.0.id
+            );
+        }
+        // Short prompts have no prefix group: least loaded.
+        let short = hasher.lookup(&prompt(3));
+        let query = Query {
+            prediction: Some(&short),
+            named: None,
+        };
+        assert_eq!(
+            choose(RouteMode::Prefix, &all, query, 0).1,
+            RouteReason::LeastLoaded
+        );
+    }
+
+    #[test]
+    fn least_loaded_round_robin_and_a_named_replica() {
+        let (a, b) = (replica(0), replica(1));
+        let _held = busy(&a, 1);
+        let none = Query::default();
+        assert_eq!(choose(RouteMode::LeastLoaded, &[&a, &b], none, 0).0.id, 1);
+        assert_eq!(choose(RouteMode::RoundRobin, &[&a, &b], none, 0).0.id, 0);
+        assert_eq!(choose(RouteMode::RoundRobin, &[&a, &b], none, 1).0.id, 1);
+        let named = Query {
+            prediction: None,
+            named: Some(0),
+        };
+        let (chosen, reason) = choose(RouteMode::LeastLoaded, &[&a, &b], named, 0);
+        assert_eq!((chosen.id, reason), (0, RouteReason::Policy));
+        // A named replica that is not a candidate (down, tried) is ignored.
+        let gone = Query {
+            prediction: None,
+            named: Some(7),
+        };
+        assert_eq!(
+            choose(RouteMode::LeastLoaded, &[&a, &b], gone, 0).1,
+            RouteReason::LeastLoaded
+        );
+    }
+
+    #[test]
+    fn the_band_is_a_quarter_plus_two() {
+        assert!(within_band(2, 0) && !within_band(3, 0));
+        assert!(within_band(14, 10) && !within_band(15, 10));
+    }
+}
