@@ -129,13 +129,12 @@ impl Replica {
     }
 
     /// Its load as routing weighs it: requests in flight through this
-    /// proxy, or the engine's running count if larger (other proxies share
-    /// it), plus the engine's waiting count.
+    /// proxy, or the engine's running and waiting requests if more (other
+    /// proxies or clients share it; scraped, so a little stale).
     pub fn load(&self) -> u32 {
         let engine = self.engine.load();
         self.in_flight()
-            .max(engine.running)
-            .saturating_add(engine.waiting)
+            .max(engine.running.saturating_add(engine.waiting))
     }
 
     /// Counts a request sent to it for `reason`; the returned guard holds

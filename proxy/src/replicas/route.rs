@@ -11,8 +11,8 @@
 //! - `least-loaded`: the fewest requests in flight and waiting.
 //! - `round-robin`: each healthy replica in turn.
 //!
-//! Load is [`Replica::load`]: requests in flight through this proxy (or the
-//! engine's running count, if larger) plus the engine's waiting count.
+//! Load is [`Replica::load`]: requests in flight through this proxy, or the
+//! engine's running and waiting requests if more.
 //!
 //! tower's `balance::p2c` was considered: it picks two replicas at random
 //! and keeps the less loaded, which suits `least-loaded` but cannot weigh a
