@@ -68,7 +68,7 @@ tools:
 e2e: plugins vllm
     SLUICE_VLLM_URL=http://127.0.0.1:{{vllm_port}} SLUICE_VLLM_TOKENIZER=$SLUICE_CACHE/tiny-llama/tokenizer.json cargo test --workspace -- --ignored --test-threads 1
 
-# Install (first time, ~5 min) and start a real CPU vLLM with a tiny local model; waits for /health.
+# Install (first time, ~5 min) and start a real CPU vLLM with a tiny local model; waits for /health. `SLUICE_VLLM_KV_EVENTS=1 just vllm` also publishes its KV-cache events on tcp://127.0.0.1:5557 (topic "kv").
 vllm:
     scripts/vllm.sh start
 
