@@ -218,8 +218,64 @@ impl PrefixTracker {
         }
         for (i, &hash) in prediction.blocks.iter().enumerate().rev() {
             let hint = prediction.slots.get(i).copied().unwrap_or(NIL);
-            table.lru.touch(hash, hint);
+            let _evicted = table.lru.touch(hash, hint);
         }
+    }
+
+    /// The chain hashes of the full blocks of token ids `ids`, continuing the
+    /// chain from `parent` (a hash this method or a lookup produced), or
+    /// from the token domain's root when `None`; cut with the current block
+    /// size. A block's hash is the one a token-id (or tokenizer-encoded)
+    /// [`lookup`](Self::lookup) gives the same tokens at the same position.
+    /// A partial last block is not hashed.
+    pub fn token_chain(&self, parent: Option<u64>, ids: &[u32]) -> Vec<u64> {
+        let block_size = self.block_size();
+        let mut prev = parent.unwrap_or_else(|| root(Domain::Tokens, block_size));
+        ids.chunks_exact(block_size as usize)
+            .map(|block| {
+                prev = link(prev, hash_ids(block));
+                prev
+            })
+            .collect()
+    }
+
+    /// Records `chain`'s blocks as cached and most recently used, the first
+    /// warmest, as [`insert`](Self::insert) does for a prediction; returns
+    /// the hashes evicted to make room (which may include some of `chain`'s
+    /// own when it is longer than the capacity).
+    pub fn insert_hashes(&self, chain: &[u64]) -> Vec<u64> {
+        let mut evicted = Vec::new();
+        if chain.is_empty() {
+            return evicted;
+        }
+        let mut table = self.write();
+        for &hash in chain.iter().rev() {
+            evicted.extend(table.lru.touch(hash, NIL));
+        }
+        evicted
+    }
+
+    /// Forgets the given blocks (those not held are ignored); returns how
+    /// many were held.
+    pub fn remove_hashes(&self, hashes: &[u64]) -> usize {
+        if hashes.is_empty() {
+            return 0;
+        }
+        let mut table = self.write();
+        hashes
+            .iter()
+            .filter(|&&hash| table.lru.remove(hash))
+            .count()
+    }
+
+    /// Whether the block `hash` is held.
+    pub fn contains(&self, hash: u64) -> bool {
+        self.read().lru.map.contains_key(&hash)
+    }
+
+    /// Forgets every block (the engine's cache was reset).
+    pub fn clear(&self) {
+        self.write().lru.clear();
     }
 
     /// Adopts the upstream's block size; a change forgets every block, since
@@ -520,7 +576,8 @@ impl Lru {
     /// Makes `hash` the most recently used, adding it (and evicting the
     /// least recently used at capacity) if absent. `hint` is the slot a
     /// lookup found it in, if any; trusted only while that slot holds it.
-    fn touch(&mut self, hash: u64, hint: u32) {
+    /// Returns the evicted hash, if any.
+    fn touch(&mut self, hash: u64, hint: u32) -> Option<u64> {
         let found = match self.nodes.get(hint as usize) {
             Some(node) if node.hash == hash => Some(hint),
             _ => self.map.get(&hash).copied(),
@@ -530,11 +587,12 @@ impl Lru {
                 self.unlink(slot);
                 self.push_front(slot);
             }
-            return;
+            return None;
         }
         if self.capacity == 0 {
-            return;
+            return None;
         }
+        let mut evicted = None;
         let slot = if self.nodes.len() < self.capacity {
             self.nodes.push(Node {
                 hash,
@@ -547,11 +605,38 @@ impl Lru {
             self.unlink(slot);
             let node = &mut self.nodes[slot as usize];
             self.map.remove(&node.hash);
+            evicted = Some(node.hash);
             node.hash = hash;
             slot
         };
         self.map.insert(hash, slot);
         self.push_front(slot);
+        evicted
+    }
+
+    /// Drops `hash` if held; the last node moves into its slot, so the slab
+    /// stays dense. Returns whether it was held.
+    fn remove(&mut self, hash: u64) -> bool {
+        let Some(slot) = self.map.remove(&hash) else {
+            return false;
+        };
+        self.unlink(slot);
+        let last = (self.nodes.len() - 1) as u32;
+        if slot != last {
+            let Node { hash, prev, next } = self.nodes[last as usize];
+            self.nodes[slot as usize] = Node { hash, prev, next };
+            match prev {
+                NIL => self.head = slot,
+                p => self.nodes[p as usize].next = slot,
+            }
+            match next {
+                NIL => self.tail = slot,
+                n => self.nodes[n as usize].prev = slot,
+            }
+            self.map.insert(hash, slot);
+        }
+        self.nodes.pop();
+        true
     }
 
     fn unlink(&mut self, slot: u32) {
@@ -597,7 +682,7 @@ impl Lru {
         self.clear();
         self.capacity = capacity.min(NIL as usize);
         for hash in warmest_first.into_iter().rev() {
-            self.touch(hash, NIL);
+            let _evicted = self.touch(hash, NIL);
         }
     }
 }

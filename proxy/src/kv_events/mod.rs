@@ -1,0 +1,44 @@
+//! The engine's own account of its prefix cache: vLLM's KV-cache events,
+//! mirrored into a per-replica [`PrefixTracker`](crate::prefix::PrefixTracker).
+//!
+//! vLLM started with `--kv-events-config
+//! '{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:5557","topic":"kv"}'`
+//! publishes every block it caches, evicts or clears on a ZeroMQ PUB socket.
+//! A router that knows which replica holds which prefix can send a request
+//! where its prompt is already cached.
+//!
+//! - [`decode`]: a message's msgpack payload → an [`EventBatch`] of
+//!   [`KvEvent`]s (vLLM 0.32's schema; unknown events skipped and counted).
+//! - [`mirror`]: applies events to a replica's tracker, translating the
+//!   engine's block hashes into Sluice's chain hashes of the same tokens.
+//! - [`subscriber`]: the tokio task per replica (SUB socket, reconnects,
+//!   sequence gaps, metrics) and the [`KvEventsHandle`] the router reads.
+//!
+//! ```no_run
+//! # async fn demo() {
+//! use std::sync::Arc;
+//! use sluice::classify::Prompt;
+//! use sluice::prefix::PrefixTracker;
+//!
+//! let tracker = Arc::new(PrefixTracker::new(65_536, 32));
+//! let handle = sluice::kv_events::spawn(
+//!     "replica-0".into(),
+//!     "tcp://10.0.0.5:5557".into(),
+//!     "kv".into(),
+//!     tracker.clone(),
+//! );
+//! let prompt = Prompt::Tokens(vec![vec![1; 100]]);
+//! if handle.live() {
+//!     let held = tracker.lookup(&prompt).cached_tokens;
+//! #   let _ = held;
+//! }
+//! # }
+//! ```
+
+pub mod decode;
+pub mod mirror;
+pub mod subscriber;
+
+pub use decode::{DecodeError, EngineHash, EventBatch, KvEvent, decode_batch};
+pub use mirror::{Applied, Ignored, Mirror};
+pub use subscriber::{KvEventsHandle, spawn};

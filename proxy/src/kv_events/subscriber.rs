@@ -1,0 +1,299 @@
+//! The task that follows one replica's event stream: a ZeroMQ SUB socket
+//! connected to the engine's PUB endpoint, decoding each message and
+//! applying it to the replica's [`Mirror`].
+//!
+//! A message is three frames: the topic, an 8-byte big-endian sequence
+//! number, the msgpack [`EventBatch`](super::decode::EventBatch). Sequence
+//! numbers go up by one per batch: a jump forward is a *gap* (batches lost,
+//! counted; the mirror keeps what it has, since missed stores only make it
+//! predict less and missed removals age out of its LRU); a step back means
+//! the engine restarted with an empty cache, so the mirror is cleared.
+//!
+//! Every wait is bounded: a connect gives up after [`CONNECT_TIMEOUT`] and
+//! is retried after a backoff doubling from [`BACKOFF_MIN`] to
+//! [`BACKOFF_MAX`] (reset by a successful connect); a disconnect reported by
+//! the socket drops it and reconnects the same way; receiving wakes at least
+//! every [`IDLE_WAKE`]. The task ends when its [`KvEventsHandle`] is dropped.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use metrics::{counter, gauge};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep, timeout};
+use zeromq::{Socket, SocketEvent, SocketOptions, SocketRecv, SubSocket, ZmqMessage};
+
+use super::decode::decode_batch;
+use super::mirror::{Applied, Mirror};
+use crate::prefix::PrefixTracker;
+use crate::telemetry::{KV_EVENT_GAPS, KV_EVENTS, KV_EVENTS_CONNECTED, KV_EVENTS_IGNORED};
+
+/// How long one connection attempt may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The first wait before reconnecting.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// The longest wait before reconnecting.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The longest a receive waits before the loop looks around again.
+pub const IDLE_WAKE: Duration = Duration::from_secs(5);
+/// [`KvEventsHandle::live`]: how recent an event or a connect must be when
+/// the socket is not connected now.
+pub const LIVE_WINDOW: Duration = Duration::from_secs(30);
+
+/// What the task shares with its handle.
+#[derive(Debug)]
+struct Shared {
+    /// The clock's zero for `last_seen_ms`.
+    started: Instant,
+    /// Milliseconds after `started` of the last event or connect, plus one
+    /// (0: never).
+    last_seen_ms: AtomicU64,
+    /// Whether the socket is connected now.
+    connected: AtomicBool,
+    /// Events received, of every kind.
+    events: AtomicU64,
+    /// Sequence gaps seen.
+    gaps: AtomicU64,
+}
+
+impl Shared {
+    fn seen(&self) {
+        let ms = self.started.elapsed().as_millis() as u64 + 1;
+        self.last_seen_ms.store(ms, Ordering::Relaxed);
+    }
+}
+
+/// A running subscriber: what the router reads about one replica's stream.
+/// Dropping it stops the task.
+#[derive(Debug)]
+pub struct KvEventsHandle {
+    shared: Arc<Shared>,
+    task: JoinHandle<()>,
+}
+
+impl KvEventsHandle {
+    /// Whether the stream is to be trusted now: the socket is connected, or
+    /// an event arrived or a connect succeeded within [`LIVE_WINDOW`].
+    pub fn live(&self) -> bool {
+        if self.shared.connected.load(Ordering::Relaxed) {
+            return true;
+        }
+        let seen = self.shared.last_seen_ms.load(Ordering::Relaxed);
+        seen != 0
+            && self.shared.started.elapsed().as_millis() as u64 + 1 - seen
+                <= LIVE_WINDOW.as_millis() as u64
+    }
+
+    /// Events received so far, of every kind (unknown ones included).
+    pub fn events(&self) -> u64 {
+        self.shared.events.load(Ordering::Relaxed)
+    }
+
+    /// Sequence gaps seen so far (each a run of lost batches).
+    pub fn gaps(&self) -> u64 {
+        self.shared.gaps.load(Ordering::Relaxed)
+    }
+
+    /// Stops the task now (dropping the handle does too).
+    pub fn abort(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for KvEventsHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts following `endpoint` (`tcp://host:port`, the engine's
+/// `--kv-events-config` endpoint with its host) on `topic`, mirroring
+/// replica `replica`'s cache into `tracker`. Call it inside a tokio runtime.
+pub fn spawn(
+    replica: String,
+    endpoint: String,
+    topic: String,
+    tracker: Arc<PrefixTracker>,
+) -> KvEventsHandle {
+    let shared = Arc::new(Shared {
+        started: Instant::now(),
+        last_seen_ms: AtomicU64::new(0),
+        connected: AtomicBool::new(false),
+        events: AtomicU64::new(0),
+        gaps: AtomicU64::new(0),
+    });
+    let follower = Follower {
+        replica,
+        endpoint,
+        topic,
+        mirror: Mirror::new(tracker),
+        shared: shared.clone(),
+        expected: None,
+    };
+    let task = tokio::spawn(follower.run());
+    KvEventsHandle { shared, task }
+}
+
+/// The task's state.
+struct Follower {
+    replica: String,
+    endpoint: String,
+    topic: String,
+    mirror: Mirror,
+    shared: Arc<Shared>,
+    /// The next sequence number, once one batch has arrived.
+    expected: Option<u64>,
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.set_connected(false);
+    }
+}
+
+impl Follower {
+    async fn run(mut self) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            match self.connect().await {
+                Ok(socket) => {
+                    backoff = BACKOFF_MIN;
+                    self.follow(socket).await;
+                }
+                Err(e) => {
+                    tracing::debug!(replica = %self.replica, endpoint = %self.endpoint,
+                        "kv events: cannot connect: {e}");
+                }
+            }
+            sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    async fn connect(&self) -> Result<SubSocket, String> {
+        let mut options = SocketOptions::default();
+        options.connect_timeout(CONNECT_TIMEOUT);
+        let mut socket = SubSocket::with_options(options);
+        // The crate's own connect timeout is not trusted to cover the handshake.
+        let connect = async {
+            socket.connect(&self.endpoint).await?;
+            socket.subscribe(&self.topic).await
+        };
+        match timeout(CONNECT_TIMEOUT + Duration::from_secs(1), connect).await {
+            Ok(Ok(())) => Ok(socket),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out".into()),
+        }
+    }
+
+    /// Applies messages until the socket fails or reports a disconnect.
+    async fn follow(&mut self, mut socket: SubSocket) {
+        let mut monitor = socket.monitor();
+        self.set_connected(true);
+        self.shared.seen();
+        tracing::info!(replica = %self.replica, endpoint = %self.endpoint, "kv events: connected");
+        loop {
+            tokio::select! {
+                received = timeout(IDLE_WAKE, socket.recv()) => match received {
+                    Ok(Ok(message)) => self.handle(message),
+                    Ok(Err(e)) => {
+                        tracing::warn!(replica = %self.replica, "kv events: receive failed: {e}");
+                        break;
+                    }
+                    Err(_idle) => {}
+                },
+                event = monitor.next() => match event {
+                    Some(SocketEvent::Disconnected(_)) | None => {
+                        tracing::warn!(replica = %self.replica, "kv events: engine disconnected");
+                        break;
+                    }
+                    Some(_) => {}
+                },
+            }
+        }
+        self.set_connected(false);
+    }
+
+    fn handle(&mut self, message: ZmqMessage) {
+        let frames = message.into_vec();
+        let [_topic, seq, payload] = frames.as_slice() else {
+            self.malformed(&format!("{} frames, not 3", frames.len()));
+            return;
+        };
+        let Ok(seq) = <[u8; 8]>::try_from(seq.as_ref()).map(u64::from_be_bytes) else {
+            self.malformed("the sequence number is not 8 bytes");
+            return;
+        };
+        let batch = match decode_batch(payload) {
+            Ok(batch) => batch,
+            Err(e) => {
+                self.malformed(&e.to_string());
+                return;
+            }
+        };
+        self.sequence(seq);
+        let replica = self.replica.clone();
+        for event in &batch.events {
+            let kind = match self.mirror.apply(event) {
+                Applied::Stored(_) => "stored",
+                Applied::Removed(_) => "removed",
+                Applied::Cleared => "cleared",
+                Applied::Ignored(why) => {
+                    counter!(KV_EVENTS_IGNORED, "replica" => replica.clone(), "reason" => why.label())
+                        .increment(1);
+                    event_kind(event)
+                }
+            };
+            counter!(KV_EVENTS, "replica" => replica.clone(), "kind" => kind).increment(1);
+        }
+        if batch.unknown > 0 {
+            counter!(KV_EVENTS, "replica" => replica, "kind" => "unknown")
+                .increment(batch.unknown as u64);
+        }
+        let n = (batch.events.len() + batch.unknown) as u64;
+        self.shared.events.fetch_add(n, Ordering::Relaxed);
+        self.shared.seen();
+    }
+
+    /// Checks `seq` against the one expected.
+    fn sequence(&mut self, seq: u64) {
+        match self.expected {
+            Some(expected) if seq > expected => {
+                self.shared.gaps.fetch_add(1, Ordering::Relaxed);
+                counter!(KV_EVENT_GAPS, "replica" => self.replica.clone()).increment(1);
+                tracing::warn!(replica = %self.replica,
+                    "kv events: batches {expected}..{seq} lost; the mirror may hold removed blocks");
+            }
+            Some(expected) if seq < expected => {
+                tracing::info!(replica = %self.replica,
+                    "kv events: sequence went back from {expected} to {seq}: the engine restarted; clearing");
+                self.mirror.clear();
+            }
+            _ => {}
+        }
+        self.expected = Some(seq.wrapping_add(1));
+    }
+
+    fn malformed(&self, why: &str) {
+        counter!(KV_EVENTS, "replica" => self.replica.clone(), "kind" => "malformed").increment(1);
+        tracing::warn!(replica = %self.replica, "kv events: malformed message skipped: {why}");
+    }
+
+    fn set_connected(&self, connected: bool) {
+        self.shared.connected.store(connected, Ordering::Relaxed);
+        gauge!(KV_EVENTS_CONNECTED, "replica" => self.replica.clone())
+            .set(f64::from(u8::from(connected)));
+    }
+}
+
+/// The metric kind of an event the mirror ignored.
+fn event_kind(event: &super::decode::KvEvent) -> &'static str {
+    use super::decode::KvEvent;
+    match event {
+        KvEvent::BlockStored { .. } => "stored",
+        KvEvent::BlockRemoved { .. } => "removed",
+        KvEvent::AllCleared => "cleared",
+    }
+}
