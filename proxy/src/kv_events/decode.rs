@@ -270,3 +270,241 @@ fn medium(value: Option<Value>) -> Result<Option<String>, DecodeError> {
 fn shape(what: impl Into<String>) -> DecodeError {
     DecodeError::Shape(what.into())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::kv_events::fixture;
+
+    fn pack(value: &Value) -> Vec<u8> {
+        let mut out = Vec::new();
+        rmpv::encode::write_value(&mut out, value).expect("writing to a Vec");
+        out
+    }
+
+    fn map(pairs: Vec<(&str, Value)>) -> Value {
+        Value::Map(pairs.into_iter().map(|(k, v)| (k.into(), v)).collect())
+    }
+
+    fn ints(ns: impl IntoIterator<Item = u64>) -> Value {
+        Value::Array(ns.into_iter().map(Value::from).collect())
+    }
+
+    /// vLLM 0.32's shape: `[ts, [events as tagged maps], rank]`.
+    #[test]
+    fn tagged_maps() {
+        let stored = map(vec![
+            ("type", "BlockStored".into()),
+            ("block_hashes", ints([u64::MAX, 7])),
+            ("parent_block_hash", Value::Nil),
+            ("token_ids", ints(0..8)),
+            ("block_size", 4.into()),
+            ("lora_id", Value::Nil),
+            ("medium", "GPU".into()),
+            ("lora_name", Value::Nil),
+            ("extra_keys", Value::Array(vec![Value::Nil, Value::Nil])),
+            ("group_idx", 0.into()),
+        ]);
+        let removed = map(vec![
+            ("type", "BlockRemoved".into()),
+            ("block_hashes", ints([7])),
+            ("medium", Value::Nil),
+        ]);
+        let salted = map(vec![
+            ("type", "BlockStored".into()),
+            ("block_hashes", ints([9])),
+            ("parent_block_hash", 7.into()),
+            ("token_ids", ints(0..4)),
+            ("block_size", 4.into()),
+            ("lora_id", Value::Nil),
+            ("medium", "CPU".into()),
+            ("lora_name", Value::Nil),
+            (
+                "extra_keys",
+                Value::Array(vec![Value::Array(vec!["salt".into()])]),
+            ),
+        ]);
+        let cleared = map(vec![("type", "AllBlocksCleared".into())]);
+        let future = map(vec![("type", "BlockPinned".into()), ("x", 1.into())]);
+        let payload = pack(&Value::Array(vec![
+            Value::F64(1.5),
+            Value::Array(vec![stored, future, removed, salted, cleared]),
+            Value::from(0),
+        ]));
+        let batch = decode_batch(&payload).expect("decodes");
+        assert_eq!(batch.timestamp, 1.5);
+        assert_eq!(batch.data_parallel_rank, Some(0));
+        assert_eq!(batch.unknown, 1);
+        assert_eq!(
+            batch.events,
+            vec![
+                KvEvent::BlockStored {
+                    block_hashes: vec![EngineHash::Int(u64::MAX), EngineHash::Int(7)],
+                    parent: None,
+                    token_ids: (0..8).collect(),
+                    block_size: 4,
+                    medium: Some("GPU".into()),
+                    keyed: false,
+                },
+                KvEvent::BlockRemoved {
+                    block_hashes: vec![EngineHash::Int(7)],
+                    medium: None,
+                },
+                KvEvent::BlockStored {
+                    block_hashes: vec![EngineHash::Int(9)],
+                    parent: Some(EngineHash::Int(7)),
+                    token_ids: (0..4).collect(),
+                    block_size: 4,
+                    medium: Some("CPU".into()),
+                    keyed: true,
+                },
+                KvEvent::AllCleared,
+            ]
+        );
+    }
+
+    /// Older releases: `array_like` events, `[tag, fields in order]`, and
+    /// bytes hashes (`VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0`); no rank.
+    #[test]
+    fn tagged_arrays_and_bytes_hashes() {
+        let digest = Value::Binary(vec![0xab; 32]);
+        let stored = Value::Array(vec![
+            "BlockStored".into(),
+            Value::Array(vec![digest.clone()]),
+            Value::Binary(vec![1, 2]),
+            ints(0..4),
+            4.into(),
+            Value::Nil,
+            "GPU".into(),
+        ]);
+        let removed = Value::Array(vec!["BlockRemoved".into(), Value::Array(vec![digest])]);
+        let cleared = Value::Array(vec!["AllBlocksCleared".into()]);
+        let payload = pack(&Value::Array(vec![
+            Value::F64(2.0),
+            Value::Array(vec![stored, removed, cleared]),
+        ]));
+        let batch = decode_batch(&payload).expect("decodes");
+        assert_eq!((batch.data_parallel_rank, batch.unknown), (None, 0));
+        let digest = EngineHash::Bytes(vec![0xab; 32].into());
+        assert_eq!(
+            batch.events,
+            vec![
+                KvEvent::BlockStored {
+                    block_hashes: vec![digest.clone()],
+                    parent: Some(EngineHash::Bytes(vec![1, 2].into())),
+                    token_ids: (0..4).collect(),
+                    block_size: 4,
+                    medium: Some("GPU".into()),
+                    keyed: false,
+                },
+                KvEvent::BlockRemoved {
+                    block_hashes: vec![digest],
+                    medium: None,
+                },
+                KvEvent::AllCleared,
+            ]
+        );
+    }
+
+    #[test]
+    fn malformed_payloads_are_errors() {
+        let batch =
+            |events: Vec<Value>| pack(&Value::Array(vec![Value::F64(0.0), Value::Array(events)]));
+        let bad: Vec<Vec<u8>> = vec![
+            vec![],
+            vec![0xc1], // never used in msgpack
+            pack(&Value::from("a string")),
+            pack(&Value::Array(vec![Value::F64(0.0)])),
+            pack(&Value::Array(vec!["ts".into(), Value::Array(vec![])])),
+            pack(&Value::Array(vec![Value::F64(0.0), 3.into()])),
+            batch(vec![map(vec![("block_hashes", ints([1]))])]),
+            batch(vec![3.into()]),
+            batch(vec![map(vec![
+                ("type", "BlockStored".into()),
+                ("block_hashes", ints([1])),
+                ("parent_block_hash", Value::Nil),
+                ("block_size", 4.into()),
+            ])]),
+            batch(vec![map(vec![
+                ("type", "BlockRemoved".into()),
+                ("block_hashes", Value::Array(vec!["not a hash".into()])),
+            ])]),
+            [batch(vec![]), vec![0]].concat(),
+        ];
+        for payload in bad {
+            assert!(decode_batch(&payload).is_err(), "{payload:?}");
+        }
+        // Truncating a real payload anywhere gives an error, never a panic.
+        let messages = fixture::messages();
+        let payload = messages[0][2];
+        for end in 0..payload.len() {
+            assert!(decode_batch(&payload[..end]).is_err(), "cut at {end}");
+        }
+    }
+
+    /// What vLLM 0.32 actually sent: integer hashes, block size 32, every
+    /// stored block's tokens continuing its parent's, reproducing the prompts.
+    #[test]
+    fn the_real_engines_events() {
+        let messages = fixture::messages();
+        let prompts = fixture::prompts();
+        assert!(messages.len() >= 5);
+        // Each block's tokens from the start of its prompt, by engine hash.
+        let mut prefixes: HashMap<EngineHash, Vec<u32>> = HashMap::new();
+        let (mut stored, mut cleared) = (0, 0);
+        let mut last_seq = None;
+        for frames in &messages {
+            let [topic, seq, payload] = frames.as_slice() else {
+                panic!("{} frames", frames.len());
+            };
+            assert_eq!(*topic, b"kv");
+            let seq = u64::from_be_bytes((*seq).try_into().expect("8 bytes"));
+            assert!(last_seq.is_none_or(|last| seq == last + 1));
+            last_seq = Some(seq);
+            let batch = decode_batch(payload).expect("decodes");
+            assert_eq!((batch.unknown, batch.data_parallel_rank), (0, Some(0)));
+            for event in batch.events {
+                match event {
+                    KvEvent::BlockStored {
+                        block_hashes,
+                        parent,
+                        token_ids,
+                        block_size,
+                        medium,
+                        keyed,
+                    } => {
+                        stored += 1;
+                        assert_eq!(block_size, 32);
+                        assert_eq!((medium.as_deref(), keyed), (Some("GPU"), false));
+                        assert_eq!(token_ids.len(), block_hashes.len() * 32);
+                        let mut tokens = match &parent {
+                            None => Vec::new(),
+                            Some(p) => prefixes[p].clone(),
+                        };
+                        for (hash, block) in block_hashes.iter().zip(token_ids.chunks(32)) {
+                            assert!(matches!(hash, EngineHash::Int(_)));
+                            tokens.extend_from_slice(block);
+                            prefixes.insert(hash.clone(), tokens.clone());
+                        }
+                    }
+                    KvEvent::AllCleared => cleared += 1,
+                    KvEvent::BlockRemoved { .. } => {}
+                }
+            }
+        }
+        assert!(stored >= prompts.len());
+        assert_eq!(cleared, 2);
+        // Every full block of every prompt was reported, with its prefix.
+        for prompt in &prompts {
+            for blocks in 1..=prompt.len() / 32 {
+                let prefix = &prompt[..blocks * 32];
+                assert!(
+                    prefixes.values().any(|tokens| tokens == prefix),
+                    "block {blocks} of a prompt"
+                );
+            }
+        }
+    }
+}

@@ -42,3 +42,42 @@ pub mod subscriber;
 pub use decode::{DecodeError, EngineHash, EventBatch, KvEvent, decode_batch};
 pub use mirror::{Applied, Ignored, Mirror};
 pub use subscriber::{KvEventsHandle, spawn};
+
+/// The recording of a real vLLM's events (`tests/fixtures/kv_events/`).
+#[cfg(test)]
+pub(crate) mod fixture {
+    /// The messages, each as its frames (format in the fixture's README).
+    pub(crate) fn messages() -> Vec<Vec<&'static [u8]>> {
+        const RECORDING: &[u8] =
+            include_bytes!("../../../tests/fixtures/kv_events/vllm-0.32-tokens.bin");
+        fn take<'a>(bytes: &mut &'a [u8], n: usize) -> &'a [u8] {
+            let (head, tail) = bytes.split_at(n);
+            *bytes = tail;
+            head
+        }
+        fn len(bytes: &mut &[u8]) -> usize {
+            u32::from_be_bytes(take(bytes, 4).try_into().expect("4 bytes")) as usize
+        }
+        let mut rest = RECORDING;
+        let mut messages = Vec::new();
+        while !rest.is_empty() {
+            let frames = len(&mut rest);
+            let message = (0..frames)
+                .map(|_| {
+                    let n = len(&mut rest);
+                    take(&mut rest, n)
+                })
+                .collect();
+            messages.push(message);
+        }
+        messages
+    }
+
+    /// The token-id prompts sent while recording.
+    pub(crate) fn prompts() -> Vec<Vec<u32>> {
+        serde_json::from_str(include_str!(
+            "../../../tests/fixtures/kv_events/vllm-0.32-tokens.prompts.json"
+        ))
+        .expect("the prompts are JSON")
+    }
+}
