@@ -971,6 +971,35 @@ mod tests {
     }
 
     #[test]
+    fn chains_from_outside() {
+        let tracker = PrefixTracker::new(4, 4);
+        let ids: Vec<u32> = (0..10).collect();
+        // The chain a lookup computes, and its continuation from a parent.
+        let chain = tracker.token_chain(None, &ids);
+        let prompt = Prompt::Tokens(vec![ids.clone()]);
+        assert_eq!(chain, tracker.lookup(&prompt).blocks);
+        assert_eq!(tracker.token_chain(Some(chain[0]), &ids[4..]), chain[1..]);
+
+        assert!(tracker.insert_hashes(&chain).is_empty());
+        assert!(tracker.contains(chain[1]));
+        assert_eq!(tracker.lookup(&prompt).cached_tokens, 8);
+        // Removing the second block ends the run at the first.
+        assert_eq!(tracker.remove_hashes(&[chain[1], 42]), 1);
+        assert!(!tracker.contains(chain[1]));
+        assert_eq!(tracker.lookup(&prompt).cached_tokens, 4);
+        // The slab stays consistent: fill it and evict in LRU order.
+        let other = tracker.token_chain(None, &[9; 12]);
+        assert!(tracker.insert_hashes(&other).is_empty());
+        assert_eq!(tracker.len(), 4);
+        assert_eq!(tracker.insert_hashes(&[7]), vec![chain[0]]);
+        assert_eq!(tracker.insert_hashes(&[8, 9]), vec![other[2], other[1]]);
+        assert_eq!(tracker.len(), 4);
+        tracker.clear();
+        assert!(tracker.is_empty());
+        assert_eq!(tracker.lookup(&prompt).cached_tokens, 0);
+    }
+
+    #[test]
     fn a_tokenizer_gives_exact_blocks() {
         /// One token per byte.
         #[derive(Debug)]

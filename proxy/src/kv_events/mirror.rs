@@ -211,3 +211,166 @@ impl Mirror {
 fn gpu(medium: Option<&str>) -> bool {
     medium.is_none_or(|m| m.eq_ignore_ascii_case("GPU"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::Prompt;
+    use crate::kv_events::{decode_batch, fixture};
+
+    fn stored(hashes: &[u64], parent: Option<u64>, ids: &[u32]) -> KvEvent {
+        KvEvent::BlockStored {
+            block_hashes: hashes.iter().map(|&h| EngineHash::Int(h)).collect(),
+            parent: parent.map(EngineHash::Int),
+            token_ids: ids.to_vec(),
+            block_size: 4,
+            medium: Some("GPU".into()),
+            keyed: false,
+        }
+    }
+
+    fn removed(hashes: &[u64]) -> KvEvent {
+        KvEvent::BlockRemoved {
+            block_hashes: hashes.iter().map(|&h| EngineHash::Int(h)).collect(),
+            medium: Some("GPU".into()),
+        }
+    }
+
+    fn cached(tracker: &PrefixTracker, ids: &[u32]) -> u32 {
+        tracker
+            .lookup(&Prompt::Tokens(vec![ids.to_vec()]))
+            .cached_tokens
+    }
+
+    #[test]
+    fn stored_removed_cleared() {
+        let tracker = Arc::new(PrefixTracker::new(100, 4));
+        let mut mirror = Mirror::new(tracker.clone());
+        let ids: Vec<u32> = (0..13).collect();
+        // The engine stores the first two blocks, then the third as their child.
+        assert_eq!(
+            mirror.apply(&stored(&[10, 11], None, &ids[..8])),
+            Applied::Stored(2)
+        );
+        assert_eq!(cached(&tracker, &ids), 8);
+        assert_eq!(
+            mirror.apply(&stored(&[12], Some(11), &ids[8..12])),
+            Applied::Stored(1)
+        );
+        assert_eq!(cached(&tracker, &ids), 12);
+        assert_eq!(mirror.len(), 3);
+        // A prompt sharing only the first block hits only it.
+        let mut other = ids.clone();
+        other[5] = 99;
+        assert_eq!(cached(&tracker, &other), 4);
+
+        // Removing the middle block ends the run there, as in the engine.
+        assert_eq!(mirror.apply(&removed(&[11, 999])), Applied::Removed(1));
+        assert_eq!(cached(&tracker, &ids), 4);
+        assert_eq!(mirror.sluice_hash(&EngineHash::Int(11)), None);
+        assert_eq!((tracker.len(), mirror.len()), (2, 2));
+
+        assert_eq!(mirror.apply(&KvEvent::AllCleared), Applied::Cleared);
+        assert!(tracker.is_empty() && mirror.is_empty());
+        assert_eq!(cached(&tracker, &ids), 0);
+    }
+
+    #[test]
+    fn what_is_ignored() {
+        let tracker = Arc::new(PrefixTracker::new(100, 4));
+        let mut mirror = Mirror::new(tracker.clone());
+        let ids: Vec<u32> = (0..9).collect();
+        // A parent never seen: its tokens do not start a prompt.
+        assert_eq!(
+            mirror.apply(&stored(&[21], Some(20), &ids[4..8])),
+            Applied::Ignored(Ignored::UnknownParent)
+        );
+        let mut cpu = stored(&[10], None, &ids[..4]);
+        if let KvEvent::BlockStored { medium, .. } = &mut cpu {
+            *medium = Some("CPU".into());
+        }
+        assert_eq!(mirror.apply(&cpu), Applied::Ignored(Ignored::Medium));
+        let mut salted = stored(&[10], None, &ids[..4]);
+        if let KvEvent::BlockStored { keyed, .. } = &mut salted {
+            *keyed = true;
+        }
+        assert_eq!(mirror.apply(&salted), Applied::Ignored(Ignored::Keyed));
+        assert!(tracker.is_empty() && mirror.is_empty());
+        // Removing what was never stored changes nothing.
+        assert_eq!(mirror.apply(&removed(&[10])), Applied::Removed(0));
+    }
+
+    #[test]
+    fn the_engines_block_size_wins() {
+        let tracker = Arc::new(PrefixTracker::new(100, 16));
+        let mut mirror = Mirror::new(tracker.clone());
+        let ids: Vec<u32> = (0..9).collect();
+        assert_eq!(
+            mirror.apply(&stored(&[1, 2], None, &ids[..8])),
+            Applied::Stored(2)
+        );
+        assert_eq!(tracker.block_size(), 4);
+        assert_eq!(cached(&tracker, &ids), 8);
+    }
+
+    #[test]
+    fn the_map_is_bounded_by_the_tracker() {
+        let tracker = Arc::new(PrefixTracker::new(3, 4));
+        let mut mirror = Mirror::new(tracker.clone());
+        for chain in 0..10u32 {
+            let ids: Vec<u32> = (0..8).map(|i| chain * 100 + i).collect();
+            let base = u64::from(chain) * 10;
+            mirror.apply(&stored(&[base, base + 1], None, &ids));
+            assert!(mirror.len() <= 3, "{}", mirror.len());
+            assert_eq!(mirror.len(), tracker.len());
+        }
+        // The newest chain survives whole; children of an evicted block are ignored.
+        let newest: Vec<u32> = (0..9).map(|i| 900 + i).collect();
+        assert_eq!(cached(&tracker, &newest), 8);
+        assert_eq!(
+            mirror.apply(&stored(&[2], Some(1), &[1; 4])),
+            Applied::Ignored(Ignored::UnknownParent)
+        );
+        // Evictions by another writer of the tracker are caught up with.
+        tracker.insert_hashes(&[7, 8, 9]);
+        mirror.apply(&stored(&[500], None, &[5; 4]));
+        assert!(mirror.len() <= 3);
+    }
+
+    /// The recording of a real vLLM, mirrored: lookups of the prompts sent
+    /// find their full blocks; a prompt sharing the prefix finds the prefix.
+    #[test]
+    fn the_real_engine_mirrored() {
+        let prompts = fixture::prompts();
+        let messages = fixture::messages();
+        let batches: Vec<_> = messages
+            .iter()
+            .map(|frames| decode_batch(frames[2]).expect("decodes"))
+            .collect();
+        let tracker = Arc::new(PrefixTracker::new(10_000, 16));
+        let mut mirror = Mirror::new(tracker.clone());
+        let (last, before) = batches.split_last().expect("batches");
+        for batch in before {
+            for event in &batch.events {
+                assert!(!matches!(mirror.apply(event), Applied::Ignored(_)));
+            }
+        }
+        assert_eq!(tracker.block_size(), 32);
+        for prompt in &prompts {
+            // 104 tokens: three full blocks; the engine cached them all.
+            let full = (prompt.len() - 1) / 32 * 32;
+            assert_eq!(cached(&tracker, prompt) as usize, full);
+        }
+        // The shared 64-token prefix and a tail the engine never saw.
+        let mut fresh = prompts[0][..64].to_vec();
+        fresh.extend(3000..3040);
+        assert_eq!(cached(&tracker, &fresh), 64);
+        assert_eq!(mirror.len(), tracker.len());
+        // The recording ends with a reset of the engine's prefix cache.
+        for event in &last.events {
+            mirror.apply(event);
+        }
+        assert!(tracker.is_empty() && mirror.is_empty());
+        assert_eq!(cached(&tracker, &prompts[0]), 0);
+    }
+}
