@@ -297,3 +297,167 @@ fn event_kind(event: &super::decode::KvEvent) -> &'static str {
         KvEvent::AllCleared => "cleared",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use rmpv::Value;
+    use zeromq::{PubSocket, SocketSend};
+
+    use super::*;
+    use crate::classify::Prompt;
+    use crate::kv_events::fixture;
+
+    /// Waits until `done` holds, failing after 10 s.
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn publish(socket: &mut PubSocket, seq: u64, payload: &[u8]) {
+        let frames = vec![
+            Bytes::from_static(b"kv"),
+            Bytes::copy_from_slice(&seq.to_be_bytes()),
+            Bytes::copy_from_slice(payload),
+        ];
+        let message = ZmqMessage::try_from(frames).expect("three frames");
+        socket.send(message).await.expect("publish");
+    }
+
+    /// A batch of one event of a kind the decoder does not know: counted,
+    /// applied to nothing.
+    fn probe() -> Vec<u8> {
+        let batch = Value::Array(vec![
+            Value::F64(0.0),
+            Value::Array(vec![Value::Map(vec![("type".into(), "Probe".into())])]),
+        ]);
+        let mut out = Vec::new();
+        rmpv::encode::write_value(&mut out, &batch).expect("writing to a Vec");
+        out
+    }
+
+    /// Publishes probes as sequence 0 until the subscriber has counted one:
+    /// a PUB socket drops what it sends before the subscription arrives.
+    async fn prime(socket: &mut PubSocket, handle: &KvEventsHandle) {
+        let before = handle.events();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while handle.events() == before {
+            assert!(Instant::now() < deadline, "the subscriber never received");
+            publish(socket, 0, &probe()).await;
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn cached(tracker: &PrefixTracker, ids: &[u32]) -> usize {
+        tracker
+            .lookup(&Prompt::Tokens(vec![ids.to_vec()]))
+            .cached_tokens as usize
+    }
+
+    /// The recording of a real vLLM, replayed over loopback with one batch
+    /// number skipped; then the publisher goes away and comes back.
+    #[tokio::test]
+    async fn follows_a_publisher_over_tcp() {
+        let mut publisher = PubSocket::new();
+        let endpoint = publisher
+            .bind("tcp://127.0.0.1:0")
+            .await
+            .expect("bind")
+            .to_string();
+        let tracker = Arc::new(PrefixTracker::new(10_000, 32));
+        let handle = spawn("r0".into(), endpoint.clone(), "kv".into(), tracker.clone());
+        prime(&mut publisher, &handle).await;
+        assert!(handle.live());
+        assert_eq!(handle.gaps(), 0);
+
+        // The recording, renumbered after the probes, batch 2 never sent.
+        let messages = fixture::messages();
+        let (last, before) = messages.split_last().expect("messages");
+        let mut seq = 1;
+        for frames in before {
+            if seq == 2 {
+                seq += 1;
+            }
+            publish(&mut publisher, seq, frames[2]).await;
+            seq += 1;
+        }
+        let prompts = fixture::prompts();
+        // Each prompt's blocks were stored by one batch; batch 2's prompt
+        // (sent as number 3) arrived.
+        until("the prompts' blocks", || {
+            prompts
+                .iter()
+                .all(|p| cached(&tracker, p) == (p.len() - 1) / 32 * 32)
+        })
+        .await;
+        assert_eq!(handle.gaps(), 1);
+        publish(&mut publisher, seq, last[2]).await;
+        until("the reset", || tracker.is_empty()).await;
+        let events = handle.events();
+
+        // The engine goes away and comes back on the same port, with its
+        // sequence starting again: the subscriber reconnects.
+        drop(publisher);
+        let mut publisher = PubSocket::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Err(e) = publisher.bind(&endpoint).await {
+            assert!(
+                Instant::now() < deadline,
+                "cannot bind {endpoint} again: {e}"
+            );
+            sleep(Duration::from_millis(50)).await;
+        }
+        prime(&mut publisher, &handle).await;
+        publish(&mut publisher, 1, before[0][2]).await;
+        until("blocks after the reconnect", || {
+            cached(&tracker, &prompts[0]) == 96
+        })
+        .await;
+        assert!(handle.events() > events);
+        assert_eq!(handle.gaps(), 1);
+
+        // Aborting stops the task.
+        handle.abort();
+        until("the task to end", || handle.task.is_finished()).await;
+        assert!(!handle.shared.connected.load(Ordering::Relaxed));
+    }
+
+    #[tokio::test]
+    async fn malformed_messages_are_skipped() {
+        let mut publisher = PubSocket::new();
+        let endpoint = publisher
+            .bind("tcp://127.0.0.1:0")
+            .await
+            .expect("bind")
+            .to_string();
+        let tracker = Arc::new(PrefixTracker::new(100, 32));
+        let handle = spawn("r1".into(), endpoint, "kv".into(), tracker.clone());
+        prime(&mut publisher, &handle).await;
+        publish(&mut publisher, 1, b"\xc1 not msgpack").await;
+        let short = ZmqMessage::try_from(vec![Bytes::from_static(b"kv")]).expect("one frame");
+        publisher.send(short).await.expect("publish");
+        // Still following: the next good batch is applied, with no gap.
+        let messages = fixture::messages();
+        publish(&mut publisher, 1, messages[0][2]).await;
+        let prompt = &fixture::prompts()[0];
+        until("the good batch", || cached(&tracker, prompt) == 96).await;
+        assert_eq!(handle.gaps(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_engine_is_not_live() {
+        // Nothing listens there: connects fail, each within its timeout.
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let endpoint = format!("tcp://{}", probe.local_addr().expect("addr"));
+        drop(probe);
+        let tracker = Arc::new(PrefixTracker::new(100, 32));
+        let handle = spawn("r2".into(), endpoint, "kv".into(), tracker);
+        sleep(Duration::from_secs(60)).await;
+        assert!(!handle.live());
+        assert_eq!(handle.events(), 0);
+        assert!(!handle.task.is_finished());
+    }
+}
