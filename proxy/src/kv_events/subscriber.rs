@@ -401,6 +401,11 @@ mod tests {
         // The engine goes away and comes back on the same port, with its
         // sequence starting again: the subscriber reconnects.
         drop(publisher);
+        until("the disconnect", || {
+            !handle.shared.connected.load(Ordering::Relaxed)
+        })
+        .await;
+        assert!(handle.live(), "within the live window");
         let mut publisher = PubSocket::new();
         let deadline = Instant::now() + Duration::from_secs(10);
         while let Err(e) = publisher.bind(&endpoint).await {
