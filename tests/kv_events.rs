@@ -51,7 +51,10 @@ async fn complete(url: &str, ids: &[u32]) -> u64 {
 #[ignore = "needs a real vLLM publishing KV events (SLUICE_VLLM_URL, SLUICE_VLLM_KV_ENDPOINT)"]
 async fn mirrors_a_real_engine() {
     let url = std::env::var("SLUICE_VLLM_URL").expect("set SLUICE_VLLM_URL");
-    let Ok(endpoint) = std::env::var("SLUICE_VLLM_KV_ENDPOINT") else {
+    let Some(endpoint) = std::env::var("SLUICE_VLLM_KV_ENDPOINT")
+        .ok()
+        .filter(|e| !e.is_empty())
+    else {
         eprintln!(
             "skipped: set SLUICE_VLLM_KV_ENDPOINT (and start vLLM with SLUICE_VLLM_KV_EVENTS=1)"
         );
