@@ -7,7 +7,10 @@
 Run it with the vLLM venv's python (pyzmq is there), against a vLLM started
 with `SLUICE_VLLM_KV_EVENTS=1 just vllm`. It sends the prompts of PROMPTS
 (which share a 64-token prefix) as `/v1/completions` requests, one at a time,
-and writes every multipart message received until the events go quiet.
+and writes every multipart message received until the events go quiet. With
+`--evict N`, N more prompts follow (for an engine started with a small
+cache, e.g. `SLUICE_VLLM_ARGS="--num-gpu-blocks-override 64 --max-model-len 1024"`,
+so that it evicts); with `--reset`, the prefix cache is reset at the end.
 
 OUT.bin: each message is a u32 big-endian frame count, then each frame as a
 u32 big-endian length and its bytes. vLLM's messages have three frames:
@@ -36,6 +39,8 @@ def main():
     ap.add_argument("--endpoint", default="tcp://127.0.0.1:5557")
     ap.add_argument("--topic", default="kv")
     ap.add_argument("--url", default="http://127.0.0.1:8000")
+    ap.add_argument("--evict", type=int, default=0, metavar="N",
+                    help="then send N more 200-token prompts, to make a small cache evict")
     ap.add_argument("--reset", action="store_true",
                     help="then POST /reset_prefix_cache (needs VLLM_SERVER_DEV_MODE=1)")
     a = ap.parse_args()
@@ -55,6 +60,10 @@ def main():
     for p in PROMPTS:
         complete(a.url, p)
         drain(0.5)
+    extra = [[2000 + (97 * n + 31 * i) % 2000 for i in range(200)] for n in range(a.evict)]
+    for p in extra:
+        complete(a.url, p)
+        drain(0.3)
     if a.reset:
         req = urllib.request.Request(a.url + "/reset_prefix_cache", b"", method="POST")
         urllib.request.urlopen(req, timeout=30).read()
@@ -67,7 +76,7 @@ def main():
             for fr in frames:
                 f.write(struct.pack(">I", len(fr)) + fr)
     with open(a.out.removesuffix(".bin") + ".prompts.json", "w") as f:
-        json.dump(PROMPTS, f)
+        json.dump(PROMPTS + extra, f)
     print(f"recorded {len(messages)} messages to {a.out}")
 
 

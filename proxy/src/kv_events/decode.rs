@@ -437,7 +437,7 @@ mod tests {
             assert!(decode_batch(&payload).is_err(), "{payload:?}");
         }
         // Truncating a real payload anywhere gives an error, never a panic.
-        let messages = fixture::messages();
+        let messages = fixture::messages(fixture::TOKENS);
         let payload = messages[0][2];
         for end in 0..payload.len() {
             assert!(decode_batch(&payload[..end]).is_err(), "cut at {end}");
@@ -448,8 +448,8 @@ mod tests {
     /// stored block's tokens continuing its parent's, reproducing the prompts.
     #[test]
     fn the_real_engines_events() {
-        let messages = fixture::messages();
-        let prompts = fixture::prompts();
+        let messages = fixture::messages(fixture::TOKENS);
+        let prompts = fixture::prompts(fixture::TOKENS);
         assert!(messages.len() >= 5);
         // Each block's tokens from the start of its prompt, by engine hash.
         let mut prefixes: HashMap<EngineHash, Vec<u32>> = HashMap::new();

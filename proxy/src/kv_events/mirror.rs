@@ -341,8 +341,8 @@ mod tests {
     /// find their full blocks; a prompt sharing the prefix finds the prefix.
     #[test]
     fn the_real_engine_mirrored() {
-        let prompts = fixture::prompts();
-        let messages = fixture::messages();
+        let prompts = fixture::prompts(fixture::TOKENS);
+        let messages = fixture::messages(fixture::TOKENS);
         let batches: Vec<_> = messages
             .iter()
             .map(|frames| decode_batch(frames[2]).expect("decodes"))
@@ -372,5 +372,67 @@ mod tests {
         }
         assert!(tracker.is_empty() && mirror.is_empty());
         assert_eq!(cached(&tracker, &prompts[0]), 0);
+    }
+
+    /// A real vLLM with a 64-block cache, evicting: the tracker ends up
+    /// holding exactly the blocks the engine still holds, and each prompt's
+    /// lookup finds the leading blocks the engine has.
+    #[test]
+    fn the_real_engine_evicting() {
+        use std::collections::{HashMap, HashSet};
+
+        let mut mirror = Mirror::new(Arc::new(PrefixTracker::new(10_000, 32)));
+        let tracker = mirror.tracker().clone();
+        // The engine's view, rebuilt from the events: held hashes, and each
+        // block's tokens from the start of its prompt.
+        let mut held = HashSet::new();
+        let mut prefixes: HashMap<EngineHash, Vec<u32>> = HashMap::new();
+        let mut removals = 0;
+        for frames in fixture::messages(fixture::EVICT) {
+            for event in decode_batch(frames[2]).expect("decodes").events {
+                match &event {
+                    KvEvent::BlockStored {
+                        block_hashes,
+                        parent,
+                        token_ids,
+                        ..
+                    } => {
+                        let mut tokens = parent
+                            .as_ref()
+                            .map_or_else(Vec::new, |p| prefixes[p].clone());
+                        for (hash, block) in block_hashes.iter().zip(token_ids.chunks(32)) {
+                            tokens.extend_from_slice(block);
+                            prefixes.insert(hash.clone(), tokens.clone());
+                            held.insert(hash.clone());
+                        }
+                    }
+                    KvEvent::BlockRemoved { block_hashes, .. } => {
+                        removals += block_hashes.len();
+                        for hash in block_hashes {
+                            assert!(held.remove(hash), "removes only what it stored");
+                        }
+                    }
+                    KvEvent::AllCleared => held.clear(),
+                }
+                assert!(!matches!(mirror.apply(&event), Applied::Ignored(_)));
+            }
+        }
+        assert!(removals > 0, "the recording evicts");
+        assert_eq!((tracker.len(), mirror.len()), (held.len(), held.len()));
+        let by_tokens: HashMap<&[u32], &EngineHash> =
+            prefixes.iter().map(|(h, t)| (t.as_slice(), h)).collect();
+        let mut partly_evicted = 0;
+        for prompt in fixture::prompts(fixture::EVICT) {
+            let engine_run = (1..=(prompt.len() - 1) / 32)
+                .take_while(|&n| {
+                    by_tokens
+                        .get(&prompt[..n * 32])
+                        .is_some_and(|h| held.contains(*h))
+                })
+                .count();
+            partly_evicted += usize::from(engine_run < (prompt.len() - 1) / 32);
+            assert_eq!(cached(&tracker, &prompt) as usize, engine_run * 32);
+        }
+        assert!(partly_evicted > 0);
     }
 }

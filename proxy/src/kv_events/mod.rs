@@ -43,13 +43,36 @@ pub use decode::{DecodeError, EngineHash, EventBatch, KvEvent, decode_batch};
 pub use mirror::{Applied, Ignored, Mirror};
 pub use subscriber::{KvEventsHandle, spawn};
 
-/// The recording of a real vLLM's events (`tests/fixtures/kv_events/`).
+/// The recordings of a real vLLM's events (`tests/fixtures/kv_events/`).
 #[cfg(test)]
 pub(crate) mod fixture {
+    /// Four prompts sharing a prefix, then a prefix-cache reset.
+    pub(crate) const TOKENS: &str = "vllm-0.32-tokens";
+    /// The same four prompts and twelve more, in a 64-block cache: evictions.
+    pub(crate) const EVICT: &str = "vllm-0.32-evict";
+
+    fn files(name: &str) -> (&'static [u8], &'static str) {
+        macro_rules! recording {
+            ($name:literal) => {
+                (
+                    include_bytes!(concat!("../../../tests/fixtures/kv_events/", $name, ".bin")),
+                    include_str!(concat!(
+                        "../../../tests/fixtures/kv_events/",
+                        $name,
+                        ".prompts.json"
+                    )),
+                )
+            };
+        }
+        match name {
+            TOKENS => recording!("vllm-0.32-tokens"),
+            EVICT => recording!("vllm-0.32-evict"),
+            _ => panic!("no recording {name}"),
+        }
+    }
+
     /// The messages, each as its frames (format in the fixture's README).
-    pub(crate) fn messages() -> Vec<Vec<&'static [u8]>> {
-        const RECORDING: &[u8] =
-            include_bytes!("../../../tests/fixtures/kv_events/vllm-0.32-tokens.bin");
+    pub(crate) fn messages(name: &str) -> Vec<Vec<&'static [u8]>> {
         fn take<'a>(bytes: &mut &'a [u8], n: usize) -> &'a [u8] {
             let (head, tail) = bytes.split_at(n);
             *bytes = tail;
@@ -58,7 +81,7 @@ pub(crate) mod fixture {
         fn len(bytes: &mut &[u8]) -> usize {
             u32::from_be_bytes(take(bytes, 4).try_into().expect("4 bytes")) as usize
         }
-        let mut rest = RECORDING;
+        let mut rest = files(name).0;
         let mut messages = Vec::new();
         while !rest.is_empty() {
             let frames = len(&mut rest);
@@ -74,10 +97,7 @@ pub(crate) mod fixture {
     }
 
     /// The token-id prompts sent while recording.
-    pub(crate) fn prompts() -> Vec<Vec<u32>> {
-        serde_json::from_str(include_str!(
-            "../../../tests/fixtures/kv_events/vllm-0.32-tokens.prompts.json"
-        ))
-        .expect("the prompts are JSON")
+    pub(crate) fn prompts(name: &str) -> Vec<Vec<u32>> {
+        serde_json::from_str(files(name).1).expect("the prompts are JSON")
     }
 }

@@ -374,7 +374,7 @@ mod tests {
         assert_eq!(handle.gaps(), 0);
 
         // The recording, renumbered after the probes, batch 2 never sent.
-        let messages = fixture::messages();
+        let messages = fixture::messages(fixture::TOKENS);
         let (last, before) = messages.split_last().expect("messages");
         let mut seq = 1;
         for frames in before {
@@ -384,7 +384,7 @@ mod tests {
             publish(&mut publisher, seq, frames[2]).await;
             seq += 1;
         }
-        let prompts = fixture::prompts();
+        let prompts = fixture::prompts(fixture::TOKENS);
         // Each prompt's blocks were stored by one batch; batch 2's prompt
         // (sent as number 3) arrived.
         until("the prompts' blocks", || {
@@ -445,9 +445,9 @@ mod tests {
         let short = ZmqMessage::try_from(vec![Bytes::from_static(b"kv")]).expect("one frame");
         publisher.send(short).await.expect("publish");
         // Still following: the next good batch is applied, with no gap.
-        let messages = fixture::messages();
+        let messages = fixture::messages(fixture::TOKENS);
         publish(&mut publisher, 1, messages[0][2]).await;
-        let prompt = &fixture::prompts()[0];
+        let prompt = &fixture::prompts(fixture::TOKENS)[0];
         until("the good batch", || cached(&tracker, prompt) == 96).await;
         assert_eq!(handle.gaps(), 0);
     }
