@@ -20,13 +20,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use metrics::{counter, gauge};
+use metrics::{Counter, Gauge, counter, gauge};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, timeout};
 use zeromq::{Socket, SocketEvent, SocketOptions, SocketRecv, SubSocket, ZmqMessage};
 
-use super::decode::decode_batch;
-use super::mirror::{Applied, Mirror};
+use super::decode::{KvEvent, decode_batch};
+use super::mirror::{Applied, Ignored, Mirror};
 use crate::prefix::PrefixTracker;
 use crate::telemetry::{KV_EVENT_GAPS, KV_EVENTS, KV_EVENTS_CONNECTED, KV_EVENTS_IGNORED};
 
@@ -124,12 +124,14 @@ pub fn spawn(
         events: AtomicU64::new(0),
         gaps: AtomicU64::new(0),
     });
+    let metrics = Metrics::new(&replica);
     let follower = Follower {
         replica,
         endpoint,
         topic,
         mirror: Mirror::new(tracker),
         shared: shared.clone(),
+        metrics,
         expected: None,
     };
     let task = tokio::spawn(follower.run());
@@ -143,6 +145,7 @@ struct Follower {
     topic: String,
     mirror: Mirror,
     shared: Arc<Shared>,
+    metrics: Metrics,
     /// The next sequence number, once one batch has arrived.
     expected: Option<u64>,
 }
@@ -234,24 +237,13 @@ impl Follower {
             }
         };
         self.sequence(seq);
-        let replica = self.replica.clone();
         for event in &batch.events {
-            let kind = match self.mirror.apply(event) {
-                Applied::Stored(_) => "stored",
-                Applied::Removed(_) => "removed",
-                Applied::Cleared => "cleared",
-                Applied::Ignored(why) => {
-                    counter!(KV_EVENTS_IGNORED, "replica" => replica.clone(), "reason" => why.label())
-                        .increment(1);
-                    event_kind(event)
-                }
-            };
-            counter!(KV_EVENTS, "replica" => replica.clone(), "kind" => kind).increment(1);
+            if let Applied::Ignored(why) = self.mirror.apply(event) {
+                self.metrics.ignored(why).increment(1);
+            }
+            self.metrics.kind(event).increment(1);
         }
-        if batch.unknown > 0 {
-            counter!(KV_EVENTS, "replica" => replica, "kind" => "unknown")
-                .increment(batch.unknown as u64);
-        }
+        self.metrics.unknown.increment(batch.unknown as u64);
         let n = (batch.events.len() + batch.unknown) as u64;
         self.shared.events.fetch_add(n, Ordering::Relaxed);
         self.shared.seen();
@@ -262,7 +254,7 @@ impl Follower {
         match self.expected {
             Some(expected) if seq > expected => {
                 self.shared.gaps.fetch_add(1, Ordering::Relaxed);
-                counter!(KV_EVENT_GAPS, "replica" => self.replica.clone()).increment(1);
+                self.metrics.gaps.increment(1);
                 tracing::warn!(replica = %self.replica,
                     "kv events: batches {expected}..{seq} lost; the mirror may hold removed blocks");
             }
@@ -277,24 +269,60 @@ impl Follower {
     }
 
     fn malformed(&self, why: &str) {
-        counter!(KV_EVENTS, "replica" => self.replica.clone(), "kind" => "malformed").increment(1);
+        self.metrics.malformed.increment(1);
         tracing::warn!(replica = %self.replica, "kv events: malformed message skipped: {why}");
     }
 
     fn set_connected(&self, connected: bool) {
         self.shared.connected.store(connected, Ordering::Relaxed);
-        gauge!(KV_EVENTS_CONNECTED, "replica" => self.replica.clone())
-            .set(f64::from(u8::from(connected)));
+        self.metrics.connected.set(f64::from(u8::from(connected)));
     }
 }
 
-/// The metric kind of an event the mirror ignored.
-fn event_kind(event: &super::decode::KvEvent) -> &'static str {
-    use super::decode::KvEvent;
-    match event {
-        KvEvent::BlockStored { .. } => "stored",
-        KvEvent::BlockRemoved { .. } => "removed",
-        KvEvent::AllCleared => "cleared",
+/// One replica's metric handles, registered once (after
+/// [`telemetry::install`](crate::telemetry::install), or they record nothing).
+struct Metrics {
+    stored: Counter,
+    removed: Counter,
+    cleared: Counter,
+    unknown: Counter,
+    malformed: Counter,
+    /// By [`Ignored`] reason, in declaration order.
+    ignored: [Counter; 3],
+    gaps: Counter,
+    connected: Gauge,
+}
+
+impl Metrics {
+    fn new(replica: &str) -> Self {
+        let kind = |kind: &'static str| counter!(KV_EVENTS, "replica" => replica.to_owned(), "kind" => kind);
+        let ignored = |why: Ignored| counter!(KV_EVENTS_IGNORED, "replica" => replica.to_owned(), "reason" => why.label());
+        Self {
+            stored: kind("stored"),
+            removed: kind("removed"),
+            cleared: kind("cleared"),
+            unknown: kind("unknown"),
+            malformed: kind("malformed"),
+            ignored: [
+                ignored(Ignored::UnknownParent),
+                ignored(Ignored::Medium),
+                ignored(Ignored::Keyed),
+            ],
+            gaps: counter!(KV_EVENT_GAPS, "replica" => replica.to_owned()),
+            connected: gauge!(KV_EVENTS_CONNECTED, "replica" => replica.to_owned()),
+        }
+    }
+
+    fn kind(&self, event: &KvEvent) -> &Counter {
+        match event {
+            KvEvent::BlockStored { .. } => &self.stored,
+            KvEvent::BlockRemoved { .. } => &self.removed,
+            KvEvent::AllCleared => &self.cleared,
+        }
+    }
+
+    fn ignored(&self, why: Ignored) -> &Counter {
+        &self.ignored[why as usize]
     }
 }
 
@@ -439,7 +467,12 @@ mod tests {
             .expect("bind")
             .to_string();
         let tracker = Arc::new(PrefixTracker::new(100, 32));
-        let handle = spawn("r1".into(), endpoint, "kv".into(), tracker.clone());
+        // The metric handles bind to the recorder present at the spawn.
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let metrics = recorder.handle();
+        let handle = metrics::with_local_recorder(&recorder, || {
+            spawn("r1".into(), endpoint, "kv".into(), tracker.clone())
+        });
         prime(&mut publisher, &handle).await;
         publish(&mut publisher, 1, b"\xc1 not msgpack").await;
         let short = ZmqMessage::try_from(vec![Bytes::from_static(b"kv")]).expect("one frame");
@@ -450,6 +483,17 @@ mod tests {
         let prompt = &fixture::prompts(fixture::TOKENS)[0];
         until("the good batch", || cached(&tracker, prompt) == 96).await;
         assert_eq!(handle.gaps(), 0);
+        let text = metrics.render();
+        for line in [
+            r#"sluice_kv_events_total{replica="r1",kind="malformed"} 2"#,
+            r#"sluice_kv_events_total{replica="r1",kind="stored"} 1"#,
+            r#"sluice_kv_events_total{replica="r1",kind="cleared"} 1"#,
+            r#"sluice_kv_event_gaps_total{replica="r1"} 0"#,
+            r#"sluice_kv_events_connected{replica="r1"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+        drop(handle);
     }
 
     #[tokio::test(start_paused = true)]
