@@ -221,10 +221,14 @@ impl Follower {
 
     fn handle(&mut self, message: ZmqMessage) {
         let frames = message.into_vec();
-        let [_topic, seq, payload] = frames.as_slice() else {
+        let [topic, seq, payload] = frames.as_slice() else {
             self.malformed(&format!("{} frames, not 3", frames.len()));
             return;
         };
+        // SUB filters by prefix: "kv" would also receive "kv2".
+        if !self.topic.is_empty() && topic.as_ref() != self.topic.as_bytes() {
+            return;
+        }
         let Ok(seq) = <[u8; 8]>::try_from(seq.as_ref()).map(u64::from_be_bytes) else {
             self.malformed("the sequence number is not 8 bytes");
             return;
@@ -475,6 +479,16 @@ mod tests {
         });
         prime(&mut publisher, &handle).await;
         publish(&mut publisher, 1, b"\xc1 not msgpack").await;
+        // Another topic that "kv" prefixes: not ours, not counted.
+        let other = vec![
+            Bytes::from_static(b"kv2"),
+            Bytes::copy_from_slice(&5u64.to_be_bytes()),
+            Bytes::from_static(b"anything"),
+        ];
+        publisher
+            .send(ZmqMessage::try_from(other).expect("three frames"))
+            .await
+            .expect("publish");
         let short = ZmqMessage::try_from(vec![Bytes::from_static(b"kv")]).expect("one frame");
         publisher.send(short).await.expect("publish");
         // Still following: the next good batch is applied, with no gap.
