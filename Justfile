@@ -64,11 +64,11 @@ test: plugins tools
 tools:
     scripts/install-test-tools.sh
 
-# The real-vLLM tier: starts vLLM when needed, then runs the tests that use it.
+# The real-vLLM tier: starts vLLM when needed, then runs the tests that use it (with `SLUICE_VLLM_KV_EVENTS=1`, the KV-event mirror's too).
 e2e: plugins vllm
-    SLUICE_VLLM_URL=http://127.0.0.1:{{vllm_port}} SLUICE_VLLM_TOKENIZER=$SLUICE_CACHE/tiny-llama/tokenizer.json cargo test --workspace -- --ignored --test-threads 1
+    SLUICE_VLLM_URL=http://127.0.0.1:{{vllm_port}} SLUICE_VLLM_KV_ENDPOINT=${SLUICE_VLLM_KV_EVENTS:+tcp://127.0.0.1:${SLUICE_VLLM_KV_PORT:-5557}} SLUICE_VLLM_TOKENIZER=$SLUICE_CACHE/tiny-llama/tokenizer.json cargo test --workspace -- --ignored --test-threads 1
 
-# Install (first time, ~5 min) and start a real CPU vLLM with a tiny local model; waits for /health.
+# Install (first time, ~5 min) and start a real CPU vLLM with a tiny local model; waits for /health. `SLUICE_VLLM_KV_EVENTS=1 just vllm` also publishes its KV-cache events on tcp://127.0.0.1:5557 (topic "kv").
 vllm:
     scripts/vllm.sh start
 

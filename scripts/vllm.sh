@@ -14,6 +14,8 @@
 #                       vllm-venv/, tiny-llama/, vllm-PORT.log, vllm-PORT.pid
 #   SLUICE_VLLM_PORT    port (default 8000); the server binds 127.0.0.1
 #   SLUICE_VLLM_ARGS    extra `vllm serve` arguments (word-split)
+#   SLUICE_VLLM_KV_EVENTS=1  publish KV-cache events on a ZeroMQ PUB socket,
+#                       tcp://*:SLUICE_VLLM_KV_PORT (default 5557), topic "kv"
 #   SLUICE_PYTHON       Python 3.11 interpreter for the venv (default python3.11)
 #   SLUICE_VLLM_START_TIMEOUT  seconds to wait for /health (default 300)
 #   VLLM_CPU_KVCACHE_SPACE     GiB of KV cache (default 1)
@@ -228,6 +230,10 @@ cmd_start() {
         make_model
         local -a extra=()
         [[ -n "${SLUICE_VLLM_ARGS:-}" ]] && read -r -a extra <<<"$SLUICE_VLLM_ARGS"
+        if [[ "${SLUICE_VLLM_KV_EVENTS:-0}" == 1 ]]; then
+            # "*" makes vLLM bind (a host would make it connect).
+            extra+=(--kv-events-config "{\"enable_kv_cache_events\":true,\"publisher\":\"zmq\",\"endpoint\":\"tcp://*:${SLUICE_VLLM_KV_PORT:-5557}\",\"topic\":\"kv\"}")
+        fi
         log "starting vLLM on $BASE_URL (log: $LOG)"
         : >"$LOG"
         # setsid: its own process group, so stop can end the engine core too.

@@ -53,6 +53,7 @@ pub mod exchange;
 pub mod gpu;
 pub mod headers;
 pub mod intake;
+pub mod kv_events;
 pub mod ledger;
 pub mod observed;
 pub mod pool;

@@ -224,8 +224,64 @@ impl PrefixTracker {
         }
         for (i, &hash) in prediction.blocks.iter().enumerate().rev() {
             let hint = prediction.slots.get(i).copied().unwrap_or(NIL);
-            table.lru.touch(hash, hint);
+            let _evicted = table.lru.touch(hash, hint);
         }
+    }
+
+    /// The chain hashes of the full blocks of token ids `ids`, continuing the
+    /// chain from `parent` (a hash this method or a lookup produced), or
+    /// from the token domain's root when `None`; cut with the current block
+    /// size. A block's hash is the one a token-id (or tokenizer-encoded)
+    /// [`lookup`](Self::lookup) gives the same tokens at the same position.
+    /// A partial last block is not hashed.
+    pub fn token_chain(&self, parent: Option<u64>, ids: &[u32]) -> Vec<u64> {
+        let block_size = self.block_size();
+        let mut prev = parent.unwrap_or_else(|| root(Domain::Tokens, block_size));
+        ids.chunks_exact(block_size as usize)
+            .map(|block| {
+                prev = link(prev, hash_ids(block));
+                prev
+            })
+            .collect()
+    }
+
+    /// Records `chain`'s blocks as cached and most recently used, the first
+    /// warmest, as [`insert`](Self::insert) does for a prediction; returns
+    /// the hashes evicted to make room (which may include some of `chain`'s
+    /// own when it is longer than the capacity).
+    pub fn insert_hashes(&self, chain: &[u64]) -> Vec<u64> {
+        let mut evicted = Vec::new();
+        if chain.is_empty() {
+            return evicted;
+        }
+        let mut table = self.write();
+        for &hash in chain.iter().rev() {
+            evicted.extend(table.lru.touch(hash, NIL));
+        }
+        evicted
+    }
+
+    /// Forgets the given blocks (those not held are ignored); returns how
+    /// many were held.
+    pub fn remove_hashes(&self, hashes: &[u64]) -> usize {
+        if hashes.is_empty() {
+            return 0;
+        }
+        let mut table = self.write();
+        hashes
+            .iter()
+            .filter(|&&hash| table.lru.remove(hash))
+            .count()
+    }
+
+    /// Whether the block `hash` is held.
+    pub fn contains(&self, hash: u64) -> bool {
+        self.read().lru.map.contains_key(&hash)
+    }
+
+    /// Forgets every block (the engine's cache was reset).
+    pub fn clear(&self) {
+        self.write().lru.clear();
     }
 
     /// Adopts the upstream's block size; a change forgets every block, since
@@ -562,7 +618,8 @@ impl Lru {
     /// Makes `hash` the most recently used, adding it (and evicting the
     /// least recently used at capacity) if absent. `hint` is the slot a
     /// lookup found it in, if any; trusted only while that slot holds it.
-    fn touch(&mut self, hash: u64, hint: u32) {
+    /// Returns the evicted hash, if any.
+    fn touch(&mut self, hash: u64, hint: u32) -> Option<u64> {
         let found = match self.nodes.get(hint as usize) {
             Some(node) if node.hash == hash => Some(hint),
             _ => self.map.get(&hash).copied(),
@@ -572,11 +629,12 @@ impl Lru {
                 self.unlink(slot);
                 self.push_front(slot);
             }
-            return;
+            return None;
         }
         if self.capacity == 0 {
-            return;
+            return None;
         }
+        let mut evicted = None;
         let slot = if self.nodes.len() < self.capacity {
             self.nodes.push(Node {
                 hash,
@@ -589,11 +647,38 @@ impl Lru {
             self.unlink(slot);
             let node = &mut self.nodes[slot as usize];
             self.map.remove(&node.hash);
+            evicted = Some(node.hash);
             node.hash = hash;
             slot
         };
         self.map.insert(hash, slot);
         self.push_front(slot);
+        evicted
+    }
+
+    /// Drops `hash` if held; the last node moves into its slot, so the slab
+    /// stays dense. Returns whether it was held.
+    fn remove(&mut self, hash: u64) -> bool {
+        let Some(slot) = self.map.remove(&hash) else {
+            return false;
+        };
+        self.unlink(slot);
+        let last = (self.nodes.len() - 1) as u32;
+        if slot != last {
+            let Node { hash, prev, next } = self.nodes[last as usize];
+            self.nodes[slot as usize] = Node { hash, prev, next };
+            match prev {
+                NIL => self.head = slot,
+                p => self.nodes[p as usize].next = slot,
+            }
+            match next {
+                NIL => self.tail = slot,
+                n => self.nodes[n as usize].prev = slot,
+            }
+            self.map.insert(hash, slot);
+        }
+        self.nodes.pop();
+        true
     }
 
     fn unlink(&mut self, slot: u32) {
@@ -639,7 +724,7 @@ impl Lru {
         self.clear();
         self.capacity = capacity.min(NIL as usize);
         for hash in warmest_first.into_iter().rev() {
-            self.touch(hash, NIL);
+            let _evicted = self.touch(hash, NIL);
         }
     }
 }
@@ -925,6 +1010,35 @@ mod tests {
         let as_text = tracker.lookup(&Prompt::Text(vec!["a".repeat(16)]));
         assert_eq!((as_ids.blocks.len(), as_text.blocks.len()), (1, 1));
         assert_ne!(as_ids.blocks, as_text.blocks);
+    }
+
+    #[test]
+    fn chains_from_outside() {
+        let tracker = PrefixTracker::new(4, 4);
+        let ids: Vec<u32> = (0..10).collect();
+        // The chain a lookup computes, and its continuation from a parent.
+        let chain = tracker.token_chain(None, &ids);
+        let prompt = Prompt::Tokens(vec![ids.clone()]);
+        assert_eq!(chain, tracker.lookup(&prompt).blocks);
+        assert_eq!(tracker.token_chain(Some(chain[0]), &ids[4..]), chain[1..]);
+
+        assert!(tracker.insert_hashes(&chain).is_empty());
+        assert!(tracker.contains(chain[1]));
+        assert_eq!(tracker.lookup(&prompt).cached_tokens, 8);
+        // Removing the second block ends the run at the first.
+        assert_eq!(tracker.remove_hashes(&[chain[1], 42]), 1);
+        assert!(!tracker.contains(chain[1]));
+        assert_eq!(tracker.lookup(&prompt).cached_tokens, 4);
+        // The slab stays consistent: fill it and evict in LRU order.
+        let other = tracker.token_chain(None, &[9; 12]);
+        assert!(tracker.insert_hashes(&other).is_empty());
+        assert_eq!(tracker.len(), 4);
+        assert_eq!(tracker.insert_hashes(&[7]), vec![chain[0]]);
+        assert_eq!(tracker.insert_hashes(&[8, 9]), vec![other[2], other[1]]);
+        assert_eq!(tracker.len(), 4);
+        tracker.clear();
+        assert!(tracker.is_empty());
+        assert_eq!(tracker.lookup(&prompt).cached_tokens, 0);
     }
 
     #[test]

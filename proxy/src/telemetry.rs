@@ -92,6 +92,16 @@ pub const REQUEST_ENDINGS: [&str; 3] = ["answered", "refused", "cut"];
 /// The `ending` labels of [`ADMITTED_ENDED`], in [`crate::ledger::AdmittedEnding`] order.
 pub const ADMITTED_ENDINGS: [&str; 3] = ["completed", "failed", "client_gone"];
 
+/// KV-cache events received from a replica, by replica and kind (stored,
+/// removed, cleared, unknown; malformed counts messages skipped).
+pub const KV_EVENTS: &str = "sluice_kv_events_total";
+/// KV-cache events that changed nothing, by replica and reason.
+pub const KV_EVENTS_IGNORED: &str = "sluice_kv_events_ignored_total";
+/// Gaps in a replica's KV-event sequence numbers (batches lost).
+pub const KV_EVENT_GAPS: &str = "sluice_kv_event_gaps_total";
+/// 1 while the KV-event subscriber is connected to the replica, else 0.
+pub const KV_EVENTS_CONNECTED: &str = "sluice_kv_events_connected";
+
 /// Prompt tokens the prefix tracker looked up.
 pub const PREFIX_QUERY_TOKENS: &str = "sluice_prefix_cache_query_tokens_total";
 /// Prompt tokens the prefix tracker predicted to be cached.
@@ -182,6 +192,22 @@ pub fn install() -> PrometheusHandle {
 
 fn describe() {
     describe_counter!(REQUESTS, "Requests finished, by route and outcome.");
+    describe_counter!(
+        KV_EVENTS,
+        "KV-cache events received from a replica's engine, by replica and kind (stored, removed, cleared, unknown; malformed: messages skipped)."
+    );
+    describe_counter!(
+        KV_EVENTS_IGNORED,
+        "KV-cache events the prefix mirror did not apply, by replica and reason (unknown_parent, other_medium, keyed)."
+    );
+    describe_counter!(
+        KV_EVENT_GAPS,
+        "Gaps in a replica's KV-event sequence numbers: batches lost."
+    );
+    describe_gauge!(
+        KV_EVENTS_CONNECTED,
+        "1 while the KV-event subscriber is connected to the replica's engine, else 0."
+    );
     describe_counter!(
         CONNECTIONS_CLOSED,
         "Client connections Sluice closed: idle past --client-idle-timeout, or evicted (the longest idle) to make room at --max-connections."
