@@ -3,7 +3,9 @@
 //! [`EngineArgs`] (`--upstream`, `--profile`) gives an [`Upstream`]: a
 //! running engine found at its URL, or the simulated vLLM started
 //! in-process on 127.0.0.1:0, which also counts the requests in flight in
-//! it exactly ([`InFlight`]). [`engine_name`], [`model_of`] and
+//! it exactly ([`InFlight`]). [`SimFleet`] starts several simulated
+//! engines, each with a cache of its own, and stops them together
+//! (`bench compare --replicas`). [`engine_name`], [`model_of`] and
 //! [`max_model_len`] ask any engine what it is and what it serves.
 
 use std::convert::Infallible;

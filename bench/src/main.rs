@@ -15,7 +15,8 @@
 //!      token, or names the failure.
 //!    - [`progress`]: a progress bar on a terminal, plain lines otherwise.
 //!    - [`procs`]: starting and stopping the proxy, `hyper-floor`
-//!      (`bench/floor`) and nginx as child processes.
+//!      (`bench/floor`) and nginx as child processes; the flags every
+//!      proxy gets (`--upstream` once per engine) and `--route`.
 //!    - [`proxy`]: the proxy a configuration sends through (a child
 //!      process or in-process), its addresses and CPU time.
 //!    - [`fast_upstream`]: a minimal upstream that answers at once.
