@@ -208,9 +208,12 @@ impl CacheSizing {
 pub(crate) enum Kind {
     /// One replica alone, all the clients on it.
     OneReplica,
-    /// Over every replica, routed as the proxy's `--route` says.
+    /// Over every replica, each in turn (`--route round-robin`).
     RoundRobin,
+    /// Over every replica, the least loaded first (`--route least-loaded`).
     LeastLoaded,
+    /// Over every replica, by predicted prefix, balanced against load
+    /// (`--route prefix`).
     Prefix,
     /// One replica serving one rubric: the hit-rate ceiling.
     Ceiling,
@@ -294,6 +297,18 @@ pub(crate) struct ReplicaReport {
     pub(crate) targets: Vec<Target>,
     pub(crate) passed: bool,
     pub(crate) notes: Vec<String>,
+}
+
+/// `(num_gpu_blocks, block_size)` from an engine's `vllm:cache_config_info`.
+pub(crate) fn cache_config(metrics: &str) -> Option<(u64, u64)> {
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("vllm:cache_config_info{"))?;
+    let label = |name: &str| -> Option<u64> {
+        let start = line.find(&format!("{name}=\""))? + name.len() + 2;
+        line[start..].split('"').next()?.parse().ok()
+    };
+    Some((label("num_gpu_blocks")?, label("block_size")?))
 }
 
 /// The most tokens a request of `workload` takes (its prompt, by the
@@ -436,9 +451,27 @@ async fn compare(settings: &Settings) -> anyhow::Result<ReplicaReport> {
     } else {
         let mut engines = Vec::new();
         let mut names = Vec::new();
+        let rubric_tokens = workload_args
+            .rubric_texts()
+            .iter()
+            .map(|r| Tokenizer::pieces(r).len())
+            .max()
+            .unwrap_or(1);
         for url in &settings.upstreams {
             let engine = external(url).await?;
             names.push(engine_name(engine.addr, url, None).await);
+            let metrics = crate::client::metrics(engine.addr).await;
+            if let Some((blocks, block_size)) = metrics.as_deref().and_then(cache_config) {
+                let held = (blocks * block_size) as f64 / rubric_tokens as f64;
+                notes.push(format!(
+                    "{url} caches {blocks} blocks of {block_size} tokens: about {held:.1} rubrics (of {rubrics}) by the simulator's token count{}",
+                    if held >= rubrics as f64 {
+                        "; all fit, so routing cannot win on the cache (`--num-gpu-blocks-override` shrinks it)"
+                    } else {
+                        ""
+                    }
+                ));
+            }
             engines.push(engine);
         }
         notes.push("real engines keep their caches between configurations: each configuration's warm-up re-fills them".into());
@@ -926,6 +959,13 @@ mod tests {
             requests,
             prefix_cache: None,
         }
+    }
+
+    #[test]
+    fn the_cache_size_is_read_from_cache_config_info() {
+        let text = "# TYPE vllm:cache_config_info gauge\nvllm:cache_config_info{block_size=\"32\",enable_prefix_caching=\"True\",num_gpu_blocks=\"600\"} 1.0\n";
+        assert_eq!(cache_config(text), Some((600, 32)));
+        assert_eq!(cache_config("vllm:num_requests_running 0\n"), None);
     }
 
     #[test]
