@@ -388,7 +388,7 @@ fn replica_count(settings: &Settings) -> anyhow::Result<usize> {
         }
         (None, 0) => Ok(1),
         (Some(n), g) if n != g => anyhow::bail!(
-            "--replicas {n} with --upstream given {g} times: give one --upstream per replica, or no --upstream for simulated ones"
+            "--replicas {n} with {g} --upstream: give one --upstream per replica, or none for simulated replicas"
         ),
         (_, g) => Ok(g),
     }
@@ -474,11 +474,15 @@ async fn compare(settings: &Settings) -> anyhow::Result<ReplicaReport> {
             }
             engines.push(engine);
         }
-        notes.push("real engines keep their caches between configurations: each configuration's warm-up re-fills them".into());
+        notes.push("engines given with --upstream keep their caches between configurations: each configuration's warm-up re-fills them".into());
         (
             Engines::Real(engines),
             None,
-            format!("{n} replicas: {}", names.join(", ")),
+            format!(
+                "{n} replica{}: {}",
+                if n == 1 { "" } else { "s" },
+                names.join(", ")
+            ),
             None,
         )
     };
