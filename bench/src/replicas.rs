@@ -488,9 +488,10 @@ async fn compare(settings: &Settings) -> anyhow::Result<ReplicaReport> {
     };
     eprintln!("bench compare --replicas: {engine_label}");
 
-    let probe = engines.fleet(1).await?;
-    let model = model_of(probe.addrs[0]).await;
-    drop(probe);
+    let model = match &engines {
+        Engines::Simulated(profile) => Some(profile.model.clone()),
+        Engines::Real(engines) => model_of(engines[0].addr).await,
+    };
     let workload = Arc::new(workload_args.build(model.as_deref())?);
     if let Some(offset) = workload.candidate_offset {
         eprintln!(
