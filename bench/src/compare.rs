@@ -24,7 +24,9 @@
 //!
 //! [`crate::scorecard`] reports them. With `--requests N` the command runs
 //! the earlier single-table comparison instead: N requests per
-//! configuration, naive clients (`--clients`) through each proxy.
+//! configuration, naive clients (`--clients`) through each proxy. With
+//! `--replicas N` (or `--upstream` given more than once) it compares
+//! routing over engine replicas instead ([`crate::replicas`]).
 //!
 //! The proxy is the `proxy` binary that `SLUICE_PROXY_BIN` names, else the
 //! one beside `bench` when it exists, else the proxy library in-process
@@ -41,6 +43,7 @@ use crate::engine::{EngineArgs, Upstream, engine_name, model_of};
 use crate::load::{Habit, Mode, Plan, drive};
 use crate::measure::measure;
 use crate::proxy::{self, Proxy, ProxyMode, policy_flags};
+use crate::replicas::{self, ReplicaArgs};
 use crate::report::{Header, Report};
 use crate::scenario::{
     self, BatchRun, Beside, Feed, FrontierPoint, Job, LiveRun, LiveStep, MixedRun, Sender, Tag,
@@ -126,10 +129,26 @@ pub(crate) struct Args {
     pub(crate) out_dir: PathBuf,
     #[command(flatten)]
     pub(crate) workload: WorkloadArgs,
+    #[command(flatten)]
+    pub(crate) replica: ReplicaArgs,
 }
 
 /// `bench compare`.
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
+    if args.replica.replicas.is_some() || args.engine.upstream.len() > 1 {
+        replicas::run(replicas::Settings {
+            replica: args.replica,
+            upstreams: args.engine.upstream,
+            profile: args.engine.profile,
+            requests: args.requests,
+            warmup: args.warmup,
+            proxy_mode: args.proxy_mode,
+            out_dir: args.out_dir,
+            workload: args.workload,
+        })
+        .await?;
+        return Ok(());
+    }
     if let Some(requests) = args.requests {
         return single_table(&args, requests).await;
     }

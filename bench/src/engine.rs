@@ -3,7 +3,9 @@
 //! [`EngineArgs`] (`--upstream`, `--profile`) gives an [`Upstream`]: a
 //! running engine found at its URL, or the simulated vLLM started
 //! in-process on 127.0.0.1:0, which also counts the requests in flight in
-//! it exactly ([`InFlight`]). [`engine_name`], [`model_of`] and
+//! it exactly ([`InFlight`]). [`SimFleet`] starts several simulated
+//! engines, each with a cache of its own, and stops them together
+//! (`bench compare --replicas`). [`engine_name`], [`model_of`] and
 //! [`max_model_len`] ask any engine what it is and what it serves.
 
 use std::convert::Infallible;
@@ -18,13 +20,18 @@ use crate::client;
 /// Which engine a benchmark drives (`bench compare`, `bench suite`).
 #[derive(Debug, clap::Args)]
 pub(crate) struct EngineArgs {
-    /// A running engine (http://HOST:PORT) instead of the in-process simulator.
+    /// A running engine (http://HOST:PORT) instead of the in-process
+    /// simulator; `bench compare --replicas` takes it once per replica.
     #[arg(long)]
-    pub(crate) upstream: Option<String>,
-    /// Simulator profile (built-in name or TOML path) when no `--upstream`.
-    #[arg(long, default_value = "rtx4080")]
-    pub(crate) profile: String,
+    pub(crate) upstream: Vec<String>,
+    /// Simulator profile (built-in name or TOML path) when no `--upstream`
+    /// (default rtx4080; vllm-cpu-tiny for `bench compare --replicas`).
+    #[arg(long)]
+    pub(crate) profile: Option<String>,
 }
+
+/// The simulator profile when `--profile` is not given.
+pub(crate) const DEFAULT_PROFILE: &str = "rtx4080";
 
 /// The engine a benchmark drives, started or resolved.
 pub(crate) struct Upstream {
@@ -41,18 +48,13 @@ pub(crate) struct Upstream {
 impl EngineArgs {
     /// Resolves `--upstream`, or starts the simulator in-process on 127.0.0.1:0.
     pub(crate) async fn start(&self) -> anyhow::Result<Upstream> {
-        match &self.upstream {
-            Some(url) => Ok(Upstream {
-                addr: client::resolve(url).await?,
-                url: url.clone(),
-                profile: None,
-                in_flight: None,
-            }),
-            None => {
-                let profile = sluice_sim::Profile::load(&self.profile)?;
+        match self.upstream.as_slice() {
+            [] => {
+                let profile =
+                    sluice_sim::Profile::load(self.profile.as_deref().unwrap_or(DEFAULT_PROFILE))?;
                 let name = profile.name.clone();
                 let gauge = Arc::new(InFlight::default());
-                let addr = start_sim(profile, Arc::clone(&gauge)).await?;
+                let addr = start_sim(profile, Arc::clone(&gauge), std::future::pending()).await?;
                 Ok(Upstream {
                     addr,
                     url: format!("http://{addr}"),
@@ -60,7 +62,58 @@ impl EngineArgs {
                     in_flight: Some(gauge),
                 })
             }
+            [url] => external(url).await,
+            many => anyhow::bail!(
+                "--upstream given {} times: only `bench compare --replicas` drives several engines",
+                many.len()
+            ),
         }
+    }
+}
+
+/// An engine already running at `url`.
+pub(crate) async fn external(url: &str) -> anyhow::Result<Upstream> {
+    Ok(Upstream {
+        addr: client::resolve(url).await?,
+        url: url.to_string(),
+        profile: None,
+        in_flight: None,
+    })
+}
+
+/// Simulated engines started in-process, each on 127.0.0.1:0 with a KV
+/// pool and prefix cache of its own; all stop when this is dropped.
+pub(crate) struct SimFleet {
+    /// One per engine, in start order.
+    pub(crate) engines: Vec<Upstream>,
+    /// Set to `true` (or dropped) to stop every engine.
+    _stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl SimFleet {
+    /// `n` engines of `profile`.
+    pub(crate) async fn start(profile: &sluice_sim::Profile, n: usize) -> anyhow::Result<Self> {
+        let (stop, _) = tokio::sync::watch::channel(false);
+        let mut engines = Vec::with_capacity(n);
+        for _ in 0..n {
+            let gauge = Arc::new(InFlight::default());
+            let mut stopped = stop.subscribe();
+            let shutdown = async move {
+                // An error means the sender is gone: stop then too.
+                let _ = stopped.wait_for(|stop| *stop).await;
+            };
+            let addr = start_sim(profile.clone(), Arc::clone(&gauge), shutdown).await?;
+            engines.push(Upstream {
+                addr,
+                url: format!("http://{addr}"),
+                profile: Some(profile.name.clone()),
+                in_flight: Some(gauge),
+            });
+        }
+        Ok(Self {
+            engines,
+            _stop: stop,
+        })
     }
 }
 
@@ -90,21 +143,35 @@ impl InFlight {
     }
 }
 
-/// The in-process simulator, counting requests in flight exactly.
+/// The in-process simulator, counting requests in flight exactly, until
+/// `shutdown` completes (its engine stops and it accepts no more
+/// connections).
 async fn start_sim(
     profile: sluice_sim::Profile,
     gauge: Arc<InFlight>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<SocketAddr> {
     use sluice_sim::api::App;
     use sluice_sim::driver::Sim;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let sim = Sim::new(profile);
-    tokio::spawn(sim.clone().run(std::future::pending::<()>()));
+    let (stopped, engine_stop) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(sim.clone().run(async {
+        let _ = engine_stop.await;
+    }));
     let app = App::new(sim);
     tokio::spawn(async move {
+        tokio::pin!(shutdown);
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = &mut shutdown => {
+                    let _ = stopped.send(());
+                    return;
+                }
+            };
+            let Ok((stream, _)) = accepted else {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 continue;
             };

@@ -15,7 +15,8 @@
 //!      token, or names the failure.
 //!    - [`progress`]: a progress bar on a terminal, plain lines otherwise.
 //!    - [`procs`]: starting and stopping the proxy, `hyper-floor`
-//!      (`bench/floor`) and nginx as child processes.
+//!      (`bench/floor`) and nginx as child processes; the flags every
+//!      proxy gets (`--upstream` once per engine) and `--route`.
 //!    - [`proxy`]: the proxy a configuration sends through (a child
 //!      process or in-process), its addresses and CPU time.
 //!    - [`fast_upstream`]: a minimal upstream that answers at once.
@@ -47,7 +48,10 @@
 //!      habits, naive clients and Sluice with each policy in the same
 //!      scenarios (batch job, live traffic, mixed, the static frontier and
 //!      adaptive's SLO mode), with a winner per scenario; or, with
-//!      `--requests`, the single-table comparison.
+//!      `--requests`, the single-table comparison; or, with `--replicas`,
+//!      [`replicas`]: Sluice's routing over N engine replicas, each with a
+//!      prefix cache of its own, against one replica alone (what `just
+//!      bench-replicas` runs).
 //!    - [`run`]: `bench run` — one client mode, or a rate sweep to
 //!      saturation, against any target.
 //!    - [`suite`]: `bench suite` — batching, cache resume and memory, each
@@ -75,6 +79,7 @@ mod policy_cost;
 mod procs;
 mod progress;
 mod proxy;
+mod replicas;
 mod report;
 mod run;
 mod scenario;

@@ -150,14 +150,80 @@ pub(crate) fn start_proxy_with_env(
     extra: &[String],
     env: &[(&str, &str)],
 ) -> anyhow::Result<Proc> {
-    start_proxy_wrapped(&[], upstream, extra, env)
+    start_proxy_wrapped(&[], &[upstream], extra, env)
+}
+
+/// Starts the proxy in front of several replicas (`--upstream` once each)
+/// with extra flags, e.g. [`route_flags`]'s.
+pub(crate) fn start_proxy_over(upstreams: &[SocketAddr], extra: &[String]) -> anyhow::Result<Proc> {
+    start_proxy_wrapped(&[], upstreams, extra, &[])
+}
+
+/// The flags every proxy the bench starts gets: `--upstream` once per
+/// engine, listeners on port 0, and `--trust-tenant-header` (the bench
+/// plays the gateway: its requests name their tenant, `X-Tenant:
+/// live`/`batch`, the memory sessions' `user`). Child and in-process
+/// proxies alike take them from here.
+pub(crate) fn base_flags(upstreams: &[SocketAddr]) -> Vec<String> {
+    let mut flags = Vec::with_capacity(2 * upstreams.len() + 5);
+    for upstream in upstreams {
+        flags.push("--upstream".to_string());
+        flags.push(format!("http://{upstream}"));
+    }
+    flags.extend(
+        [
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--trust-tenant-header",
+        ]
+        .map(String::from),
+    );
+    flags
+}
+
+/// How a proxy over several replicas picks one for each request
+/// (`--route`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Route {
+    /// The replica predicted to hold most of the prompt's prefix, balanced
+    /// against load (the proxy's default).
+    Prefix,
+    /// The replica with the fewest requests in flight.
+    LeastLoaded,
+    /// Each replica in turn.
+    RoundRobin,
+}
+
+impl Route {
+    /// The value of `--route`.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Route::Prefix => "prefix",
+            Route::LeastLoaded => "least-loaded",
+            Route::RoundRobin => "round-robin",
+        }
+    }
+}
+
+/// `--route NAME` for a proxy over `replicas` engines; nothing for one
+/// (there is nothing to choose, and a proxy without replica support
+/// takes no `--route`).
+pub(crate) fn route_flags(route: Route, replicas: usize) -> Vec<String> {
+    if replicas > 1 {
+        vec!["--route".to_string(), route.name().to_string()]
+    } else {
+        Vec::new()
+    }
 }
 
 /// [`start_proxy_with_env`] run by a wrapper command (`valgrind
 /// --tool=callgrind ...`, say) that execs the proxy in its own process.
 pub(crate) fn start_proxy_wrapped(
     wrapper: &[String],
-    upstream: SocketAddr,
+    upstreams: &[SocketAddr],
     extra: &[String],
     env: &[(&str, &str)],
 ) -> anyhow::Result<Proc> {
@@ -171,17 +237,7 @@ pub(crate) fn start_proxy_wrapped(
         }
     };
     let mut child = command
-        .args([
-            "--upstream",
-            &format!("http://{upstream}"),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            // The bench plays the gateway: its requests name their tenant
-            // (`X-Tenant: live`/`batch`, the memory sessions' `user`).
-            "--trust-tenant-header",
-        ])
+        .args(base_flags(upstreams))
         .args(extra)
         .env(
             "SLUICE_LOG",

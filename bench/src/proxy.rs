@@ -66,6 +66,16 @@ pub(crate) async fn start(
     upstream: SocketAddr,
     extra: &[String],
 ) -> anyhow::Result<Proxy> {
+    start_over(mode, &[upstream], extra).await
+}
+
+/// Starts a proxy in front of every engine of `upstreams` (`--upstream`
+/// once each) with extra flags, as `mode` says.
+pub(crate) async fn start_over(
+    mode: ProxyMode,
+    upstreams: &[SocketAddr],
+    extra: &[String],
+) -> anyhow::Result<Proxy> {
     let use_child = match mode {
         ProxyMode::Process => true,
         ProxyMode::InProcess => false,
@@ -75,22 +85,13 @@ pub(crate) async fn start(
         }
     };
     if use_child {
-        let extra = extra.to_vec();
-        let proc =
-            tokio::task::spawn_blocking(move || procs::start_proxy(upstream, &extra)).await??;
+        let (upstreams, extra) = (upstreams.to_vec(), extra.to_vec());
+        let proc = tokio::task::spawn_blocking(move || procs::start_proxy_over(&upstreams, &extra))
+            .await??;
         return Ok(Proxy::Child(proc));
     }
-    let mut argv = vec![
-        "proxy".to_string(),
-        "--upstream".into(),
-        format!("http://{upstream}"),
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-        "--admin-listen".into(),
-        "127.0.0.1:0".into(),
-        // As `procs::start_proxy` does: the bench's requests name their tenant.
-        "--trust-tenant-header".into(),
-    ];
+    let mut argv = vec!["proxy".to_string()];
+    argv.extend(procs::base_flags(upstreams));
     argv.extend(extra.iter().cloned());
     let config = sluice::cli::load(argv).map_err(|e| anyhow::anyhow!("{e}"))?;
     let app = sluice::App::new(config).map_err(|e| anyhow::anyhow!("{e}"))?;

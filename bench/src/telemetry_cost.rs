@@ -104,7 +104,7 @@ async fn counted_run(
     let extra = ["--scrape-interval".to_owned(), "0".to_owned()];
     let proxy = procs::start_proxy_wrapped(
         &wrapper,
-        upstream,
+        &[upstream],
         &extra,
         // One serving thread: the count then does not depend on how
         // connections were spread over threads.

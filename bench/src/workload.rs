@@ -4,12 +4,16 @@
 //! The synthetic set is the reference benchmark's shape: one shared rubric
 //! system prompt (about 1,000 tokens) followed by a distinct candidate
 //! profile per request (about 200 tokens), generated deterministically.
+//! With `--rubrics K` there are K rubrics, as from K functions that each
+//! evaluate against a rubric of their own; each request takes one, chosen
+//! by a seeded hash of its candidate index (uniform, interleaved), so the
+//! engine sees K shared prefixes instead of one.
 //!
 //! Determinism: request `i` of a run evaluates candidate
 //! `candidate_offset + i` (modulo `--candidates` when that is given), and
 //! its bytes are a function of that index, `--seed` and the shaping flags
-//! alone. The rubric depends on the seed only, so it is the one prefix
-//! every request shares. The offset defaults to the current Unix time in
+//! alone. The rubrics depend on the seed only, so they are the only
+//! prefixes requests share. The offset defaults to the current Unix time in
 //! microseconds: a run started later never re-sends an earlier run's
 //! candidates (which a warm engine would still have cached, inflating the
 //! hit rate) unless it sends more than a million requests per second. The
@@ -59,9 +63,15 @@ pub(crate) struct WorkloadArgs {
     /// Approximate tokens of the shared rubric.
     #[arg(long, default_value_t = 1000)]
     pub(crate) rubric_tokens: usize,
-    /// Approximate tokens of each candidate profile.
-    #[arg(long, default_value_t = 200)]
-    pub(crate) profile_tokens: usize,
+    /// Approximate tokens of each candidate profile (default 200; 75 with
+    /// `bench compare --replicas`).
+    #[arg(long)]
+    pub(crate) profile_tokens: Option<usize>,
+    /// Distinct rubrics (system prompts), each request taking one by a
+    /// seeded hash of its candidate (default 1; 16 with `bench compare
+    /// --replicas`).
+    #[arg(long)]
+    pub(crate) rubrics: Option<usize>,
     /// Completions or chat.
     #[arg(long, value_enum, default_value_t = Api::Completions)]
     pub(crate) api: Api,
@@ -95,7 +105,8 @@ pub(crate) struct Workload {
 enum Source {
     /// Request `i` evaluates candidate `i % candidates`, built on demand.
     Synthetic {
-        rubric: Arc<str>,
+        /// The shared prefixes; request `i` takes [`rubric_index`]'s.
+        rubrics: Arc<[Arc<str>]>,
         seed: u64,
         /// `None`: a new candidate per request.
         candidates: Option<u64>,
@@ -116,7 +127,7 @@ impl Workload {
         match &self.source {
             Source::File(items) => items[i % items.len()].clone(),
             Source::Synthetic {
-                rubric,
+                rubrics,
                 seed,
                 candidates,
                 candidate_offset,
@@ -128,6 +139,7 @@ impl Workload {
             } => {
                 let n = candidate_offset.wrapping_add(i as u64);
                 let candidate = candidates.map_or(n, |c| n % c) as usize;
+                let rubric = &rubrics[rubric_index(*seed, candidate, rubrics.len())];
                 let profile = profile(*seed, candidate, *profile_tokens);
                 let mut body = match api {
                     Api::Completions => json!({
@@ -239,6 +251,27 @@ pub(crate) fn rubric(seed: u64, tokens: usize) -> String {
     )
 }
 
+/// Rubric `k` of a set of several: its first words already name it, so no
+/// two share even their first KV block.
+pub(crate) fn rubric_of_set(seed: u64, k: usize, tokens: usize) -> String {
+    prose(
+        splitmix64(seed ^ splitmix64(k as u64 + 0x5eed)),
+        tokens,
+        &format!(
+            "Function evaluate-candidate-{k}: you are hiring committee {k}'s assistant. Evaluate the candidate against committee {k}'s rubric and answer with a score from 1 to 5 and one sentence of justification."
+        ),
+    )
+}
+
+/// The rubric of `candidate` among `rubrics`: a seeded hash, so requests
+/// interleave the rubrics uniformly and a run is repeatable.
+pub(crate) fn rubric_index(seed: u64, candidate: usize, rubrics: usize) -> usize {
+    if rubrics <= 1 {
+        return 0;
+    }
+    (splitmix64(seed.rotate_left(17) ^ splitmix64(candidate as u64)) % rubrics as u64) as usize
+}
+
 /// The profile of candidate `i`.
 pub(crate) fn profile(seed: u64, i: usize, tokens: usize) -> String {
     let h = splitmix64(seed ^ splitmix64(i as u64 + 1));
@@ -261,12 +294,15 @@ impl WorkloadArgs {
         let candidates =
             (self.candidates < NEW_EVERY_TIME).then_some(self.candidates.max(1) as u64);
         let candidate_offset = self.candidate_offset.unwrap_or_else(clock_offset);
+        let profile_tokens = self.profile_tokens.unwrap_or(DEFAULT_PROFILE_TOKENS);
+        let rubrics = self.rubrics.unwrap_or(1);
+        anyhow::ensure!(rubrics >= 1, "--rubrics must be at least 1");
         let source = Source::Synthetic {
-            rubric: rubric(self.seed, self.rubric_tokens).into(),
+            rubrics: self.rubric_texts(),
             seed: self.seed,
             candidates,
             candidate_offset,
-            profile_tokens: self.profile_tokens,
+            profile_tokens,
             max_tokens: self.max_tokens,
             api: self.api,
             model: model.map(str::to_string),
@@ -275,14 +311,19 @@ impl WorkloadArgs {
         Ok(Workload {
             source,
             description: format!(
-                "synthetic candidate evaluation (seed {}, {}, candidate offset {candidate_offset}, rubric ~{} tokens, profile ~{} tokens, max_tokens {}, {:?}{})",
+                "synthetic candidate evaluation (seed {}, {}, candidate offset {candidate_offset}, {}rubric ~{} tokens, profile ~{} tokens, max_tokens {}, {:?}{})",
                 self.seed,
                 match candidates {
                     None => "a new candidate per request".to_string(),
                     Some(c) => format!("{c} distinct candidates"),
                 },
+                if rubrics > 1 {
+                    format!("{rubrics} rubrics interleaved, each ")
+                } else {
+                    String::new()
+                },
                 self.rubric_tokens,
-                self.profile_tokens,
+                profile_tokens,
                 self.max_tokens,
                 self.api,
                 if self.stream { ", streamed" } else { "" },
@@ -292,7 +333,21 @@ impl WorkloadArgs {
             stream: self.stream,
         })
     }
+
+    /// The rubrics of the synthetic set: the one shared rubric, or
+    /// `--rubrics K` distinct ones.
+    pub(crate) fn rubric_texts(&self) -> Arc<[Arc<str>]> {
+        match self.rubrics.unwrap_or(1) {
+            0 | 1 => [rubric(self.seed, self.rubric_tokens).into()].into(),
+            k => (0..k)
+                .map(|i| rubric_of_set(self.seed, i, self.rubric_tokens).into())
+                .collect(),
+        }
+    }
 }
+
+/// `--profile-tokens` when not given.
+pub(crate) const DEFAULT_PROFILE_TOKENS: usize = 200;
 
 /// `--candidates` at or above this (its default) means a new candidate per request.
 const NEW_EVERY_TIME: usize = 1_000_000_000;
@@ -383,7 +438,8 @@ mod tests {
             candidates: 3,
             max_tokens: 4,
             rubric_tokens: 100,
-            profile_tokens: 20,
+            profile_tokens: Some(20),
+            rubrics: None,
             api: Api::Completions,
             stream: false,
             candidate_offset: Some(0),
@@ -410,7 +466,8 @@ mod tests {
             candidates: NEW_EVERY_TIME,
             max_tokens: 4,
             rubric_tokens: 50,
-            profile_tokens: 20,
+            profile_tokens: Some(20),
+            rubrics: None,
             api: Api::Chat,
             stream: true,
             candidate_offset,
