@@ -170,6 +170,11 @@ fn replica_stats(replica: &crate::replicas::Replica) -> Value {
             "kv_usage": engine.kv_usage,
         },
         "prefix_blocks": replica.prefix.len(),
+        "kv_events": replica.events().map(|e| json!({
+            "live": e.live(),
+            "events": e.events(),
+            "gaps": e.gaps(),
+        })),
     })
 }
 

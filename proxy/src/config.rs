@@ -201,16 +201,18 @@ pub struct UpstreamConfig {
     )]
     pub route: RouteMode,
 
-    /// The port each replica publishes vLLM's KV-cache events on (its
-    /// `--kv-events-config` endpoint, topic `kv`); the replica's own host.
-    /// Without it, what each replica caches is predicted from what this
-    /// proxy sent it
+    /// `auto`: ask each replica where it publishes vLLM's KV-cache events
+    /// (`/kv_event_sources`; start vLLM with `--kv-events-config`) and
+    /// follow them, so predictions track what the engine really holds;
+    /// `off`: predict from what this proxy sent each replica. Needs
+    /// --scrape-interval above 0
     #[arg(
-        long = "kv-events-port",
-        env = "SLUICE_KV_EVENTS_PORT",
-        value_name = "PORT"
+        long = "kv-events",
+        env = "SLUICE_KV_EVENTS",
+        value_name = "MODE",
+        default_value = "auto"
     )]
-    pub kv_events_port: Option<u16>,
+    pub kv_events: KvEvents,
 
     /// Longest wait for the upstream's response headers, and longest silence
     /// between body chunks, before answering 504 / ending the stream
@@ -227,6 +229,15 @@ pub struct UpstreamConfig {
     /// a connection the upstream is closing and get a 502
     #[arg(long = "upstream-keepalive", env = "SLUICE_UPSTREAM_KEEPALIVE", value_name = "DURATION", default_value = "4s", value_parser = parse_positive_duration)]
     pub keepalive: Duration,
+}
+
+/// Whether replicas' KV-cache events are followed (`--kv-events`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KvEvents {
+    /// Follow them where a replica publishes them.
+    Auto,
+    /// Never.
+    Off,
 }
 
 /// How admitted requests are spread over the replicas (`--route`).

@@ -25,7 +25,9 @@
 //!    [`telemetry`] (every Prometheus metric, described once), [`gpu`] (the
 //!    NVML sampler), [`scrape`] (the upstream's own `/metrics`),
 //!    [`resources`] (the proxy's memory, CPU and open connections),
-//!    [`ledger`] (every request received and admitted ends exactly once).
+//!    [`ledger`] (every request received and admitted ends exactly once),
+//!    [`kv_events`] (an engine's own KV-cache events, mirrored into a
+//!    prefix tracker).
 //! 5. **Admission.** [`admission`]: the `Policy` trait, the wasm host and the
 //!    fallback behind it, the scheduler task, the `Admission` handle.
 //! 6. **Where it goes.** [`replicas`] (the replicas, their health and

@@ -5,6 +5,8 @@
 //!   `/health`, its scraped load ([`crate::scrape`]), its own prefix
 //!   tracker, and its counters labelled `replica`.
 //! - [`route`]: `--route prefix|least-loaded|round-robin`.
+//! - [`kv`]: each replica's KV-cache events, found at its
+//!   `/kv_event_sources` and mirrored into its tracker.
 //! - [`discovery`]: `--upstream` URLs to addresses; host names are resolved
 //!   again every `--resolve-interval`, so replicas behind a headless
 //!   Service come and go.
@@ -19,6 +21,7 @@
 //! connection closed before the request was written).
 
 pub mod discovery;
+pub mod kv;
 pub mod replica;
 pub mod route;
 
@@ -31,7 +34,7 @@ use http::HeaderValue;
 pub use replica::{Replica, RouteReason, Routed};
 pub use route::Query;
 
-use crate::config::{RouteMode, UpstreamConfig};
+use crate::config::{KvEvents, RouteMode, UpstreamConfig};
 use crate::error::ProxyError;
 use crate::prefix::PrefixTracker;
 use crate::scrape;
@@ -153,7 +156,7 @@ impl ReplicaSet {
             self.scrape_interval,
             Arc::clone(&prefix),
         );
-        Arc::new(Replica::new(
+        let replica = Arc::new(Replica::new(
             id,
             address.authority,
             address.host,
@@ -161,7 +164,11 @@ impl ReplicaSet {
             self.workers,
             prefix,
             engine,
-        ))
+        ));
+        if let (KvEvents::Auto, Some(interval)) = (self.config.kv_events, self.scrape_interval) {
+            kv::discover(&replica, interval);
+        }
+        replica
     }
 
     /// Fails fast with 503 when no replica may take a request.

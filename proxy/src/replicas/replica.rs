@@ -15,6 +15,7 @@ use metrics::{Counter, counter};
 use tokio::net::TcpStream;
 
 use crate::config::UpstreamConfig;
+use crate::kv_events::KvEventsHandle;
 use crate::prefix::PrefixTracker;
 use crate::scrape::UpstreamMetrics;
 use crate::telemetry;
@@ -46,6 +47,8 @@ pub struct Replica {
     // Tasks that watch the replica; stopped with it.
     tasks: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
     health_watched: AtomicBool,
+    // Its KV-cache events, once followed (see [`super::kv`]).
+    events: std::sync::OnceLock<KvEventsHandle>,
 }
 
 /// Why a request went to a replica (`sluice_replica_requests_total`'s `reason`).
@@ -114,6 +117,7 @@ impl Replica {
             checks,
             tasks: std::sync::Mutex::new(Vec::new()),
             health_watched: AtomicBool::new(false),
+            events: std::sync::OnceLock::new(),
         }
     }
 
@@ -162,6 +166,16 @@ impl Replica {
         if let Ok(mut tasks) = self.tasks.lock() {
             tasks.push(task);
         }
+    }
+
+    /// Keeps `events` as its KV-cache event subscriber (the first one given).
+    pub fn follow_events(&self, events: KvEventsHandle) {
+        let _ = self.events.set(events);
+    }
+
+    /// Its KV-cache events, when it publishes them.
+    pub fn events(&self) -> Option<&KvEventsHandle> {
+        self.events.get()
     }
 
     /// Whether its last `/health` check failed.
