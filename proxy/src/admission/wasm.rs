@@ -596,6 +596,9 @@ mod tests {
     fn a_well_behaved_policy_answers() {
         let mut policy = load(&policies::admit_each(), ROOMY, 1 << 20);
         assert_eq!(policy.name(), "test");
+        // The inline components are of the 0.1 world: no replicas for them.
+        assert_eq!(policy.contract(), Contract::V0_1);
+        assert!(!policy.sees_replicas());
         assert_eq!(
             policy.call(NOW, &arrival(42)).unwrap().admit,
             [Admit::id(42)]
@@ -638,6 +641,11 @@ mod tests {
         );
         let garbage = runtime.load("x", b"not a component", &[]);
         assert!(matches!(garbage, Err(LoadError::Invalid(_))), "{garbage:?}");
+        let neither = runtime.load("x", b"(component)", &[]);
+        assert!(
+            matches!(&neither, Err(LoadError::Invalid(m)) if m.contains("exports neither")),
+            "{neither:?}"
+        );
     }
 
     /// Bad ids are the scheduler's to catch: it never applies such an answer
