@@ -61,12 +61,13 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             now_us,
             in_flight: 0,
             queued: 1,
+            replicas: &[],
         };
         let t = Instant::now();
         let decision = policy.call(snapshot, &event).context("arrival")?;
         arrival.record(t.elapsed().as_nanos() as u64)?;
         anyhow::ensure!(
-            decision.admit == [id],
+            decision.admit == [sluice::admission::Admit::id(id)],
             "policy did not admit {id} at once: {decision:?}"
         );
         let event = Event::Completion {
@@ -80,6 +81,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             now_us,
             in_flight: 1,
             queued: 0,
+            replicas: &[],
         };
         let t = Instant::now();
         policy.call(snapshot, &event).context("completion")?;

@@ -20,7 +20,6 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 
-use crate::admission::wasm::CONTRACT;
 use crate::app::{App, LoadedPolicy, PolicySource};
 use crate::body::{ProxyBody, full};
 use crate::error::ProxyError;
@@ -204,7 +203,7 @@ fn plugin(loaded: &LoadedPolicy) -> Value {
         "size_bytes": loaded.size,
         "description": loaded.description,
         "config": config,
-        "contract": CONTRACT,
+        "contract": loaded.contract.package(),
         "loaded_at": crate::units::format_rfc3339(loaded.loaded_at),
         "age_s": loaded.loaded.elapsed().as_secs_f64(),
     })

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use crate::admission::ratelimit::TenantLimiter;
-use crate::admission::wasm::{LoadError, PolicyRuntime};
+use crate::admission::wasm::{Contract, LoadError, PolicyRuntime, WasmPolicy};
 use crate::admission::{Admission, AdmissionConfig, Policy};
 use crate::config::Config;
 use crate::error::ProxyError;
@@ -105,6 +105,8 @@ pub struct LoadedPolicy {
     pub size: usize,
     /// What its `init` said about itself.
     pub description: String,
+    /// The contract version it implements.
+    pub contract: Contract,
     /// The configuration its `init` was given.
     pub config: Vec<(String, String)>,
     /// When it took over (wall clock).
@@ -117,7 +119,7 @@ impl LoadedPolicy {
     fn new(
         source: PolicySource,
         bytes: &[u8],
-        description: &str,
+        policy: &WasmPolicy,
         config: Vec<(String, String)>,
     ) -> Self {
         Self {
@@ -128,7 +130,8 @@ impl LoadedPolicy {
                 .map(|b| format!("{b:02x}"))
                 .collect(),
             size: bytes.len(),
-            description: description.to_owned(),
+            description: policy.description().to_owned(),
+            contract: policy.contract(),
             config,
             loaded_at: SystemTime::now(),
             loaded: Instant::now(),
@@ -195,7 +198,7 @@ impl App {
                 let loaded = LoadedPolicy::new(
                     source,
                     &bytes,
-                    policy.description(),
+                    &policy,
                     config.admission.policy_config.clone(),
                 );
                 tracing::info!(policy = %path.display(), description = policy.description(), "admission policy loaded");
@@ -212,6 +215,7 @@ impl App {
                         max_queue: config.admission.max_queue,
                         queue_timeout: config.admission.queue_timeout,
                         limiter,
+                        replicas: None,
                     },
                 );
                 (Some(admission), Some(runtime), Some(loaded))
@@ -329,7 +333,7 @@ impl App {
         .map_err(|e| ProxyError::Internal(e.to_string()))?;
         match loaded {
             Ok(policy) => {
-                let record = LoadedPolicy::new(source, &bytes, policy.description(), config);
+                let record = LoadedPolicy::new(source, &bytes, &policy, config);
                 admission.reload(Box::new(policy)).await?;
                 stats::set_policy_label(&record.name);
                 self.count_reload(true);

@@ -349,6 +349,8 @@ fn request_info(
         cached_tokens: prediction.cached_tokens,
         prefix_group: prediction.prefix_group,
         priority: headers::priority(headers),
+        // One upstream: the router fills this in with several.
+        cached_by_replica: Vec::new(),
     })
 }
 

@@ -238,12 +238,12 @@ mod tests {
         }
     }
 
-    fn at(now_us: u64) -> Snapshot {
+    fn at(now_us: u64) -> Snapshot<'static> {
         Snapshot::at(now_us)
     }
 
     /// A snapshot whose `in_flight` agrees with the batcher's own count.
-    fn snap(b: &Batcher, now_us: u64) -> Snapshot {
+    fn snap(b: &Batcher, now_us: u64) -> Snapshot<'static> {
         Snapshot::at(now_us).with_in_flight(b.in_flight() as u32)
     }
 

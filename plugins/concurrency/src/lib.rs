@@ -11,6 +11,12 @@
 //! separately, like Inngest's concurrency keys, and a tenant at its limit
 //! never holds up another.
 //!
+//! With several upstream replicas (contract 0.2: the snapshot lists them),
+//! `limit` applies to each replica, and each admission names a healthy
+//! replica with room: the one predicted to hold most of the prompt in its
+//! prefix cache, then the least busy (see [`limiter`]). With one upstream
+//! it behaves as described above.
+//!
 //! # Configuration
 //!
 //! | key                | default  | meaning                                          |

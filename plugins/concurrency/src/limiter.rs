@@ -15,14 +15,35 @@
 //! slots until they complete, so the limit holds across a reload. Under
 //! [`Key::Tenant`] their tenants are unknown and they are not counted.
 //!
-//! The limiter never asks for a tick: only a completion frees a slot.
+//! # Replicas
+//!
+//! When the snapshot lists upstream replicas, `limit` applies to each
+//! replica instead of to the whole proxy (and `reserve` to each replica's
+//! slots): a request is admitted only to a healthy replica with fewer than
+//! its slots in flight, and the decision names that replica. Among the
+//! replicas with room, the one predicted to hold most of the request's
+//! prompt in its prefix cache wins, then the one with fewest in flight,
+//! then the lowest id. A replica's count is the larger of the host's
+//! (`replica.in_flight`, which also counts requests this instance did not
+//! admit) and this instance's own (which already counts what it admitted a
+//! moment ago, before the host could forward it). Under `key=tenant` each
+//! tenant's own limit still applies too. With no replicas in the snapshot
+//! nothing of this applies: one limit for the proxy, as above.
+//!
+//! The limiter asks for a tick only while requests wait and every replica
+//! is unhealthy (no completion would wake it when one recovers); otherwise
+//! only a completion frees a slot.
 
+use std::cmp::Reverse;
 use std::rc::Rc;
 
 use sluice_policy_sdk::{
-    self as sdk, Completion, ConfigError, Decision, FairQueue, FastMap, Policy, Queued, Request,
-    Snapshot,
+    self as sdk, Completion, ConfigError, Decision, FairQueue, FastMap, Policy, Queued, Replica,
+    Request, Snapshot,
 };
+
+/// How soon to look again while requests wait and no replica is healthy (µs).
+pub const UNHEALTHY_RECHECK_US: u64 = 100_000;
 
 use crate::config::{Config, Key};
 
@@ -42,6 +63,11 @@ pub struct Limiter {
     /// Requests the host had in flight that this instance did not admit
     /// (admitted before a hot reload).
     inherited: sdk::Inherited,
+    /// Admitted requests this instance placed on a replica, with the replica.
+    placed: FastMap<u64, u32>,
+    /// Per replica: requests this instance placed there that have not
+    /// completed. A replica at zero is removed.
+    on_replica: FastMap<u32, u32>,
     /// Host contract violations seen since the last [`Limiter::take_warnings`].
     warnings: Vec<String>,
 }
@@ -55,6 +81,8 @@ impl Limiter {
             in_flight: FastMap::default(),
             running: FastMap::default(),
             inherited: sdk::Inherited::default(),
+            placed: FastMap::default(),
+            on_replica: FastMap::default(),
             warnings: Vec::new(),
         }
     }
@@ -91,7 +119,7 @@ impl Limiter {
     }
 
     /// Admits, in queue order, every request whose key has a slot for its
-    /// priority.
+    /// priority (one upstream: no replicas in the snapshot).
     fn admit(&mut self, decision: &mut Decision) {
         let held = match self.config.key {
             Key::Global => self.inherited.count(),
@@ -121,11 +149,57 @@ impl Limiter {
         }
     }
 
+    /// Admits, in queue order, every request that has a healthy replica
+    /// with a slot for its priority (and, under `key=tenant`, a slot of its
+    /// tenant), each to the replica [`Limiter::place`] picks.
+    fn admit_to_replicas(&mut self, replicas: &[Replica], decision: &mut Decision) {
+        loop {
+            let (config, running, own) = (&self.config, &self.running, &self.on_replica);
+            let has_slot = |q: &Queued| {
+                let slots = config.slots_for(q.priority);
+                let tenant_ok = match config.key {
+                    Key::Global => true,
+                    Key::Tenant => running.get(&*q.tenant).copied().unwrap_or(0) < slots,
+                };
+                tenant_ok && place(replicas, own, q, slots).is_some()
+            };
+            let Some(queued) = self.queue.pop_where(has_slot) else {
+                break;
+            };
+            let slots = self.config.slots_for(queued.priority);
+            let Some(replica) = place(replicas, &self.on_replica, &queued, slots) else {
+                break; // just checked by `has_slot`; unreachable
+            };
+            let key = self.key_of(&queued);
+            let shared: Rc<str> = match self.running.get_key_value(key) {
+                Some((shared, _)) => Rc::clone(shared),
+                None => Rc::from(key),
+            };
+            *self.running.entry(Rc::clone(&shared)).or_default() += 1;
+            self.in_flight.insert(queued.id, shared);
+            *self.on_replica.entry(replica).or_default() += 1;
+            self.placed.insert(queued.id, replica);
+            decision.admit.push(queued.id);
+            decision.placements.push((queued.id, replica));
+        }
+        if !self.queue.is_empty() && !replicas.iter().any(|r| r.healthy) {
+            decision.wake_after_us = Some(UNHEALTHY_RECHECK_US);
+        }
+    }
+
     /// Frees the slot of admitted request `id`; false when it is not ours.
     fn release(&mut self, id: u64) -> bool {
         let Some(key) = self.in_flight.remove(&id) else {
             return false;
         };
+        if let Some(replica) = self.placed.remove(&id)
+            && let Some(busy) = self.on_replica.get_mut(&replica)
+        {
+            *busy = busy.saturating_sub(1);
+            if *busy == 0 {
+                self.on_replica.remove(&replica);
+            }
+        }
         if let Some(busy) = self.running.get_mut(&key) {
             *busy = busy.saturating_sub(1);
             if *busy == 0 {
@@ -135,11 +209,33 @@ impl Limiter {
         true
     }
 
-    fn decide(&mut self) -> Decision {
+    fn decide(&mut self, now: Snapshot<'_>) -> Decision {
         let mut decision = Decision::default();
-        self.admit(&mut decision);
+        if now.replicas.is_empty() {
+            self.admit(&mut decision);
+        } else {
+            self.admit_to_replicas(now.replicas, &mut decision);
+        }
         decision
     }
+}
+
+/// The replica for `queued` among those with fewer than `slots` in flight
+/// (the larger of the host's count and this instance's, `own`): healthy,
+/// most predicted cached tokens, then fewest in flight, then lowest id.
+fn place(
+    replicas: &[Replica],
+    own: &FastMap<u32, u32>,
+    queued: &Queued,
+    slots: u32,
+) -> Option<u32> {
+    replicas
+        .iter()
+        .filter(|r| r.healthy)
+        .map(|r| (r.id, r.in_flight.max(own.get(&r.id).copied().unwrap_or(0))))
+        .filter(|&(_, busy)| busy < slots)
+        .max_by_key(|&(id, busy)| (queued.cached_on(id), Reverse(busy), Reverse(id)))
+        .map(|(id, _)| id)
 }
 
 impl Policy for Limiter {
@@ -161,7 +257,7 @@ impl Policy for Limiter {
                 "concurrency: duplicate arrival of request {id} ignored"
             ));
         }
-        self.decide()
+        self.decide(now)
     }
 
     /// An admitted request finished, successfully or not: its slot is free.
@@ -183,7 +279,7 @@ impl Policy for Limiter {
                 ));
             }
         }
-        self.decide()
+        self.decide(now)
     }
 
     /// A queued request left without being admitted; it is never admitted
@@ -203,14 +299,14 @@ impl Policy for Limiter {
                 "concurrency: cancel of unknown request {id} ignored"
             ));
         }
-        self.decide()
+        self.decide(now)
     }
 
     /// A tick: nothing is timed here, but the snapshot may show that
     /// inherited requests have finished.
     fn on_tick(&mut self, now: Snapshot) -> Decision {
         self.observe(now);
-        self.decide()
+        self.decide(now)
     }
 
     /// Messages about events that broke the host contract (an unknown id, a
@@ -233,7 +329,7 @@ mod tests {
     }
 
     /// A snapshot whose `in_flight` agrees with the limiter's own count.
-    fn snap(l: &Limiter) -> Snapshot {
+    fn snap(l: &Limiter) -> Snapshot<'static> {
         Snapshot::at(0).with_in_flight(l.in_flight() as u32)
     }
 
@@ -263,7 +359,7 @@ mod tests {
         l.on_cancel(now, id).admit
     }
 
-    fn with_in_flight(in_flight: u32) -> Snapshot {
+    fn with_in_flight(in_flight: u32) -> Snapshot<'static> {
         Snapshot::at(0).with_in_flight(in_flight)
     }
 
@@ -651,5 +747,138 @@ mod tests {
                 assert!(l.take_warnings().is_empty(), "seed {seed}");
             }
         }
+    }
+
+    /// Request `id` with `cached` tokens predicted per replica.
+    fn cached(id: u64, cached: &[(u32, u32)]) -> Request {
+        Request {
+            cached_by_replica: cached.to_vec(),
+            ..Request::new(id)
+        }
+    }
+
+    /// Delivers `req` with `replicas`; returns (id, replica) per admission.
+    fn arrive_at(l: &mut Limiter, replicas: &[Replica], req: &Request) -> Vec<(u64, u32)> {
+        let now = snap(l).with_replicas(replicas);
+        placed(l.on_arrival(now, req))
+    }
+
+    fn complete_at(l: &mut Limiter, replicas: &[Replica], id: u64) -> Vec<(u64, u32)> {
+        let now = snap(l).with_replicas(replicas);
+        placed(l.on_completion(now, Completion::new(id)))
+    }
+
+    /// Every admission of `d` with its replica; each must name one.
+    fn placed(d: Decision) -> Vec<(u64, u32)> {
+        d.admit
+            .iter()
+            .map(|&id| (id, d.replica_of(id).expect("a replica is named")))
+            .collect()
+    }
+
+    #[test]
+    fn with_replicas_the_limit_applies_to_each() {
+        let mut l = Limiter::new(config(1, Key::Global));
+        let replicas = [Replica::new(1), Replica::new(2)];
+        // Ties go to the lowest id; the next request to the other replica.
+        assert_eq!(arrive_at(&mut l, &replicas, &Request::new(1)), [(1, 1)]);
+        assert_eq!(arrive_at(&mut l, &replicas, &Request::new(2)), [(2, 2)]);
+        assert!(arrive_at(&mut l, &replicas, &Request::new(3)).is_empty());
+        // A completion frees its replica's slot.
+        assert_eq!(complete_at(&mut l, &replicas, 2), [(3, 2)]);
+        assert_eq!(complete_at(&mut l, &replicas, 1), []);
+        assert_eq!(complete_at(&mut l, &replicas, 3), []);
+        assert!(l.on_replica.is_empty() && l.placed.is_empty());
+        assert!(l.take_warnings().is_empty());
+    }
+
+    #[test]
+    fn the_replica_with_most_cached_tokens_wins_then_the_least_busy() {
+        let mut l = Limiter::new(config(2, Key::Global));
+        let replicas = [
+            Replica::new(1).with_in_flight(1),
+            Replica::new(2),
+            Replica::new(3),
+        ];
+        // The cache beats load: replica 1 is the busiest but holds the prefix.
+        let warm = cached(1, &[(1, 300), (3, 100)]);
+        assert_eq!(arrive_at(&mut l, &replicas, &warm), [(1, 1)]);
+        // No prediction: the least busy, then the lowest id.
+        assert_eq!(arrive_at(&mut l, &replicas, &Request::new(2)), [(2, 2)]);
+        assert_eq!(arrive_at(&mut l, &replicas, &Request::new(3)), [(3, 3)]);
+        // Once the host counts 2 on replica 1, it is full: the next best cache.
+        let replicas = [
+            Replica::new(1).with_in_flight(2),
+            Replica::new(2).with_in_flight(1),
+            Replica::new(3).with_in_flight(1),
+        ];
+        let warm = cached(4, &[(1, 300), (3, 100)]);
+        assert_eq!(arrive_at(&mut l, &replicas, &warm), [(4, 3)]);
+    }
+
+    #[test]
+    fn the_hosts_count_holds_slots_ours_counts_what_it_cannot_see_yet() {
+        let mut l = Limiter::new(config(2, Key::Global));
+        // Requests this instance never admitted fill replica 1.
+        let replicas = [Replica::new(1).with_in_flight(2), Replica::new(2)];
+        assert_eq!(
+            arrive_at(&mut l, &replicas, &cached(1, &[(1, 50)])),
+            [(1, 2)]
+        );
+        // The host does not show 1 on replica 2 yet; ours does.
+        assert_eq!(arrive_at(&mut l, &replicas, &Request::new(2)), [(2, 2)]);
+        assert!(arrive_at(&mut l, &replicas, &Request::new(3)).is_empty());
+        // Replica 1's requests finish (the host's count drops): 3 goes there.
+        let replicas = [Replica::new(1), Replica::new(2).with_in_flight(2)];
+        let now = snap(&l).with_replicas(&replicas);
+        assert_eq!(placed(l.on_tick(now)), [(3, 1)]);
+    }
+
+    #[test]
+    fn an_unhealthy_replica_gets_nothing() {
+        let mut l = Limiter::new(config(1, Key::Global));
+        let replicas = [Replica::new(1).unhealthy(), Replica::new(2)];
+        let warm = cached(1, &[(1, 999)]);
+        assert_eq!(arrive_at(&mut l, &replicas, &warm), [(1, 2)]);
+        let now = snap(&l).with_replicas(&replicas);
+        let d = l.on_arrival(now, &Request::new(2));
+        assert!(d.is_empty(), "replica 1 has room but is unhealthy: {d:?}");
+        // With every replica down, it asks to look again: no completion may come.
+        let down = [Replica::new(1).unhealthy(), Replica::new(2).unhealthy()];
+        let d = l.on_completion(snap(&l).with_replicas(&down), Completion::new(1));
+        assert_eq!(
+            (d.admit.len(), d.wake_after_us),
+            (0, Some(UNHEALTHY_RECHECK_US))
+        );
+        let d = l.on_tick(snap(&l).with_replicas(&replicas));
+        assert_eq!(placed(d), [(2, 2)]);
+    }
+
+    #[test]
+    fn with_replicas_a_tenant_keeps_its_own_limit_and_reserve_applies_per_replica() {
+        let mut l = Limiter::new(Config {
+            reserve: sdk::Reserve {
+                slots: 1,
+                priority: 1,
+            },
+            ..config(2, Key::Tenant)
+        });
+        let replicas = [Replica::new(1), Replica::new(2)];
+        // Tenant a: one unreserved slot per replica, two replicas, but its
+        // own limit (less the reserve) is 1.
+        assert_eq!(arrive_at(&mut l, &replicas, &arrival(1, "a")), [(1, 1)]);
+        assert!(arrive_at(&mut l, &replicas, &arrival(2, "a")).is_empty());
+        assert_eq!(arrive_at(&mut l, &replicas, &arrival(3, "b")), [(3, 2)]);
+        // Both replicas have used their unreserved slot: priority 1 only.
+        assert!(arrive_at(&mut l, &replicas, &arrival(4, "c")).is_empty());
+        let urgent = request(5, "c", 1);
+        assert_eq!(arrive_at(&mut l, &replicas, &urgent), [(5, 1)]);
+    }
+
+    #[test]
+    fn without_replicas_no_replica_is_named() {
+        let mut l = Limiter::new(config(1, Key::Global));
+        let d = l.on_arrival(snap(&l), &cached(1, &[(1, 10)]));
+        assert_eq!((d.admit, d.placements), (vec![1], vec![]));
     }
 }

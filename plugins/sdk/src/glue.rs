@@ -1,5 +1,5 @@
 //! The component's exports (wasm32 only, not part of the API): the
-//! `wit-bindgen` bindings of the `admission` world, and one generic
+//! `wit-bindgen` bindings of the `admission` world (`sluice:policy@0.2.0`), and one generic
 //! implementation of its `policy` interface that forwards every call to the
 //! instance's [`Policy`]. [`export_policy!`](crate::export_policy) hands
 //! [`Export<P>`] to the bindings' `export!` in the plugin crate, which
@@ -14,7 +14,7 @@ use std::marker::PhantomData;
 
 use crate::config::Config;
 use crate::policy::{Level, Policy, log};
-use crate::types::{Completion, Decision, Request, Snapshot};
+use crate::types::{Completion, Decision, Replica, Request, Snapshot};
 
 /// The generated bindings, exported for `export_policy!`. The canonical-ABI
 /// shims and lifting code that `generate!` emits are `unsafe` (raw
@@ -70,10 +70,29 @@ impl<P: Slot> wit::Guest for Export<P> {
 
 /// One event from the host, as the policy sees it.
 enum Event {
-    Arrival(Snapshot, Request),
-    Completion(Snapshot, Completion),
-    Cancel(Snapshot, u64),
-    Tick(Snapshot),
+    Arrival(Now, Request),
+    Completion(Now, Completion),
+    Cancel(Now, u64),
+    Tick(Now),
+}
+
+/// The host's snapshot with its replicas owned, for [`Snapshot`] to borrow.
+struct Now {
+    now_us: u64,
+    in_flight: u32,
+    queued: u32,
+    replicas: Vec<Replica>,
+}
+
+impl Now {
+    fn snapshot(&self) -> Snapshot<'_> {
+        Snapshot {
+            now_us: self.now_us,
+            in_flight: self.in_flight,
+            queued: self.queued,
+            replicas: &self.replicas,
+        }
+    }
 }
 
 /// Delivers `event` to the instance's policy, creating one with the default
@@ -87,10 +106,10 @@ fn event<P: Slot>(event: Event) -> wit::Decision {
             return Decision::default().into();
         };
         let decision = match event {
-            Event::Arrival(now, req) => policy.on_arrival(now, &req),
-            Event::Completion(now, done) => policy.on_completion(now, done),
-            Event::Cancel(now, id) => policy.on_cancel(now, id),
-            Event::Tick(now) => policy.on_tick(now),
+            Event::Arrival(now, req) => policy.on_arrival(now.snapshot(), &req),
+            Event::Completion(now, done) => policy.on_completion(now.snapshot(), done),
+            Event::Cancel(now, id) => policy.on_cancel(now.snapshot(), id),
+            Event::Tick(now) => policy.on_tick(now.snapshot()),
         };
         for warning in policy.take_warnings() {
             log(Level::Warn, &warning);
@@ -120,12 +139,27 @@ fn default_instance<P: Policy>() -> Option<P> {
     }
 }
 
-impl From<wit::Snapshot> for Snapshot {
+impl From<wit::Snapshot> for Now {
     fn from(s: wit::Snapshot) -> Self {
-        Snapshot {
+        Now {
             now_us: s.now_us,
             in_flight: s.in_flight,
             queued: s.queued,
+            replicas: s.replicas.into_iter().map(Replica::from).collect(),
+        }
+    }
+}
+
+impl From<wit::Replica> for Replica {
+    fn from(r: wit::Replica) -> Self {
+        Replica {
+            id: r.id,
+            name: r.name,
+            healthy: r.healthy,
+            in_flight: r.in_flight,
+            engine_running: r.engine_running,
+            engine_waiting: r.engine_waiting,
+            kv_usage: r.kv_usage,
         }
     }
 }
@@ -142,6 +176,7 @@ impl From<wit::Request> for Request {
             prefix_group: r.prefix_group,
             priority: r.priority,
             arrived_us: r.arrived_us,
+            cached_by_replica: r.cached_by_replica,
         }
     }
 }
@@ -162,8 +197,16 @@ impl From<wit::Completion> for Completion {
 
 impl From<Decision> for wit::Decision {
     fn from(d: Decision) -> Self {
+        let admit = d
+            .admit
+            .iter()
+            .map(|&id| wit::Admission {
+                id,
+                replica: d.replica_of(id),
+            })
+            .collect();
         wit::Decision {
-            admit: d.admit,
+            admit,
             reject: d.reject,
             wake_after_us: d.wake_after_us,
         }

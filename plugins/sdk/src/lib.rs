@@ -105,7 +105,7 @@ pub use config::{Config, ConfigError};
 pub use inherited::Inherited;
 pub use policy::{Level, Policy, gauge, log};
 pub use queue::{FairQueue, FastMap, Queued, Reserve, Weights};
-pub use types::{Completion, Decision, Request, Snapshot};
+pub use types::{Completion, Decision, Replica, Request, Snapshot};
 
 /// Makes `$policy` (a type implementing [`Policy`]) the component's
 /// `sluice:policy/policy` export. Use it once, in the policy crate's

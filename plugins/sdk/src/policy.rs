@@ -28,19 +28,19 @@ pub trait Policy: Sized + 'static {
 
     /// A request joined the queue. When the host replays its queue after a
     /// reload, `req.arrived_us` is earlier than `now.now_us`.
-    fn on_arrival(&mut self, now: Snapshot, req: &Request) -> Decision;
+    fn on_arrival(&mut self, now: Snapshot<'_>, req: &Request) -> Decision;
 
     /// An admitted request finished, successfully or not.
-    fn on_completion(&mut self, now: Snapshot, done: Completion) -> Decision;
+    fn on_completion(&mut self, now: Snapshot<'_>, done: Completion) -> Decision;
 
     /// A queued request left without being admitted (client gone, or the
     /// host's queue timeout). It must not be admitted afterwards.
-    fn on_cancel(&mut self, now: Snapshot, id: u64) -> Decision;
+    fn on_cancel(&mut self, now: Snapshot<'_>, id: u64) -> Decision;
 
     /// The wake-up asked for by [`Decision::wake_after_us`] is due (the
     /// host's timer may fire a little early or late). By default, nothing
     /// to do: enough for a policy that never asks for a tick.
-    fn on_tick(&mut self, now: Snapshot) -> Decision {
+    fn on_tick(&mut self, now: Snapshot<'_>) -> Decision {
         let _ = now;
         Decision::default()
     }

@@ -41,7 +41,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
 
 use crate::config::Config;
-use crate::types::Request;
+use crate::types::{Request, cached_on};
 
 /// FxHash-style hasher: ids and tenant keys come from the host, and a
 /// policy runs under a per-call deadline, so speed matters more than
@@ -199,6 +199,16 @@ pub struct Queued {
     pub prompt_tokens: u32,
     /// When it arrived, on the host clock (µs).
     pub arrived_us: u64,
+    /// Predicted cached prompt tokens per replica, as in
+    /// [`Request::cached_by_replica`] (empty with one upstream).
+    pub cached_by_replica: Vec<(u32, u32)>,
+}
+
+impl Queued {
+    /// Predicted cached prompt tokens on `replica` (0 when not listed).
+    pub fn cached_on(&self, replica: u32) -> u32 {
+        cached_on(&self.cached_by_replica, replica)
+    }
 }
 
 /// A place in a tenant's queue: the request's id, and the sequence number
@@ -321,6 +331,7 @@ impl FairQueue {
             prefix_group: req.prefix_group,
             prompt_tokens: req.prompt_tokens,
             arrived_us: req.arrived_us,
+            cached_by_replica: req.cached_by_replica.clone(),
         };
         self.entries.insert(req.id, (queued, seq));
         true

@@ -71,22 +71,27 @@ pub struct Permit {
     id: u64,
     queue: Duration,
     prompt_tokens: u32,
+    // The replica the policy named; None: the router chooses.
+    replica: Option<u32>,
     commands: mpsc::UnboundedSender<Command>,
     reported: bool,
 }
 
 impl Permit {
-    /// A permit for request `id`, admitted after waiting `queue`.
+    /// A permit for request `id`, admitted after waiting `queue`, to
+    /// `replica` when the policy named one.
     pub(super) fn new(
         id: u64,
         queue: Duration,
         prompt_tokens: u32,
+        replica: Option<u32>,
         commands: mpsc::UnboundedSender<Command>,
     ) -> Self {
         Self {
             id,
             queue,
             prompt_tokens,
+            replica,
             commands,
             reported: false,
         }
@@ -97,6 +102,12 @@ impl Permit {
     /// The time this request spent queued.
     pub fn queue_wait(&self) -> Duration {
         self.queue
+    }
+
+    /// The replica the policy admitted this request to (a healthy one of
+    /// the snapshot it decided on); `None`: the router chooses.
+    pub fn replica(&self) -> Option<u32> {
+        self.replica
     }
 
     /// Reports the completion with its timings and, when the engine said, its tokens.

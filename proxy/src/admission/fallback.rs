@@ -2,11 +2,12 @@
 //! trapped, overran its deadline or answered with an invalid decision, until a
 //! new plugin is loaded. It is an ordinary [`Policy`]: the scheduler hands it
 //! the queue as arrivals, oldest first, exactly as it hands the queue to a
-//! reloaded plugin, so it can take over at any moment.
+//! reloaded plugin, so it can take over at any moment. It never names a
+//! replica: the router places what it admits.
 
 use std::collections::VecDeque;
 
-use super::policy::{Decision, Event, Fault, Policy, Snapshot};
+use super::policy::{Admit, Decision, Event, Fault, Policy, Snapshot};
 
 /// At most `limit` requests in flight, first come first served.
 #[derive(Debug, Clone)]
@@ -35,7 +36,7 @@ impl Fallback {
         let room = self.limit.saturating_sub(in_flight) as usize;
         let take = room.min(self.queue.len());
         Decision {
-            admit: self.queue.drain(..take).collect(),
+            admit: self.queue.drain(..take).map(Admit::id).collect(),
             ..Decision::default()
         }
     }
@@ -46,7 +47,7 @@ impl Policy for Fallback {
         "fallback"
     }
 
-    fn call(&mut self, now: Snapshot, event: &Event) -> Result<Decision, Fault> {
+    fn call(&mut self, now: Snapshot<'_>, event: &Event) -> Result<Decision, Fault> {
         match event {
             Event::Arrival { id, .. } => self.queue.push_back(*id),
             Event::Cancel { id } => self.queue.retain(|queued| queued != id),
@@ -68,11 +69,15 @@ mod tests {
             arrived_us: 0,
         };
         let now = Snapshot {
-            now_us: 0,
             in_flight,
-            queued: 0,
+            ..Snapshot::default()
         };
-        f.call(now, &event).unwrap().admit
+        ids(f.call(now, &event).unwrap())
+    }
+
+    fn ids(decision: Decision) -> Vec<u64> {
+        assert!(decision.admit.iter().all(|a| a.replica.is_none()));
+        decision.admit.iter().map(|a| a.id).collect()
     }
 
     #[test]
@@ -84,9 +89,9 @@ mod tests {
         assert_eq!(arrive(&mut f, 6, 3), [] as [u64; 0]);
         assert_eq!(arrive(&mut f, 7, 1), [4, 5]);
         let full = Snapshot {
-            now_us: 0,
             in_flight: 3,
             queued: 2,
+            ..Snapshot::default()
         };
         assert!(f.call(full, &Event::Tick).unwrap().admit.is_empty());
         let over = Snapshot {
@@ -103,15 +108,15 @@ mod tests {
         assert_eq!(arrive(&mut f, 1, 1), [] as [u64; 0]);
         assert_eq!(arrive(&mut f, 2, 1), [] as [u64; 0]);
         let now = Snapshot {
-            now_us: 0,
             in_flight: 1,
             queued: 2,
+            ..Snapshot::default()
         };
         f.call(now, &Event::Cancel { id: 1 }).unwrap();
         let free = Snapshot {
             in_flight: 0,
             ..now
         };
-        assert_eq!(f.call(free, &Event::Tick).unwrap().admit, [2]);
+        assert_eq!(ids(f.call(free, &Event::Tick).unwrap()), [2]);
     }
 }

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::channel::{Command, Permit, SchedulerStatus};
-use super::policy::{Policy, RequestInfo};
+use super::policy::{Policy, ReplicaSource, RequestInfo};
 use super::ratelimit::TenantLimiter;
 use super::scheduler;
 use crate::error::ProxyError;
@@ -51,7 +51,6 @@ impl Drop for QueuedSlot<'_> {
 }
 
 /// Settings for [`Admission::start`].
-#[derive(Debug)]
 pub struct AdmissionConfig {
     /// In-flight cap of the fallback that replaces a faulty policy.
     pub fallback_limit: u32,
@@ -61,6 +60,21 @@ pub struct AdmissionConfig {
     pub queue_timeout: Duration,
     /// Per-tenant rate limit, checked before queueing.
     pub limiter: Option<Arc<TenantLimiter>>,
+    /// The upstream replicas, read on each call of a policy that
+    /// [sees them](Policy::sees_replicas); `None` with one upstream.
+    pub replicas: Option<ReplicaSource>,
+}
+
+impl std::fmt::Debug for AdmissionConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdmissionConfig")
+            .field("fallback_limit", &self.fallback_limit)
+            .field("max_queue", &self.max_queue)
+            .field("queue_timeout", &self.queue_timeout)
+            .field("limiter", &self.limiter)
+            .field("replicas", &self.replicas.as_ref().map(|_| "ReplicaSource"))
+            .finish()
+    }
 }
 
 impl Admission {
@@ -68,7 +82,7 @@ impl Admission {
     /// request tasks use. Must run inside a tokio runtime.
     pub fn start(policy: Box<dyn Policy>, config: AdmissionConfig) -> Self {
         Self {
-            commands: scheduler::spawn(policy, config.fallback_limit),
+            commands: scheduler::spawn(policy, config.fallback_limit, config.replicas),
             queued: Arc::new(AtomicUsize::new(0)),
             max_queue: config.max_queue,
             queue_timeout: config.queue_timeout,

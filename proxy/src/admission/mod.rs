@@ -30,4 +30,7 @@ mod tests;
 
 pub use channel::{Permit, SchedulerStatus};
 pub use handle::{Admission, AdmissionConfig};
-pub use policy::{CompletionReport, Decision, Event, Fault, Policy, RequestInfo, Snapshot};
+pub use policy::{
+    Admit, CompletionReport, Decision, Event, Fault, Policy, ReplicaSource, ReplicaState,
+    RequestInfo, Snapshot,
+};

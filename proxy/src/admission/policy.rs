@@ -5,10 +5,12 @@
 //! [`super::fallback`] both implement. The scheduler drives a `dyn Policy`
 //! and knows nothing of wasm.
 //!
-//! These mirror `wit/policy.wit` (`sluice:policy@0.1.0`): times are µs on the
-//! scheduler's monotonic clock.
+//! These mirror `wit/policy.wit` (`sluice:policy@0.2.0`, which adds the
+//! upstream replicas to 0.1.0): times are µs on the scheduler's monotonic
+//! clock.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Something that decides which queued requests enter the engine.
@@ -20,8 +22,36 @@ pub trait Policy: fmt::Debug + Send {
     /// Short name for logs and labels (a plugin's file stem).
     fn name(&self) -> &str;
     /// Delivers one event and returns what to release or refuse.
-    fn call(&mut self, now: Snapshot, event: &Event) -> Result<Decision, Fault>;
+    fn call(&mut self, now: Snapshot<'_>, event: &Event) -> Result<Decision, Fault>;
+    /// Whether the policy reads [`Snapshot::replicas`]. The scheduler asks
+    /// the [`ReplicaSource`] for them only when it does, and otherwise
+    /// passes none.
+    fn sees_replicas(&self) -> bool {
+        false
+    }
 }
+
+/// One upstream replica as policies see it (WIT `replica`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReplicaState {
+    /// Stable for the life of the replica; what [`Admit::replica`] names.
+    pub id: u32,
+    /// For logs: its address or name.
+    pub name: String,
+    /// False while the router sends it nothing; naming it is an invalid decision.
+    pub healthy: bool,
+    /// Requests forwarded to it and not finished.
+    pub in_flight: u32,
+    /// The engine's running requests as last scraped (0 when unknown).
+    pub engine_running: u32,
+    /// The engine's waiting requests as last scraped (0 when unknown).
+    pub engine_waiting: u32,
+    /// The engine's KV-cache usage, 0.0 to 1.0 (0.0 when unknown).
+    pub kv_usage: f32,
+}
+
+/// Where the scheduler reads the replicas from, on each policy call.
+pub type ReplicaSource = Arc<dyn Fn() -> Vec<ReplicaState> + Send + Sync>;
 
 /// What the policy is told about a request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -40,6 +70,8 @@ pub struct RequestInfo {
     pub prefix_group: u64,
     /// `X-Priority`.
     pub priority: i32,
+    /// (replica id, predicted cached tokens on that replica); empty with one upstream.
+    pub cached_by_replica: Vec<(u32, u32)>,
 }
 /// How an admitted request ended, as reported to the policy.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -57,15 +89,19 @@ pub struct CompletionReport {
     /// Output tokens (from usage when known).
     pub output_tokens: u32,
 }
-/// The host state a policy call sees (WIT `snapshot`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Snapshot {
+/// The host state a policy call sees (WIT `snapshot`). It borrows the
+/// replicas, read once for the call, so that it stays `Copy`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Snapshot<'a> {
     /// Host monotonic clock (µs since the scheduler started).
     pub now_us: u64,
     /// Requests admitted and not finished.
     pub in_flight: u32,
     /// Requests waiting, including one just arriving.
     pub queued: u32,
+    /// The upstream replicas; empty with one upstream, or when the policy
+    /// does not [see them](Policy::sees_replicas).
+    pub replicas: &'a [ReplicaState],
 }
 /// An event delivered to the policy.
 #[derive(Debug, Clone)]
@@ -105,11 +141,28 @@ impl Event {
         }
     }
 }
+/// One request released by a [`Decision`] (WIT `admission`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admit {
+    /// The queued request.
+    pub id: u64,
+    /// The replica to send it to (a healthy one of the call's snapshot);
+    /// `None`: the router chooses.
+    pub replica: Option<u32>,
+}
+
+impl Admit {
+    /// Releases `id` wherever the router chooses.
+    pub fn id(id: u64) -> Self {
+        Self { id, replica: None }
+    }
+}
+
 /// What the policy answered (host-side copy of the WIT `decision`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Decision {
     /// Release these now, in order.
-    pub admit: Vec<u64>,
+    pub admit: Vec<Admit>,
     /// Refuse these with a reason.
     pub reject: Vec<(u64, String)>,
     /// Ask for `on-tick` after this many µs.
@@ -124,7 +177,8 @@ pub enum Fault {
     /// The call ran past its deadline.
     #[error("missed its deadline of {}", crate::units::format_duration(*.0))]
     Deadline(Duration),
-    /// The answer named unknown, duplicate or already admitted ids.
+    /// The answer named unknown, duplicate or already admitted ids, or a
+    /// replica that is not in the snapshot or not healthy.
     #[error("invalid decision: {0}")]
     InvalidDecision(String),
 }

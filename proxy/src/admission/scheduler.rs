@@ -4,7 +4,8 @@
 //! [`Command`] handled in order on this task, so the queue, the in-flight set
 //! and the policy instance need no locks. Each policy answer is validated as
 //! a whole before any of it is applied: an answer naming an id that is not
-//! queued, or naming one twice, is a fault. On a fault (trap, missed deadline,
+//! queued, or naming one twice, or admitting to a replica that is not a
+//! healthy one of the snapshot the policy was given, is a fault. On a fault (trap, missed deadline,
 //! invalid answer) the plugin is dropped and the built-in [`Fallback`] cap
 //! takes over the same queue until a new plugin is loaded.
 //!
@@ -20,7 +21,9 @@ use tokio::time::Instant;
 
 use super::channel::{Command, Permit, SchedulerStatus};
 use super::fallback::Fallback;
-use super::policy::{Decision, Event, Fault, Policy, RequestInfo, Snapshot};
+use super::policy::{
+    Decision, Event, Fault, Policy, ReplicaSource, ReplicaState, RequestInfo, Snapshot,
+};
 use crate::error::ProxyError;
 use crate::telemetry;
 
@@ -46,6 +49,8 @@ struct Scheduler {
     epoch: Instant,
     next_tick: Option<Instant>,
     faults: u64,
+    // Read once per call, and only for a policy that sees replicas.
+    replicas: Option<ReplicaSource>,
 }
 
 /// Starts the scheduler task with `policy`; returns where to send commands.
@@ -53,7 +58,11 @@ struct Scheduler {
 /// The channel is unbounded: arrivals are capped by `--max-queue` before
 /// they are sent, and every other command is tied to a queued or admitted
 /// request. The task ends when every sender is gone.
-pub fn spawn(policy: Box<dyn Policy>, fallback_limit: u32) -> mpsc::UnboundedSender<Command> {
+pub fn spawn(
+    policy: Box<dyn Policy>,
+    fallback_limit: u32,
+    replicas: Option<ReplicaSource>,
+) -> mpsc::UnboundedSender<Command> {
     let (tx, rx) = mpsc::unbounded_channel();
     let scheduler = Scheduler {
         policy,
@@ -66,6 +75,7 @@ pub fn spawn(policy: Box<dyn Policy>, fallback_limit: u32) -> mpsc::UnboundedSen
         epoch: Instant::now(),
         next_tick: None,
         faults: 0,
+        replicas,
     };
     metrics::gauge!(telemetry::POLICY_FALLBACK).set(0.0);
     tokio::spawn(scheduler.run(rx));
@@ -192,30 +202,63 @@ impl Scheduler {
         t.saturating_duration_since(self.epoch).as_micros() as u64
     }
 
-    fn snapshot(&self) -> Snapshot {
+    /// The replicas for the next call: read from the source only when the
+    /// active policy sees them (no allocation otherwise).
+    fn replicas(&self) -> Vec<ReplicaState> {
+        match &self.replicas {
+            Some(source) if self.policy.sees_replicas() => source(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn snapshot<'a>(&self, replicas: &'a [ReplicaState]) -> Snapshot<'a> {
         Snapshot {
             now_us: self.micros(Instant::now()),
             in_flight: self.in_flight.len() as u32,
             queued: self.queue.len() as u32,
+            replicas,
         }
     }
 
     /// Asks the active policy about `event` and applies a valid answer.
     fn dispatch(&mut self, event: Event) {
-        let snapshot = self.snapshot();
+        let replicas = self.replicas();
+        let snapshot = self.snapshot(&replicas);
         let answer = self.policy.call(snapshot, &event);
-        match answer.and_then(|d| self.validate(d)) {
+        match answer.and_then(|d| self.validate(d, &replicas)) {
             Ok(decision) => self.apply(decision),
             Err(fault) => self.fault(fault),
         }
     }
 
-    /// Checks a whole answer before any of it takes effect.
-    fn validate(&self, decision: Decision) -> Result<Decision, Fault> {
+    /// Checks a whole answer before any of it takes effect, against the
+    /// `replicas` the policy was shown.
+    fn validate(&self, decision: Decision, replicas: &[ReplicaState]) -> Result<Decision, Fault> {
+        for admit in &decision.admit {
+            let Some(named) = admit.replica else {
+                continue;
+            };
+            match replicas.iter().find(|r| r.id == named) {
+                Some(replica) if replica.healthy => {}
+                Some(_) => {
+                    return Err(Fault::InvalidDecision(format!(
+                        "id {} admitted to unhealthy replica {named}",
+                        admit.id
+                    )));
+                }
+                None => {
+                    return Err(Fault::InvalidDecision(format!(
+                        "id {} admitted to replica {named}, which is not in the snapshot",
+                        admit.id
+                    )));
+                }
+            }
+        }
         let mut seen = HashSet::with_capacity(decision.admit.len() + decision.reject.len());
         let named = decision
             .admit
             .iter()
+            .map(|a| &a.id)
             .chain(decision.reject.iter().map(|(id, _)| id));
         for id in named {
             if !seen.insert(*id) {
@@ -234,7 +277,8 @@ impl Scheduler {
     }
 
     fn apply(&mut self, decision: Decision) {
-        for id in decision.admit {
+        for admit in decision.admit {
+            let id = admit.id;
             let Some(waiter) = self.queue.remove(&id) else {
                 continue; // validated above; unreachable
             };
@@ -242,6 +286,7 @@ impl Scheduler {
                 id,
                 waiter.arrived.elapsed(),
                 waiter.info.prompt_tokens,
+                admit.replica,
                 self.commands.clone(),
             );
             self.in_flight.insert(id);

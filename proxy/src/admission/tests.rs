@@ -18,6 +18,7 @@ struct Scripted<F> {
     name: &'static str,
     seen: Seen,
     script: F,
+    sees_replicas: bool,
 }
 
 impl<F> std::fmt::Debug for Scripted<F> {
@@ -28,13 +29,17 @@ impl<F> std::fmt::Debug for Scripted<F> {
 
 impl<F> Policy for Scripted<F>
 where
-    F: FnMut(Snapshot, &Event) -> Result<Decision, Fault> + Send,
+    F: FnMut(Snapshot<'_>, &Event) -> Result<Decision, Fault> + Send,
 {
     fn name(&self) -> &str {
         self.name
     }
 
-    fn call(&mut self, now: Snapshot, event: &Event) -> Result<Decision, Fault> {
+    fn sees_replicas(&self) -> bool {
+        self.sees_replicas
+    }
+
+    fn call(&mut self, now: Snapshot<'_>, event: &Event) -> Result<Decision, Fault> {
         let entry = match event {
             Event::Arrival { id, .. } => ("arrival", *id),
             Event::Completion { id, .. } => ("completion", *id),
@@ -48,20 +53,21 @@ where
 
 fn scripted<F>(name: &'static str, script: F) -> (Box<dyn Policy>, Seen)
 where
-    F: FnMut(Snapshot, &Event) -> Result<Decision, Fault> + Send + 'static,
+    F: FnMut(Snapshot<'_>, &Event) -> Result<Decision, Fault> + Send + 'static,
 {
     let seen = Seen::default();
     let policy = Scripted {
         name,
         seen: Arc::clone(&seen),
         script,
+        sees_replicas: false,
     };
     (Box::new(policy), seen)
 }
 
 fn admit(ids: &[u64]) -> Decision {
     Decision {
-        admit: ids.to_vec(),
+        admit: ids.iter().copied().map(Admit::id).collect(),
         ..Decision::default()
     }
 }
@@ -88,6 +94,7 @@ fn roomy(fallback_limit: u32) -> AdmissionConfig {
         max_queue: 1000,
         queue_timeout: Duration::from_secs(60),
         limiter: None,
+        replicas: None,
     }
 }
 
@@ -274,7 +281,7 @@ async fn an_invalid_decision_is_applied_not_at_all() {
     // rejection must not take effect (the fallback admits it instead).
     let (policy, _) = scripted("half-wrong", |_, event| match event {
         Event::Arrival { id, .. } => Ok(Decision {
-            admit: vec![id + 1000],
+            admit: vec![Admit::id(id + 1000)],
             reject: vec![(*id, "no".into())],
             wake_after_us: None,
         }),
@@ -329,4 +336,103 @@ async fn a_policy_is_woken_when_it_asks() {
     arrive(&admission, 1).await.unwrap().unwrap();
     assert!(started.elapsed() >= Duration::from_millis(50));
     assert_eq!(seen(&log, "tick"), [0]);
+}
+
+/// Two replicas: 1 healthy, 2 not. Counts how often it is read.
+fn two_replicas(reads: &Arc<Mutex<usize>>) -> ReplicaSource {
+    let reads = Arc::clone(reads);
+    Arc::new(move || {
+        *reads.lock().unwrap() += 1;
+        [(1, true), (2, false)]
+            .map(|(id, healthy)| ReplicaState {
+                id,
+                name: format!("replica-{id}"),
+                healthy,
+                in_flight: id,
+                ..ReplicaState::default()
+            })
+            .to_vec()
+    })
+}
+
+/// Admits each arrival to `replica`, and records the replica ids it was shown.
+fn admit_to(replica: Option<u32>, shown: &Arc<Mutex<Vec<Vec<u32>>>>) -> Box<dyn Policy> {
+    let shown = Arc::clone(shown);
+    Box::new(Scripted {
+        name: "admit-to",
+        seen: Seen::default(),
+        script: move |now: Snapshot<'_>, event: &Event| {
+            shown
+                .lock()
+                .unwrap()
+                .push(now.replicas.iter().map(|r| r.id).collect());
+            Ok(match event {
+                Event::Arrival { id, .. } => Decision {
+                    admit: vec![Admit { id: *id, replica }],
+                    ..Decision::default()
+                },
+                _ => Decision::default(),
+            })
+        },
+        sees_replicas: true,
+    })
+}
+
+fn with_replicas(source: ReplicaSource) -> AdmissionConfig {
+    AdmissionConfig {
+        replicas: Some(source),
+        ..roomy(1)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_policy_that_sees_replicas_names_one_and_the_permit_carries_it() {
+    let (reads, shown) = (Arc::default(), Arc::default());
+    let admission = Admission::start(
+        admit_to(Some(1), &shown),
+        with_replicas(two_replicas(&reads)),
+    );
+    let permit = admission.admit(1, request()).await.unwrap();
+    assert_eq!(permit.replica(), Some(1));
+    assert_eq!(*shown.lock().unwrap(), [vec![1, 2]]);
+    // Its completion is shown the replicas too: read once per call.
+    drop(permit);
+    until(&admission, |s| s.in_flight == 0).await;
+    assert_eq!(shown.lock().unwrap().len(), 2);
+    assert_eq!(*reads.lock().unwrap(), 2);
+    // None leaves the choice to the router.
+    let admission = Admission::start(admit_to(None, &shown), with_replicas(two_replicas(&reads)));
+    let permit = admission.admit(2, request()).await.unwrap();
+    assert_eq!(permit.replica(), None);
+    assert!(!admission.status().await.unwrap().fallback);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_policy_that_does_not_see_replicas_never_reads_them() {
+    let reads = Arc::default();
+    let (policy, _) = admit_each();
+    let admission = Admission::start(policy, with_replicas(two_replicas(&reads)));
+    let permit = admission.admit(1, request()).await.unwrap();
+    assert_eq!(permit.replica(), None);
+    drop(permit);
+    until(&admission, |s| s.in_flight == 0).await;
+    assert_eq!(*reads.lock().unwrap(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn admitting_to_an_unhealthy_or_unknown_replica_is_an_invalid_decision() {
+    for (replica, why) in [(2, "unhealthy"), (9, "not in the snapshot")] {
+        let (reads, shown) = (Arc::default(), Arc::default());
+        let admission = Admission::start(
+            admit_to(Some(replica), &shown),
+            with_replicas(two_replicas(&reads)),
+        );
+        // The fallback (cap 1) admits it instead, and names no replica.
+        let permit = admission.admit(1, request()).await.unwrap();
+        assert_eq!(permit.replica(), None, "{why}");
+        let status = admission.status().await.unwrap();
+        assert!(status.fallback && status.faults == 1, "{why}: {status:?}");
+        // The fallback does not see replicas: only the faulty call read them.
+        assert_eq!(*reads.lock().unwrap(), 1, "{why}");
+    }
 }

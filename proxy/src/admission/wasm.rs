@@ -1,15 +1,24 @@
-//! The wasm host: policies as sandboxed components of the
-//! `sluice:policy@0.1.0` world (`wit/policy.wit`).
+//! The wasm host: policies as sandboxed components of the `admission`
+//! world, in either version of the contract: `sluice:policy@0.2.0`
+//! (`wit/policy.wit`, with replicas) or `sluice:policy@0.1.0`
+//! (`wit/v0.1/policy.wit`).
 //!
 //! - One [`PolicyRuntime`] per process: a wasmtime `Engine` with epoch
 //!   interruption, a `Linker` with the world's imports (`log`, and
-//!   `gauge`, which sets `sluice_policy_value{name}`), and a
-//!   ticker thread that advances the epoch every [`EPOCH_TICK`] while the
-//!   engine lives (it holds a weak reference).
+//!   `gauge`, which sets `sluice_policy_value{name}`; the same in both
+//!   versions, so one linker serves both), and a ticker thread that
+//!   advances the epoch every [`EPOCH_TICK`] while the engine lives (it
+//!   holds a weak reference).
 //! - One [`WasmPolicy`] per loaded plugin: a long-lived instance in its own
 //!   `Store`, with a memory limit (growth beyond it traps) and a deadline set
 //!   before every call. No WASI is linked: a policy cannot reach a clock,
 //!   files or the network.
+//!
+//! Which version a component speaks is read from its exports before it is
+//! instantiated ([`Contract::of`]): `sluice:policy/policy@0.2.0` first, else
+//! `@0.1.0`. A 0.1 plugin is told nothing of replicas (the scheduler does
+//! not even read them for it) and what it admits goes where the router
+//! chooses.
 
 use std::fmt;
 use std::path::Path;
@@ -19,26 +28,79 @@ use std::time::Duration;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
 
-use super::policy::{Decision, Event, Fault, Policy, Snapshot};
+use super::policy::{Admit, CompletionReport, Decision, Event, Fault, Policy, Snapshot};
 use crate::telemetry;
 
 mod bindings {
-    wasmtime::component::bindgen!({ path: "../wit", world: "admission" });
+    /// `sluice:policy@0.2.0`, the current contract.
+    pub(super) mod v0_2 {
+        wasmtime::component::bindgen!({ path: "../wit", world: "admission" });
+    }
+    /// `sluice:policy@0.1.0`, still loaded.
+    pub(super) mod v0_1 {
+        wasmtime::component::bindgen!({ path: "../wit/v0.1", world: "admission" });
+    }
 }
 
-use bindings::exports::sluice::policy::policy as guest;
+use bindings::v0_1::exports::sluice::policy::policy as guest_v0_1;
+use bindings::v0_2::exports::sluice::policy::policy as guest_v0_2;
 
-/// The contract every loaded policy implements: the WIT package (`wit/policy.wit`).
-pub const CONTRACT: &str = "sluice:policy@0.1.0";
+/// The newest contract, the one `wit/policy.wit` defines and the bundled
+/// plugins implement.
+pub const CONTRACT: &str = Contract::V0_2.package();
 
 /// How often the epoch advances; policy deadlines are counted in these ticks.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
+/// A version of the policy contract the host loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Contract {
+    /// `sluice:policy@0.1.0`: no replicas.
+    V0_1,
+    /// `sluice:policy@0.2.0`: replicas in the snapshot, per-replica cache
+    /// hits in the request, admissions that may name a replica.
+    V0_2,
+}
+
+impl Contract {
+    /// Newest first: the order in which a component's exports are tried.
+    pub const ALL: [Contract; 2] = [Contract::V0_2, Contract::V0_1];
+
+    /// The WIT package, e.g. `sluice:policy@0.2.0`.
+    pub const fn package(self) -> &'static str {
+        match self {
+            Self::V0_1 => "sluice:policy@0.1.0",
+            Self::V0_2 => "sluice:policy@0.2.0",
+        }
+    }
+
+    /// The name of the interface a component of this version exports.
+    const fn export(self) -> &'static str {
+        match self {
+            Self::V0_1 => "sluice:policy/policy@0.1.0",
+            Self::V0_2 => "sluice:policy/policy@0.2.0",
+        }
+    }
+
+    /// The newest version whose `policy` interface `component` exports.
+    pub fn of(component: &Component) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|c| component.get_export_index(None, c.export()).is_some())
+    }
+}
+
+impl fmt::Display for Contract {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.package())
+    }
+}
+
 /// Why a plugin could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    /// Not a component of the `admission` world.
-    #[error("not a valid {contract} component: {0}", contract = CONTRACT)]
+    /// Not a component of the `admission` world, in any version.
+    #[error("not a valid {v2} or {v1} component: {0}", v2 = Contract::V0_2, v1 = Contract::V0_1)]
     Invalid(String),
     /// `init` refused the configuration.
     #[error("policy rejected its configuration: {0}")]
@@ -68,7 +130,9 @@ struct HostState {
     gauges: Vec<String>,
 }
 
-impl bindings::AdmissionImports for HostState {
+// The imports are world-level functions of the same names and types in both
+// versions, so implementing (and linking) the 0.2 ones serves 0.1 plugins too.
+impl bindings::v0_2::AdmissionImports for HostState {
     fn log(&mut self, level: u8, message: String) {
         let policy = &*self.name;
         match level {
@@ -120,7 +184,7 @@ impl PolicyRuntime {
         config.wasm_component_model(true);
         let engine = Engine::new(&config).map_err(|e| LoadError::Invalid(e.to_string()))?;
         let mut linker = Linker::new(&engine);
-        bindings::Admission::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
+        bindings::v0_2::Admission::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
             .map_err(|e| LoadError::Invalid(e.to_string()))?;
         let weak = engine.weak();
         std::thread::Builder::new()
@@ -158,7 +222,8 @@ impl PolicyRuntime {
         self.load(&name, &bytes, config)
     }
 
-    /// Compiles (binary or WAT), instantiates and initialises a policy.
+    /// Compiles (binary or WAT), instantiates and initialises a policy of
+    /// either contract version.
     pub fn load(
         &self,
         name: &str,
@@ -167,6 +232,13 @@ impl PolicyRuntime {
     ) -> Result<WasmPolicy, LoadError> {
         let component = Component::new(&self.engine, bytes)
             .map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+        let contract = Contract::of(&component).ok_or_else(|| {
+            LoadError::Invalid(format!(
+                "it exports neither `{}` nor `{}`",
+                Contract::V0_2.export(),
+                Contract::V0_1.export()
+            ))
+        })?;
         let limits = StoreLimitsBuilder::new()
             .memory_size(self.memory_limit)
             .instances(16)
@@ -186,35 +258,69 @@ impl PolicyRuntime {
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(self.deadline_ticks());
-        let instance = bindings::Admission::instantiate(&mut store, &component, &self.linker)
-            .map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
-        let mut policy = WasmPolicy {
-            scratch: guest::Request {
-                id: 0,
-                tenant: String::new(),
-                model: String::new(),
-                prompt_tokens: 0,
-                max_tokens: 0,
-                cached_tokens: 0,
-                prefix_group: 0,
-                priority: 0,
-                arrived_us: 0,
+        let invalid = |e: wasmtime::Error| LoadError::Invalid(format!("{e:#}"));
+        let instance = match contract {
+            Contract::V0_1 => Guest::V0_1 {
+                instance: bindings::v0_1::Admission::instantiate(
+                    &mut store,
+                    &component,
+                    &self.linker,
+                )
+                .map_err(invalid)?,
+                scratch: guest_v0_1::Request {
+                    id: 0,
+                    tenant: String::new(),
+                    model: String::new(),
+                    prompt_tokens: 0,
+                    max_tokens: 0,
+                    cached_tokens: 0,
+                    prefix_group: 0,
+                    priority: 0,
+                    arrived_us: 0,
+                },
             },
+            Contract::V0_2 => Guest::V0_2 {
+                instance: bindings::v0_2::Admission::instantiate(
+                    &mut store,
+                    &component,
+                    &self.linker,
+                )
+                .map_err(invalid)?,
+                scratch: guest_v0_2::Request {
+                    id: 0,
+                    tenant: String::new(),
+                    model: String::new(),
+                    prompt_tokens: 0,
+                    max_tokens: 0,
+                    cached_tokens: 0,
+                    prefix_group: 0,
+                    priority: 0,
+                    arrived_us: 0,
+                    cached_by_replica: Vec::new(),
+                },
+                replicas: Vec::new(),
+            },
+        };
+        let mut policy = WasmPolicy {
+            guest: instance,
             calls: ["arrival", "completion", "cancel", "tick"]
                 .map(|event| metrics::counter!(telemetry::POLICY_CALLS, "event" => event)),
             name,
             description: String::new(),
             store,
-            instance,
             deadline: self.deadline,
             ticks: self.deadline_ticks(),
         };
-        store_deadline(&mut policy);
-        let described = policy
-            .instance
-            .sluice_policy_policy()
-            .call_init(&mut policy.store, config)
-            .map_err(|e| LoadError::Init(classify_trap(e, policy.deadline)))?;
+        policy.store.set_epoch_deadline(policy.ticks);
+        let described = match &policy.guest {
+            Guest::V0_1 { instance, .. } => instance
+                .sluice_policy_policy()
+                .call_init(&mut policy.store, config),
+            Guest::V0_2 { instance, .. } => instance
+                .sluice_policy_policy()
+                .call_init(&mut policy.store, config),
+        }
+        .map_err(|e| LoadError::Init(classify_trap(e, policy.deadline)))?;
         policy.description = described.map_err(LoadError::Config)?;
         Ok(policy)
     }
@@ -224,16 +330,28 @@ impl PolicyRuntime {
     }
 }
 
+/// The instance, in the version of the contract it speaks, with buffers
+/// reused for every call so that their allocations are not repeated.
+enum Guest {
+    V0_1 {
+        instance: bindings::v0_1::Admission,
+        scratch: guest_v0_1::Request,
+    },
+    V0_2 {
+        instance: bindings::v0_2::Admission,
+        scratch: guest_v0_2::Request,
+        replicas: Vec<guest_v0_2::Replica>,
+    },
+}
+
 /// A loaded, initialised policy instance.
 pub struct WasmPolicy {
-    // Reused for every arrival so that its strings are not reallocated per call.
-    scratch: guest::Request,
+    guest: Guest,
     // One counter handle per event kind, resolved once (no registry lookup per call).
     calls: [metrics::Counter; 4],
     name: Arc<str>,
     description: String,
     store: Store<HostState>,
-    instance: bindings::Admission,
     deadline: Duration,
     ticks: u64,
 }
@@ -242,13 +360,10 @@ impl fmt::Debug for WasmPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WasmPolicy")
             .field("name", &self.name)
+            .field("contract", &self.contract())
             .field("description", &self.description)
             .finish_non_exhaustive()
     }
-}
-
-fn store_deadline(policy: &mut WasmPolicy) {
-    policy.store.set_epoch_deadline(policy.ticks);
 }
 
 fn classify_trap(err: wasmtime::Error, deadline: Duration) -> Fault {
@@ -263,6 +378,49 @@ impl WasmPolicy {
     pub fn description(&self) -> &str {
         &self.description
     }
+
+    /// The version of the contract the plugin implements.
+    pub fn contract(&self) -> Contract {
+        match self.guest {
+            Guest::V0_1 { .. } => Contract::V0_1,
+            Guest::V0_2 { .. } => Contract::V0_2,
+        }
+    }
+}
+
+/// Copies the request fields both versions share into a reused `request`.
+macro_rules! fill_request {
+    ($request:expr, $id:expr, $info:expr, $arrived_us:expr) => {{
+        let (request, info) = (&mut *$request, $info);
+        request.id = $id;
+        request.tenant.clear();
+        request.tenant.push_str(&info.tenant);
+        request.model.clear();
+        request.model.push_str(&info.model);
+        request.prompt_tokens = info.prompt_tokens;
+        request.max_tokens = info.max_tokens;
+        request.cached_tokens = info.cached_tokens;
+        request.prefix_group = info.prefix_group;
+        request.priority = info.priority;
+        request.arrived_us = $arrived_us;
+        request
+    }};
+}
+
+/// The WIT `completion` of either version (the record is the same).
+macro_rules! completion {
+    ($module:ident, $id:expr, $report:expr) => {{
+        let report: &CompletionReport = $report;
+        $module::Completion {
+            id: $id,
+            ok: report.ok,
+            queue_us: report.queue.as_micros() as u64,
+            ttft_us: report.ttft.as_micros() as u64,
+            e2e_us: report.e2e.as_micros() as u64,
+            prompt_tokens: report.prompt_tokens,
+            output_tokens: report.output_tokens,
+        }
+    }};
 }
 
 impl Policy for WasmPolicy {
@@ -272,58 +430,127 @@ impl Policy for WasmPolicy {
     }
 
     /// Delivers one event under the deadline.
-    fn call(&mut self, now: Snapshot, event: &Event) -> Result<Decision, Fault> {
+    fn call(&mut self, now: Snapshot<'_>, event: &Event) -> Result<Decision, Fault> {
         self.calls[event.index()].increment(1);
-        store_deadline(self);
-        let snapshot = guest::Snapshot {
-            now_us: now.now_us,
-            in_flight: now.in_flight,
-            queued: now.queued,
-        };
-        let api = self.instance.sluice_policy_policy();
+        self.store.set_epoch_deadline(self.ticks);
         let store = &mut self.store;
-        let result = match event {
-            Event::Arrival {
-                id,
-                info,
-                arrived_us,
-            } => {
-                let request = &mut self.scratch;
-                request.id = *id;
-                request.tenant.clear();
-                request.tenant.push_str(&info.tenant);
-                request.model.clear();
-                request.model.push_str(&info.model);
-                request.prompt_tokens = info.prompt_tokens;
-                request.max_tokens = info.max_tokens;
-                request.cached_tokens = info.cached_tokens;
-                request.prefix_group = info.prefix_group;
-                request.priority = info.priority;
-                request.arrived_us = *arrived_us;
-                api.call_on_arrival(store, snapshot, request)
-            }
-            Event::Completion { id, report } => {
-                let done = guest::Completion {
-                    id: *id,
-                    ok: report.ok,
-                    queue_us: report.queue.as_micros() as u64,
-                    ttft_us: report.ttft.as_micros() as u64,
-                    e2e_us: report.e2e.as_micros() as u64,
-                    prompt_tokens: report.prompt_tokens,
-                    output_tokens: report.output_tokens,
-                };
-                api.call_on_completion(store, snapshot, done)
-            }
-            Event::Cancel { id } => api.call_on_cancel(store, snapshot, *id),
-            Event::Tick => api.call_on_tick(store, snapshot),
+        let decision = match &mut self.guest {
+            Guest::V0_1 { instance, scratch } => call_v0_1(instance, scratch, store, now, event)
+                .map(|d| Decision {
+                    admit: d.admit.into_iter().map(Admit::id).collect(),
+                    reject: d.reject,
+                    wake_after_us: d.wake_after_us,
+                }),
+            Guest::V0_2 {
+                instance,
+                scratch,
+                replicas,
+            } => call_v0_2(instance, scratch, replicas, store, now, event).map(|d| Decision {
+                admit: d
+                    .admit
+                    .into_iter()
+                    .map(|a| Admit {
+                        id: a.id,
+                        replica: a.replica,
+                    })
+                    .collect(),
+                reject: d.reject,
+                wake_after_us: d.wake_after_us,
+            }),
         };
-        let decision = result.map_err(|e| classify_trap(e, self.deadline))?;
-        Ok(Decision {
-            admit: decision.admit,
-            reject: decision.reject,
-            wake_after_us: decision.wake_after_us,
-        })
+        decision.map_err(|e| classify_trap(e, self.deadline))
     }
+
+    /// True for a 0.2 plugin.
+    fn sees_replicas(&self) -> bool {
+        matches!(self.guest, Guest::V0_2 { .. })
+    }
+}
+
+/// One event to a 0.1 instance: the snapshot and request without replicas.
+fn call_v0_1(
+    instance: &bindings::v0_1::Admission,
+    scratch: &mut guest_v0_1::Request,
+    store: &mut Store<HostState>,
+    now: Snapshot<'_>,
+    event: &Event,
+) -> wasmtime::Result<guest_v0_1::Decision> {
+    let snapshot = guest_v0_1::Snapshot {
+        now_us: now.now_us,
+        in_flight: now.in_flight,
+        queued: now.queued,
+    };
+    let api = instance.sluice_policy_policy();
+    match event {
+        Event::Arrival {
+            id,
+            info,
+            arrived_us,
+        } => {
+            let request = fill_request!(scratch, *id, info, *arrived_us);
+            api.call_on_arrival(store, snapshot, request)
+        }
+        Event::Completion { id, report } => {
+            api.call_on_completion(store, snapshot, completion!(guest_v0_1, *id, report))
+        }
+        Event::Cancel { id } => api.call_on_cancel(store, snapshot, *id),
+        Event::Tick => api.call_on_tick(store, snapshot),
+    }
+}
+
+/// One event to a 0.2 instance.
+fn call_v0_2(
+    instance: &bindings::v0_2::Admission,
+    scratch: &mut guest_v0_2::Request,
+    replicas: &mut Vec<guest_v0_2::Replica>,
+    store: &mut Store<HostState>,
+    now: Snapshot<'_>,
+    event: &Event,
+) -> wasmtime::Result<guest_v0_2::Decision> {
+    // The generated record owns its list: lend it the reused buffer and
+    // take it back after the call.
+    replicas.clear();
+    replicas.extend(now.replicas.iter().map(|r| guest_v0_2::Replica {
+        id: r.id,
+        name: r.name.clone(),
+        healthy: r.healthy,
+        in_flight: r.in_flight,
+        engine_running: r.engine_running,
+        engine_waiting: r.engine_waiting,
+        kv_usage: r.kv_usage,
+    }));
+    let snapshot = guest_v0_2::Snapshot {
+        now_us: now.now_us,
+        in_flight: now.in_flight,
+        queued: now.queued,
+        replicas: std::mem::take(replicas),
+    };
+    let api = instance.sluice_policy_policy();
+    let (result, snapshot) = match event {
+        Event::Arrival {
+            id,
+            info,
+            arrived_us,
+        } => {
+            let request = fill_request!(scratch, *id, info, *arrived_us);
+            request.cached_by_replica.clear();
+            request
+                .cached_by_replica
+                .extend_from_slice(&info.cached_by_replica);
+            (
+                api.call_on_arrival(&mut *store, &snapshot, request),
+                snapshot,
+            )
+        }
+        Event::Completion { id, report } => (
+            api.call_on_completion(&mut *store, &snapshot, completion!(guest_v0_2, *id, report)),
+            snapshot,
+        ),
+        Event::Cancel { id } => (api.call_on_cancel(&mut *store, &snapshot, *id), snapshot),
+        Event::Tick => (api.call_on_tick(&mut *store, &snapshot), snapshot),
+    };
+    *replicas = snapshot.replicas;
+    result
 }
 
 /// The inline WAT policies the end-to-end tests use too.
@@ -358,17 +585,24 @@ mod tests {
         }
     }
 
-    const NOW: Snapshot = Snapshot {
+    const NOW: Snapshot<'static> = Snapshot {
         now_us: 0,
         in_flight: 0,
         queued: 1,
+        replicas: &[],
     };
 
     #[test]
     fn a_well_behaved_policy_answers() {
         let mut policy = load(&policies::admit_each(), ROOMY, 1 << 20);
         assert_eq!(policy.name(), "test");
-        assert_eq!(policy.call(NOW, &arrival(42)).unwrap().admit, [42]);
+        // The inline components are of the 0.1 world: no replicas for them.
+        assert_eq!(policy.contract(), Contract::V0_1);
+        assert!(!policy.sees_replicas());
+        assert_eq!(
+            policy.call(NOW, &arrival(42)).unwrap().admit,
+            [Admit::id(42)]
+        );
         assert_eq!(policy.call(NOW, &Event::Tick).unwrap(), Decision::default());
     }
 
@@ -407,6 +641,11 @@ mod tests {
         );
         let garbage = runtime.load("x", b"not a component", &[]);
         assert!(matches!(garbage, Err(LoadError::Invalid(_))), "{garbage:?}");
+        let neither = runtime.load("x", b"(component)", &[]);
+        assert!(
+            matches!(&neither, Err(LoadError::Invalid(m)) if m.contains("exports neither")),
+            "{neither:?}"
+        );
     }
 
     /// Bad ids are the scheduler's to catch: it never applies such an answer
@@ -422,6 +661,7 @@ mod tests {
                     max_queue: 10,
                     queue_timeout: ROOMY,
                     limiter: None,
+                    replicas: None,
                 },
             );
             let permit = admission.admit(1, RequestInfo::default()).await;
