@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use crate::admission::ratelimit::TenantLimiter;
 use crate::admission::wasm::{Contract, LoadError, PolicyRuntime, WasmPolicy};
-use crate::admission::{Admission, AdmissionConfig, Policy};
+use crate::admission::{Admission, AdmissionConfig, Policy, ReplicaSource, ReplicaState};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::gpu::{self, GpuSnapshot};
@@ -172,6 +172,20 @@ impl App {
     /// Must run inside a tokio runtime (it spawns the scheduler task).
     pub fn new(config: Config) -> Result<Arc<Self>, StartError> {
         let metrics = telemetry::install();
+        let unit = match &config.prefix.tokenizer {
+            None => BlockUnit::Bytes,
+            Some(path) => {
+                let tokenizer = HfTokenizer::from_file(path)?;
+                tracing::info!(tokenizer = %path.display(), vocab = tokenizer.vocab_size(), "prefix tracking in exact token blocks");
+                BlockUnit::Tokenizer(Arc::new(tokenizer))
+            }
+        };
+        let prefix = Arc::new(PrefixTracker::with_unit(
+            config.prefix.cache_blocks,
+            config.prefix.block_size,
+            unit,
+        ));
+        let replicas = start_replicas(&config, Arc::clone(&prefix));
         let (admission, runtime, loaded) = match &config.admission.policy {
             None => (None, None, None),
             Some(path) => {
@@ -215,7 +229,7 @@ impl App {
                         max_queue: config.admission.max_queue,
                         queue_timeout: config.admission.queue_timeout,
                         limiter,
-                        replicas: None,
+                        replicas: Some(replica_source(&replicas)),
                     },
                 );
                 (Some(admission), Some(runtime), Some(loaded))
@@ -233,19 +247,6 @@ impl App {
                 "the admin listener is not on a loopback address and has no --admin-token: anyone who reaches it can read /metrics and /stats, and it refuses changes (PUT /admin/policy, POST /stats/reset) until a token is set"
             );
         }
-        let unit = match &config.prefix.tokenizer {
-            None => BlockUnit::Bytes,
-            Some(path) => {
-                let tokenizer = HfTokenizer::from_file(path)?;
-                tracing::info!(tokenizer = %path.display(), vocab = tokenizer.vocab_size(), "prefix tracking in exact token blocks");
-                BlockUnit::Tokenizer(Arc::new(tokenizer))
-            }
-        };
-        let prefix = Arc::new(PrefixTracker::with_unit(
-            config.prefix.cache_blocks,
-            config.prefix.block_size,
-            unit,
-        ));
         let trust = config.admission.trust_tenant_header;
         let tenants = match &config.admission.tenant_hash_key_file {
             Some(secret) => Tenants::new(trust, secret.bytes()),
@@ -256,7 +257,6 @@ impl App {
                 "--trust-tenant-header: X-Tenant names the tenant; clients must reach this proxy only through a gateway that sets it"
             );
         }
-        let replicas = start_replicas(&config, Arc::clone(&prefix));
         let body_budget = BodyBudget::new(config.server.body_memory);
         crate::resources::watch_body_budget(&body_budget);
         let proxy = Arc::new(Proxy::new(
@@ -400,4 +400,30 @@ fn start_replicas(config: &Config, hasher: Arc<PrefixTracker>) -> Arc<ReplicaSet
         tracing::info!(replicas = ?names, route = ?config.upstream.route, "several replicas");
     }
     replicas
+}
+
+/// The replicas as a 0.2 policy sees them; none with a single upstream
+/// (there is no choice of where to make).
+fn replica_source(replicas: &Arc<ReplicaSet>) -> ReplicaSource {
+    let replicas = Arc::clone(replicas);
+    Arc::new(move || {
+        let all = replicas.all();
+        if all.len() < 2 {
+            return Vec::new();
+        }
+        all.iter()
+            .map(|r| {
+                let engine = r.engine.load();
+                ReplicaState {
+                    id: r.id,
+                    name: r.name.clone(),
+                    healthy: r.healthy(),
+                    in_flight: r.in_flight(),
+                    engine_running: engine.running,
+                    engine_waiting: engine.waiting,
+                    kv_usage: engine.kv_usage,
+                }
+            })
+            .collect()
+    })
 }

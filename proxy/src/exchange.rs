@@ -226,7 +226,8 @@ impl Exchange {
                 prompt_tokens = usage.map(|u| u.prompt_tokens),
                 output_tokens = usage.map(|u| u.completion_tokens),
                 predicted_cached, actual_cached,
-                replica = self.routed.as_ref().map(|r| r.replica().name.as_str()), "request"
+                replica = self.routed.as_ref().map(|r| r.replica().name.as_str()),
+                routed = self.routed.as_ref().map(|r| r.reason().label()), "request"
             ),
         }
         telemetry::record_request(&RequestRecord {

@@ -179,7 +179,14 @@ impl Proxy {
                     .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
             }
             if let Some(admission) = &self.admission {
-                let info = request_info(&self.tenants, &parts.headers, &parsed, &predicted)?;
+                let cached_by_replica = self.replicas.held_tokens(&predicted);
+                let info = request_info(
+                    &self.tenants,
+                    &parts.headers,
+                    &parsed,
+                    &predicted,
+                    cached_by_replica,
+                )?;
                 permit = Some(admission.admit(id, info).await?);
             }
             prediction = Some(predicted);
@@ -212,7 +219,7 @@ impl Proxy {
         let admitted_entry = ledger::global().admit();
         let query = Query {
             prediction: prediction.as_ref(),
-            named: None,
+            named: permit.as_ref().and_then(Permit::replica),
         };
         let mut tried = Vec::new();
         let mut request = upstream_request;
@@ -335,22 +342,26 @@ impl Proxy {
     }
 }
 
+/// What the policy is told about a request. With several replicas,
+/// `cached_by_replica` holds each one's prediction and `cached-tokens` is
+/// the best of them; with one, it is empty.
 fn request_info(
     tenants: &Tenants,
     headers: &http::HeaderMap,
     parsed: &InferenceRequest,
     prediction: &Prediction,
+    cached_by_replica: Vec<(u32, u32)>,
 ) -> Result<RequestInfo, ProxyError> {
+    let best = cached_by_replica.iter().map(|&(_, held)| held).max();
     Ok(RequestInfo {
         tenant: tenants.of(headers, parsed.user.as_deref())?,
         model: parsed.model.clone(),
         prompt_tokens: prediction.prompt_tokens,
         max_tokens: parsed.max_tokens.unwrap_or(0),
-        cached_tokens: prediction.cached_tokens,
+        cached_tokens: best.unwrap_or(prediction.cached_tokens),
         prefix_group: prediction.prefix_group,
         priority: headers::priority(headers),
-        // One upstream: the router fills this in with several.
-        cached_by_replica: Vec::new(),
+        cached_by_replica,
     })
 }
 

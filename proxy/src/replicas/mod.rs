@@ -36,7 +36,7 @@ pub use route::Query;
 
 use crate::config::{KvEvents, RouteMode, UpstreamConfig};
 use crate::error::ProxyError;
-use crate::prefix::PrefixTracker;
+use crate::prefix::{Prediction, PrefixTracker};
 use crate::scrape;
 
 /// Where a replica is: dialled at `authority`, sent `host` as `Host`.
@@ -205,7 +205,20 @@ impl ReplicaSet {
         } else {
             RouteReason::Failover
         };
-        Ok(replica.take(reason))
+        let group = query.prediction.map_or(0, |p| p.prefix_group);
+        Ok(replica.take_group(reason, group))
+    }
+
+    /// Each replica's predicted cached tokens for `prediction`, by id;
+    /// empty with one replica.
+    pub fn held_tokens(&self, prediction: &Prediction) -> Vec<(u32, u32)> {
+        let all = self.all();
+        if all.len() < 2 {
+            return Vec::new();
+        }
+        all.iter()
+            .map(|r| (r.id, r.prefix.held_tokens(prediction)))
+            .collect()
     }
 
     /// Sets each replica's in-flight and health gauges (called when

@@ -3,9 +3,9 @@
 //! flight through this proxy) and in the engine (its own running and
 //! waiting counts, scraped).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, PoisonError};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request};
@@ -23,6 +23,16 @@ use crate::upstream::Upstream;
 
 /// How often a replica's `/health` is asked, when there are several.
 pub const HEALTH_EVERY: Duration = Duration::from_secs(2);
+
+/// How long a prefix group sent to a replica counts as served there.
+pub const GROUP_MEMORY: Duration = Duration::from_secs(60);
+
+/// A prefix group's requests on a replica.
+#[derive(Debug, Clone, Copy)]
+struct GroupUse {
+    in_flight: u32,
+    last: Instant,
+}
 
 /// One engine behind the proxy.
 #[derive(Debug)]
@@ -47,6 +57,8 @@ pub struct Replica {
     // Tasks that watch the replica; stopped with it.
     tasks: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
     health_watched: AtomicBool,
+    // Prefix groups sent here: in flight now, and when last.
+    groups: std::sync::Mutex<std::collections::HashMap<u64, GroupUse>>,
     // Its KV-cache events, once followed (see [`super::kv`]).
     events: std::sync::OnceLock<KvEventsHandle>,
 }
@@ -118,6 +130,7 @@ impl Replica {
             tasks: std::sync::Mutex::new(Vec::new()),
             health_watched: AtomicBool::new(false),
             events: std::sync::OnceLock::new(),
+            groups: std::sync::Mutex::default(),
         }
     }
 
@@ -144,9 +157,51 @@ impl Replica {
     /// Counts a request sent to it for `reason`; the returned guard holds
     /// its place in [`in_flight`](Self::in_flight) until dropped.
     pub fn take(self: &Arc<Self>, reason: RouteReason) -> Routed {
+        self.take_group(reason, 0)
+    }
+
+    /// [`take`](Self::take) for a request of prefix group `group` (0: none),
+    /// which counts as in flight here until the guard drops: requests of the
+    /// same group that arrive meanwhile find the prefix being computed here
+    /// (the engine shares it with them once it is), before any completion
+    /// has told the tracker.
+    pub fn take_group(self: &Arc<Self>, reason: RouteReason, group: u64) -> Routed {
         self.routed[reason as usize].increment(1);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        Routed(Arc::clone(self))
+        if group != 0 {
+            let mut groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
+            let used = groups.entry(group).or_insert(GroupUse {
+                in_flight: 0,
+                last: Instant::now(),
+            });
+            used.in_flight += 1;
+            used.last = Instant::now();
+        }
+        Routed {
+            replica: Arc::clone(self),
+            group,
+            reason,
+        }
+    }
+
+    /// Whether a request of prefix group `group` is in flight here.
+    pub fn computing(&self, group: u64) -> bool {
+        group != 0
+            && self
+                .groups
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&group)
+                .is_some_and(|used| used.in_flight > 0)
+    }
+
+    /// The prefix groups sent here within the last [`GROUP_MEMORY`]: how
+    /// many shared prompts it is serving (forgetting older ones).
+    pub fn groups_served(&self) -> usize {
+        let mut groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        groups.retain(|_, used| used.in_flight > 0 || now - used.last < GROUP_MEMORY);
+        groups.len()
     }
 
     /// Counts a request that left it unsent for another replica.
@@ -260,17 +315,36 @@ async fn answers_health(authority: &str) -> bool {
 
 /// A request's place in its replica's in-flight count, given back on drop.
 #[derive(Debug)]
-pub struct Routed(Arc<Replica>);
+pub struct Routed {
+    replica: Arc<Replica>,
+    group: u64,
+    reason: RouteReason,
+}
 
 impl Routed {
     /// The replica.
     pub fn replica(&self) -> &Arc<Replica> {
-        &self.0
+        &self.replica
+    }
+
+    /// Why it was chosen.
+    pub fn reason(&self) -> RouteReason {
+        self.reason
     }
 }
 
 impl Drop for Routed {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.replica.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.group != 0 {
+            let mut groups = self
+                .replica
+                .groups
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(used) = groups.get_mut(&self.group) {
+                used.in_flight = used.in_flight.saturating_sub(1);
+            }
+        }
     }
 }

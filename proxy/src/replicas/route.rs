@@ -2,12 +2,13 @@
 //!
 //! - `prefix` (default): among the healthy replicas whose load is within a
 //!   band of the least loaded ([`within_band`]), the one predicted to hold
-//!   the most of the prompt; when none holds a block of it, the prefix
-//!   group's rendezvous choice (highest `hash(group, replica name)`), so
-//!   every request of a new shared prompt, from this proxy or another one
-//!   routing the same replicas, goes to the same replica and its followers
-//!   find it warm. The band keeps one popular prefix from piling onto one
-//!   replica: past it, the prefix is warmed on a second one.
+//!   the most of the prompt, or computing its prefix group now (a request
+//!   of the group is in flight there). A prefix no replica holds goes to
+//!   the replica serving the fewest prefix groups lately, so shared prompts
+//!   spread evenly and each cache holds its share; ties go to the least
+//!   loaded, then to the group's rendezvous choice (highest
+//!   `hash(group, replica name)`). The band keeps one popular prefix from
+//!   piling onto one replica: past it, the prefix is warmed on a second one.
 //! - `least-loaded`: the fewest requests in flight and waiting.
 //! - `round-robin`: each healthy replica in turn.
 //!
@@ -66,11 +67,27 @@ fn least_loaded(candidates: &[&Arc<Replica>], turn: usize) -> Arc<Replica> {
     Arc::clone(best)
 }
 
-/// Whether `load` is close enough to the least load `least` to take a
-/// request for its prefix: at most a quarter more, plus two.
-pub fn within_band(load: u32, least: u32) -> bool {
-    load <= least.saturating_add(least / 4).saturating_add(2)
+/// Whether a replica with `load` (and `waiting` requests queued in its
+/// engine) may take a request for a prefix it holds, when the least loaded
+/// replica has `least`: within half again the least plus [`BAND_QUEUED`]
+/// while its engine queues requests, plus [`BAND_BATCHING`] while it does
+/// not (a batching engine takes more requests at little cost, and sending
+/// a prefix elsewhere warms it in a second cache, at the expense of the
+/// prefixes that cache held).
+pub fn within_band(load: u32, waiting: u32, least: u32) -> bool {
+    let slack = if waiting > 0 {
+        BAND_QUEUED
+    } else {
+        BAND_BATCHING
+    };
+    load <= least.saturating_add(least / 2).saturating_add(slack)
 }
+
+/// The band's slack over the least loaded while the engine queues requests.
+pub const BAND_QUEUED: u32 = 2;
+
+/// The band's slack while the engine runs everything it is sent.
+pub const BAND_BATCHING: u32 = 32;
 
 fn by_prefix(
     candidates: &[&Arc<Replica>],
@@ -86,10 +103,16 @@ fn by_prefix(
         candidates
             .iter()
             .zip(&loads)
-            .filter(|&(_, &load)| within_band(load, least))
+            .filter(|&(r, &load)| within_band(load, r.engine.load().waiting, least))
+    };
+    // How much of the prompt each replica holds; a replica where its
+    // prefix group is being computed now counts as holding one block.
+    let warmth = |r: &Arc<Replica>| match r.prefix.held_tokens(prediction) {
+        0 if r.computing(prediction.prefix_group) => 1,
+        held => held,
     };
     let warmest = in_band()
-        .map(|(r, &load)| (r, r.prefix.held_tokens(prediction), load))
+        .map(|(r, &load)| (r, warmth(r), load))
         .filter(|&(_, held, _)| held > 0)
         // Most held; then least loaded; then the lower id.
         .max_by(|a, b| {
@@ -102,8 +125,14 @@ fn by_prefix(
     if let Some((replica, _, _)) = warmest {
         return (Arc::clone(replica), RouteReason::Prefix);
     }
+    // A prefix no replica holds or computes: the replica serving the fewest
+    // shared prompts (so they spread evenly, and a replica's cache holds
+    // its share), then the least loaded, then the prefix's rendezvous choice.
     let home = in_band()
-        .max_by_key(|(r, _)| rendezvous(prediction.prefix_group, &r.name))
+        .min_by_key(|&(r, &load)| {
+            let weight = rendezvous(prediction.prefix_group, &r.name);
+            (r.groups_served(), load, std::cmp::Reverse(weight))
+        })
         .map(|(r, _)| Arc::clone(r));
     match home {
         Some(replica) => (replica, RouteReason::Rendezvous),
@@ -162,13 +191,33 @@ mod tests {
         };
         let (chosen, reason) = choose(RouteMode::Prefix, &[&a, &b], query, 0);
         assert_eq!((chosen.id, reason), (1, RouteReason::Prefix));
-        // Busier, but within a quarter plus two of the least loaded: still b.
-        let _held = busy(&b, 2);
+        // Busier, but within the band (its engine queues nothing): still b.
+        let _held = busy(&b, 32);
         assert_eq!(choose(RouteMode::Prefix, &[&a, &b], query, 0).0.id, 1);
         // Past the band: the prefix is warmed on a as well.
         let _more = busy(&b, 1);
         let (chosen, reason) = choose(RouteMode::Prefix, &[&a, &b], query, 0);
         assert_eq!((chosen.id, reason), (0, RouteReason::Rendezvous));
+        // And a's requests now count for the group: the next goes there too.
+        let _on_a = a.take_group(RouteReason::Rendezvous, prediction.prefix_group);
+        let _held_more = busy(&b, 2);
+        let (chosen, reason) = choose(RouteMode::Prefix, &[&a, &b], query, 0);
+        assert_eq!((chosen.id, reason), (0, RouteReason::Prefix));
+    }
+
+    #[test]
+    fn a_new_prefix_goes_to_the_replica_serving_fewest_prefixes() {
+        let (a, b) = (replica(0), replica(1));
+        let hasher = PrefixTracker::new(1024, 16);
+        let _other = a.take_group(RouteReason::Rendezvous, 42);
+        let prediction = hasher.lookup(&prompt(64));
+        let query = Query {
+            prediction: Some(&prediction),
+            named: None,
+        };
+        assert_eq!(a.groups_served(), 1);
+        let (chosen, reason) = choose(RouteMode::Prefix, &[&a, &b], query, 0);
+        assert_eq!((chosen.id, reason), (1, RouteReason::Rendezvous));
     }
 
     #[test]
@@ -227,8 +276,9 @@ mod tests {
     }
 
     #[test]
-    fn the_band_is_a_quarter_plus_two() {
-        assert!(within_band(2, 0) && !within_band(3, 0));
-        assert!(within_band(14, 10) && !within_band(15, 10));
+    fn the_band_is_narrow_only_while_the_engine_queues() {
+        assert!(within_band(32, 0, 0) && !within_band(33, 0, 0));
+        assert!(within_band(47, 0, 10) && !within_band(48, 0, 10));
+        assert!(within_band(17, 3, 10) && !within_band(18, 3, 10));
     }
 }
