@@ -241,14 +241,7 @@ async fn hot_reload_under_load_loses_nothing() {
         "a request failed across the reload"
     );
     assert_each_forwarded_once(&upstream, 60);
-    let stats = send(
-        Method::GET,
-        &format!("http://{}/stats", proxy.admin),
-        &[],
-        Bytes::new(),
-    )
-    .await
-    .json();
+    let stats = proxy.stats().await;
     assert_eq!(stats["policy"]["in_flight"], 0, "{stats}");
     assert_eq!(stats["policy"]["queued"], 0, "{stats}");
     assert_eq!(stats["policy"]["fallback"], false, "{stats}");

@@ -71,17 +71,6 @@ fn arrivals_by_id(upstream: &EchoUpstream) -> BTreeMap<String, usize> {
     counts
 }
 
-async fn stats(proxy: &ProxyProcess) -> serde_json::Value {
-    send(
-        Method::GET,
-        &format!("http://{}/stats", proxy.admin),
-        &[],
-        Bytes::new(),
-    )
-    .await
-    .json()
-}
-
 /// A faulty policy: the fault is logged and counted, the fallback cap takes
 /// over, and every request is answered and forwarded exactly once.
 /// `deadline` is `--policy-deadline`: generous where the fault is not a
@@ -123,7 +112,7 @@ async fn fault_falls_back(name: &str, wat: String, kind: &str, deadline: &str) {
         1.0
     );
     assert_eq!(proxy.metric("sluice_policy_fallback_active").await, 1.0);
-    let s = stats(&proxy).await;
+    let s = proxy.stats().await;
     assert_eq!(s["policy"]["fallback"], true, "{s}");
     assert_eq!(s["policy"]["queued"], 0);
     assert_eq!(s["policy"]["in_flight"], 0, "{s}");
@@ -186,7 +175,7 @@ async fn a_good_policy_admits_without_faults() {
             .await,
         20.0
     );
-    assert_eq!(stats(&proxy).await["policy"]["fallback"], false);
+    assert_eq!(proxy.stats().await["policy"]["fallback"], false);
 }
 
 #[tokio::test]
@@ -222,7 +211,7 @@ async fn raw_request(proxy: &ProxyProcess) -> tokio::net::TcpStream {
 
 async fn until_queued(proxy: &ProxyProcess, n: usize) {
     let queued = wait_until(Duration::from_secs(10), || async {
-        stats(proxy).await["policy"]["queued"] == n
+        proxy.stats().await["policy"]["queued"] == n
     })
     .await;
     assert!(queued, "the proxy never held {n} requests in its queue");
@@ -293,7 +282,7 @@ async fn a_long_wait_answers_503_with_retry_after() {
         );
     }
     assert_eq!(upstream.seen.total.load(Ordering::SeqCst), 0);
-    assert_eq!(stats(&proxy).await["policy"]["queued"], 0);
+    assert_eq!(proxy.stats().await["policy"]["queued"], 0);
     let counted = wait_until(Duration::from_secs(5), || async {
         proxy
             .metric("sluice_requests_total{outcome=\"queue_timeout\"}")
@@ -334,7 +323,7 @@ async fn a_policy_rejection_is_429_counted_and_never_forwarded() {
     assert!(counted, "{}", proxy.metrics().await);
     // A rejection is the policy's answer, not a fault.
     assert_eq!(proxy.metric("sluice_policy_faults_total").await, 0.0);
-    let s = stats(&proxy).await;
+    let s = proxy.stats().await;
     assert_eq!(s["policy"]["fallback"], false, "{s}");
     assert_eq!(s["policy"]["queued"], 0, "{s}");
 }
@@ -355,14 +344,14 @@ async fn a_client_leaving_the_queue_frees_its_place() {
     conn.write_all(head.as_bytes()).await.unwrap();
     assert!(
         wait_until(Duration::from_secs(10), || async {
-            stats(&proxy).await["policy"]["queued"] == 1
+            proxy.stats().await["policy"]["queued"] == 1
         })
         .await
     );
     drop(conn);
     assert!(
         wait_until(Duration::from_secs(10), || async {
-            stats(&proxy).await["policy"]["queued"] == 0
+            proxy.stats().await["policy"]["queued"] == 0
         })
         .await,
         "the departed client still holds its queue place"
@@ -553,7 +542,7 @@ async fn reload_hands_the_queue_over_and_rejects_bad_plugins() {
     });
     assert!(
         wait_until(Duration::from_secs(10), || async {
-            stats(&proxy).await["policy"]["queued"] == 5
+            proxy.stats().await["policy"]["queued"] == 5
         })
         .await
     );
@@ -573,7 +562,7 @@ async fn reload_hands_the_queue_over_and_rejects_bad_plugins() {
             .unwrap()
             .contains("policy rejected")
     );
-    assert_eq!(stats(&proxy).await["policy"]["queued"], 5);
+    assert_eq!(proxy.stats().await["policy"]["queued"], 5);
     // A good one takes over the queue.
     let good = send(
         Method::PUT,
@@ -618,7 +607,7 @@ async fn reload_after_a_fault_leaves_the_fallback() {
     assert_eq!(good.status, 200);
     assert_eq!(proxy.metric("sluice_policy_fallback_active").await, 0.0);
     assert_eq!(complete(&proxy, 2, &[]).await.status, 200);
-    assert_eq!(stats(&proxy).await["policy"]["fallback"], false);
+    assert_eq!(proxy.stats().await["policy"]["fallback"], false);
 }
 
 #[tokio::test]
@@ -638,7 +627,7 @@ async fn sighup_reloads_the_policy_file() {
     });
     assert!(
         wait_until(Duration::from_secs(10), || async {
-            stats(&proxy).await["policy"]["queued"] == 1
+            proxy.stats().await["policy"]["queued"] == 1
         })
         .await
     );
@@ -690,7 +679,7 @@ async fn sighup_with_a_broken_policy_file_keeps_the_running_policy() {
             .await,
         0.0
     );
-    assert_eq!(stats(&proxy).await["policy"]["fallback"], false);
+    assert_eq!(proxy.stats().await["policy"]["fallback"], false);
     let logged = wait_until(Duration::from_secs(5), || {
         let failures = proxy
             .logs()

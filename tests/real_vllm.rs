@@ -330,14 +330,7 @@ async fn hot_reload_under_real_load_loses_nothing() {
         assert_eq!(reply.status, 200, "{}", reply.text());
     }
     assert_eq!(relay.seen.total.load(Ordering::SeqCst), 40);
-    let stats = send(
-        Method::GET,
-        &format!("http://{}/stats", proxy.admin),
-        &[],
-        Bytes::new(),
-    )
-    .await
-    .json();
+    let stats = proxy.stats().await;
     assert_eq!(stats["policy"]["in_flight"], 0);
     assert_eq!(stats["policy"]["queued"], 0);
 }
@@ -366,14 +359,7 @@ async fn vllm_metrics_are_mirrored_and_its_block_size_learned() {
         "no sluice_upstream_* series: {}",
         proxy.metrics().await
     );
-    let stats = send(
-        Method::GET,
-        &format!("http://{}/stats", proxy.admin),
-        &[],
-        Bytes::new(),
-    )
-    .await
-    .json();
+    let stats = proxy.stats().await;
     assert_eq!(stats["upstream"]["block_size"], 32, "{stats}");
     // GPU readings exactly when NVML, asked here directly, sees a GPU.
     let gpus = nvml_wrapper::Nvml::init()
@@ -397,14 +383,7 @@ async fn proxy_with_learned_block_size(upstream: &str, extra: &[&str]) -> ProxyP
     args.extend_from_slice(extra);
     let proxy = ProxyProcess::start(upstream, &args);
     let learned = wait_until(Duration::from_secs(10), || async {
-        let stats = send(
-            Method::GET,
-            &format!("http://{}/stats", proxy.admin),
-            &[],
-            Bytes::new(),
-        )
-        .await
-        .json();
+        let stats = proxy.stats().await;
         stats["upstream"]["block_size"] == 32
     })
     .await;

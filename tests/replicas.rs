@@ -131,14 +131,7 @@ async fn a_replica_that_refuses_connections_is_skipped_without_losing_the_reques
     );
     let failed_over = "sluice_replica_requests_total{reason=\"failover\"}";
     assert_eq!(proxy.metric(failed_over).await, 1.0);
-    let stats = send(
-        Method::GET,
-        &format!("http://{}/stats", proxy.admin),
-        &[],
-        bytes::Bytes::new(),
-    )
-    .await;
-    let replicas = stats.json()["replicas"].clone();
+    let replicas = proxy.stats().await["replicas"].clone();
     assert_eq!(replicas[0]["healthy"], false, "{replicas}");
     assert_eq!(replicas[1]["healthy"], true, "{replicas}");
 }

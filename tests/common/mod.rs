@@ -164,6 +164,18 @@ impl ProxyProcess {
         String::from_utf8(r.body.to_vec()).unwrap()
     }
 
+    /// `GET /stats` on the admin listener, as JSON.
+    pub async fn stats(&self) -> serde_json::Value {
+        send(
+            Method::GET,
+            &format!("http://{}/stats", self.admin),
+            &[],
+            Bytes::new(),
+        )
+        .await
+        .json()
+    }
+
     /// The value of one sample line (`name{labels} value`) in /metrics, or 0.
     pub async fn metric(&self, name_and_labels: &str) -> f64 {
         metric_value(&self.metrics().await, name_and_labels)
