@@ -86,6 +86,14 @@ async fn rubric_hit_rate(route: &str, salt: u64) -> f64 {
         }
     }
     let after = prefix_counters(&[&a, &b]).await;
+    let metrics = proxy.metrics().await;
+    let checks = ["exact", "over", "under"].map(|result| {
+        let series = format!("sluice_replica_prefix_predictions_total{{result=\"{result}\"}}");
+        metric_value(&metrics, &series)
+    });
+    eprintln!(
+        "--route {route}: predictions against the engines' cached_tokens (exact, over, under): {checks:?}"
+    );
     (after.1 - before.1) / (after.0 - before.0)
 }
 
