@@ -191,8 +191,9 @@ pub struct UpstreamConfig {
     pub resolve_interval: Duration,
 
     /// Which replica an admitted request goes to: `prefix` (the replica
-    /// predicted to hold most of its prompt, within a load band; a new
-    /// prefix by rendezvous hashing), `least-loaded` or `round-robin`
+    /// predicted to hold most of its prompt, unless it is much busier than
+    /// the others; a new prefix to the replica serving the fewest),
+    /// `least-loaded` or `round-robin`
     #[arg(
         long = "route",
         env = "SLUICE_ROUTE",
@@ -244,8 +245,8 @@ pub enum KvEvents {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RouteMode {
-    /// Most predicted cached tokens within a load band; a new prefix by
-    /// rendezvous hashing.
+    /// Most predicted cached tokens within a load band; a new prefix to
+    /// the replica serving the fewest prefixes.
     Prefix,
     /// Fewest requests in flight and waiting.
     LeastLoaded,
