@@ -27,6 +27,13 @@ pub const HEALTH_EVERY: Duration = Duration::from_secs(2);
 /// How long a prefix group sent to a replica counts as served there.
 pub const GROUP_MEMORY: Duration = Duration::from_secs(60);
 
+/// The prefix groups sent to a replica, and when they were last pruned.
+#[derive(Debug)]
+struct Groups {
+    used: std::collections::HashMap<u64, GroupUse>,
+    pruned: Instant,
+}
+
 /// A prefix group's requests on a replica.
 #[derive(Debug, Clone, Copy)]
 struct GroupUse {
@@ -58,7 +65,7 @@ pub struct Replica {
     tasks: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
     health_watched: AtomicBool,
     // Prefix groups sent here: in flight now, and when last.
-    groups: std::sync::Mutex<std::collections::HashMap<u64, GroupUse>>,
+    groups: std::sync::Mutex<Groups>,
     // Its KV-cache events, once followed (see [`super::kv`]).
     events: std::sync::OnceLock<KvEventsHandle>,
 }
@@ -130,7 +137,10 @@ impl Replica {
             tasks: std::sync::Mutex::new(Vec::new()),
             health_watched: AtomicBool::new(false),
             events: std::sync::OnceLock::new(),
-            groups: std::sync::Mutex::default(),
+            groups: std::sync::Mutex::new(Groups {
+                used: std::collections::HashMap::new(),
+                pruned: Instant::now(),
+            }),
         }
     }
 
@@ -170,7 +180,7 @@ impl Replica {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         if group != 0 {
             let mut groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
-            let used = groups.entry(group).or_insert(GroupUse {
+            let used = groups.used.entry(group).or_insert(GroupUse {
                 in_flight: 0,
                 last: Instant::now(),
             });
@@ -191,17 +201,25 @@ impl Replica {
                 .groups
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
+                .used
                 .get(&group)
                 .is_some_and(|used| used.in_flight > 0)
     }
 
-    /// The prefix groups sent here within the last [`GROUP_MEMORY`]: how
-    /// many shared prompts it is serving (forgetting older ones).
+    /// The prefix groups sent here within the last [`GROUP_MEMORY`] (give
+    /// or take a second): how many shared prompts it is serving. Groups
+    /// older than that are forgotten at most once a second, so that a
+    /// stream of prompts that share nothing costs one pass a second.
     pub fn groups_served(&self) -> usize {
         let mut groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
-        groups.retain(|_, used| used.in_flight > 0 || now - used.last < GROUP_MEMORY);
-        groups.len()
+        if now - groups.pruned >= Duration::from_secs(1) {
+            groups
+                .used
+                .retain(|_, used| used.in_flight > 0 || now - used.last < GROUP_MEMORY);
+            groups.pruned = now;
+        }
+        groups.used.len()
     }
 
     /// Counts a request that left it unsent for another replica.
@@ -342,7 +360,7 @@ impl Drop for Routed {
                 .groups
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            if let Some(used) = groups.get_mut(&self.group) {
+            if let Some(used) = groups.used.get_mut(&self.group) {
                 used.in_flight = used.in_flight.saturating_sub(1);
             }
         }
