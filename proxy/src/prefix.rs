@@ -117,6 +117,23 @@ pub struct Prediction {
     slots: Vec<u32>,
 }
 
+impl Prediction {
+    /// This prediction for another tracker (another replica's) that holds
+    /// `cached_tokens` of it (its [`PrefixTracker::held_tokens`]): the same
+    /// blocks, and no slot hints (they belong to the tracker that made it),
+    /// ready for [`PrefixTracker::insert`] there.
+    pub fn with_cached(&self, cached_tokens: u32) -> Self {
+        Self {
+            blocks: self.blocks.clone(),
+            cached_tokens,
+            prompt_tokens: self.prompt_tokens,
+            prefix_group: self.prefix_group,
+            block_size: self.block_size,
+            slots: Vec::new(),
+        }
+    }
+}
+
 /// The LRU of block hashes and the counters; shared by every request.
 pub struct PrefixTracker {
     unit: BlockUnit,
@@ -359,21 +376,6 @@ impl PrefixTracker {
             .take_while(|hash| table.lru.map.contains_key(hash))
             .count();
         saturating_u32(found * block_size as usize)
-    }
-
-    /// `prediction` as this tracker sees it: the same blocks, its cached
-    /// tokens from [`held_tokens`](Self::held_tokens), and no slot hints
-    /// (they belong to the tracker that made it), ready for
-    /// [`insert`](Self::insert) here.
-    pub fn adopt(&self, prediction: &Prediction) -> Prediction {
-        Prediction {
-            blocks: prediction.blocks.clone(),
-            cached_tokens: self.held_tokens(prediction),
-            prompt_tokens: prediction.prompt_tokens,
-            prefix_group: prediction.prefix_group,
-            block_size: prediction.block_size,
-            slots: Vec::new(),
-        }
     }
 
     /// Adds one sequence: `cut` appends its chain and returns its length in

@@ -277,7 +277,10 @@ impl Proxy {
                 let prediction = if Arc::ptr_eq(tracker, &self.prefix) {
                     prediction
                 } else {
-                    tracker.adopt(&prediction)
+                    let held = routed
+                        .held()
+                        .unwrap_or_else(|| tracker.held_tokens(&prediction));
+                    prediction.with_cached(held)
                 };
                 let hot = telemetry::hot();
                 hot.prefix_query_tokens

@@ -199,14 +199,17 @@ impl ReplicaSet {
             return Err(all_down(&all));
         }
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
-        let (replica, reason) = route::choose(self.mode, &candidates, query, turn);
+        let choice = route::choose(self.mode, &candidates, query, turn);
         let reason = if tried.is_empty() {
-            reason
+            choice.reason
         } else {
             RouteReason::Failover
         };
         let group = query.prediction.map_or(0, |p| p.prefix_group);
-        Ok(replica.take_group(reason, group))
+        Ok(choice
+            .replica
+            .take_group(reason, group)
+            .holding(choice.held))
     }
 
     /// Each replica's predicted cached tokens for `prediction`, by id;

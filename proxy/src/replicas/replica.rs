@@ -191,6 +191,7 @@ impl Replica {
             replica: Arc::clone(self),
             group,
             reason,
+            held: None,
         }
     }
 
@@ -337,6 +338,7 @@ pub struct Routed {
     replica: Arc<Replica>,
     group: u64,
     reason: RouteReason,
+    held: Option<u32>,
 }
 
 impl Routed {
@@ -348,6 +350,18 @@ impl Routed {
     /// Why it was chosen.
     pub fn reason(&self) -> RouteReason {
         self.reason
+    }
+
+    /// The prompt tokens the replica's tracker held when routing asked it
+    /// (`None` when routing did not ask).
+    pub fn held(&self) -> Option<u32> {
+        self.held
+    }
+
+    /// Records what routing found the replica to hold.
+    pub(super) fn holding(mut self, held: Option<u32>) -> Self {
+        self.held = held;
+        self
     }
 }
 

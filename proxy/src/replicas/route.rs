@@ -37,6 +37,28 @@ pub struct Query<'a> {
     pub named: Option<u32>,
 }
 
+/// Where a request goes, and why.
+#[derive(Debug, Clone)]
+pub struct Choice {
+    /// The replica.
+    pub replica: Arc<Replica>,
+    /// Why it was chosen.
+    pub reason: RouteReason,
+    /// The prompt tokens it holds, when choosing asked its tracker (so the
+    /// request's prediction need not ask again).
+    pub held: Option<u32>,
+}
+
+impl Choice {
+    fn of(replica: &Arc<Replica>, reason: RouteReason) -> Self {
+        Self {
+            replica: Arc::clone(replica),
+            reason,
+            held: None,
+        }
+    }
+}
+
 /// Picks a replica among `candidates` (healthy, not yet tried; never
 /// empty) for `query`; `turn` is a counter for round-robin and ties.
 pub fn choose(
@@ -44,27 +66,28 @@ pub fn choose(
     candidates: &[&Arc<Replica>],
     query: Query<'_>,
     turn: usize,
-) -> (Arc<Replica>, RouteReason) {
+) -> Choice {
     if let Some(named) = query.named
         && let Some(replica) = candidates.iter().find(|r| r.id == named)
     {
-        return (Arc::clone(replica), RouteReason::Policy);
+        return Choice::of(replica, RouteReason::Policy);
     }
     let rotate = |i: usize| candidates[(i + turn) % candidates.len()];
     match mode {
-        RouteMode::RoundRobin => (Arc::clone(rotate(0)), RouteReason::RoundRobin),
-        RouteMode::LeastLoaded => (least_loaded(candidates, turn), RouteReason::LeastLoaded),
+        RouteMode::RoundRobin => Choice::of(rotate(0), RouteReason::RoundRobin),
+        RouteMode::LeastLoaded => {
+            Choice::of(least_loaded(candidates, turn), RouteReason::LeastLoaded)
+        }
         RouteMode::Prefix => by_prefix(candidates, query.prediction, turn),
     }
 }
 
-fn least_loaded(candidates: &[&Arc<Replica>], turn: usize) -> Arc<Replica> {
+fn least_loaded<'a>(candidates: &[&'a Arc<Replica>], turn: usize) -> &'a Arc<Replica> {
     let n = candidates.len();
-    let best = (0..n)
+    (0..n)
         .map(|i| candidates[(i + turn) % n])
         .min_by_key(|r| r.load())
-        .unwrap_or(candidates[0]);
-    Arc::clone(best)
+        .unwrap_or(candidates[0])
 }
 
 /// Whether a replica with `load` (and `waiting` requests queued in its
@@ -89,13 +112,9 @@ pub const BAND_QUEUED: u32 = 2;
 /// The band's slack while the engine runs everything it is sent.
 pub const BAND_BATCHING: u32 = 32;
 
-fn by_prefix(
-    candidates: &[&Arc<Replica>],
-    prediction: Option<&Prediction>,
-    turn: usize,
-) -> (Arc<Replica>, RouteReason) {
+fn by_prefix(candidates: &[&Arc<Replica>], prediction: Option<&Prediction>, turn: usize) -> Choice {
     let Some(prediction) = prediction.filter(|p| p.prefix_group != 0) else {
-        return (least_loaded(candidates, turn), RouteReason::LeastLoaded);
+        return Choice::of(least_loaded(candidates, turn), RouteReason::LeastLoaded);
     };
     let loads: Vec<u32> = candidates.iter().map(|r| r.load()).collect();
     let least = loads.iter().copied().min().unwrap_or(0);
@@ -105,38 +124,42 @@ fn by_prefix(
             .zip(&loads)
             .filter(|&(r, &load)| within_band(load, r.engine.load().waiting, least))
     };
-    // How much of the prompt each replica holds; a replica where its
-    // prefix group is being computed now counts as holding one block.
-    let warmth = |r: &Arc<Replica>| match r.prefix.held_tokens(prediction) {
-        0 if r.computing(prediction.prefix_group) => 1,
-        held => held,
+    // How much of the prompt each replica holds, and its warmth: what it
+    // holds, or one token where its prefix group is being computed now.
+    let warmth = |r: &Arc<Replica>| {
+        let held = r.prefix.held_tokens(prediction);
+        match held {
+            0 if r.computing(prediction.prefix_group) => (held, 1),
+            _ => (held, held),
+        }
     };
     let warmest = in_band()
         .map(|(r, &load)| (r, warmth(r), load))
-        .filter(|&(_, held, _)| held > 0)
-        // Most held; then least loaded; then the lower id.
-        .max_by(|a, b| {
-            (a.1, std::cmp::Reverse(a.2), std::cmp::Reverse(a.0.id)).cmp(&(
-                b.1,
-                std::cmp::Reverse(b.2),
-                std::cmp::Reverse(b.0.id),
-            ))
+        .filter(|&(_, (_, warm), _)| warm > 0)
+        // Warmest; then least loaded; then the lower id.
+        .max_by_key(|&(r, (_, warm), load)| {
+            (warm, std::cmp::Reverse(load), std::cmp::Reverse(r.id))
         });
-    if let Some((replica, _, _)) = warmest {
-        return (Arc::clone(replica), RouteReason::Prefix);
+    if let Some((replica, (held, _), _)) = warmest {
+        return Choice {
+            held: Some(held),
+            ..Choice::of(replica, RouteReason::Prefix)
+        };
     }
     // A prefix no replica holds or computes: the replica serving the fewest
     // shared prompts (so they spread evenly, and a replica's cache holds
     // its share), then the least loaded, then the prefix's rendezvous choice.
-    let home = in_band()
-        .min_by_key(|&(r, &load)| {
-            let weight = rendezvous(prediction.prefix_group, &r.name);
-            (r.groups_served(), load, std::cmp::Reverse(weight))
-        })
-        .map(|(r, _)| Arc::clone(r));
+    let home = in_band().min_by_key(|&(r, &load)| {
+        let weight = rendezvous(prediction.prefix_group, &r.name);
+        (r.groups_served(), load, std::cmp::Reverse(weight))
+    });
     match home {
-        Some(replica) => (replica, RouteReason::Rendezvous),
-        None => (least_loaded(candidates, turn), RouteReason::LeastLoaded),
+        // No replica in the band holds any of it.
+        Some((replica, _)) => Choice {
+            held: Some(0),
+            ..Choice::of(replica, RouteReason::Rendezvous)
+        },
+        None => Choice::of(least_loaded(candidates, turn), RouteReason::LeastLoaded),
     }
 }
 
@@ -184,25 +207,45 @@ mod tests {
         let (a, b) = (replica(0), replica(1));
         let hasher = PrefixTracker::new(1024, 16);
         let prediction = hasher.lookup(&prompt(100));
-        b.prefix.insert(&b.prefix.adopt(&prediction));
+        b.prefix.insert(&prediction.with_cached(0));
         let query = Query {
             prediction: Some(&prediction),
             named: None,
         };
-        let (chosen, reason) = choose(RouteMode::Prefix, &[&a, &b], query, 0);
+        let Choice {
+            replica: chosen,
+            reason,
+            ..
+        } = choose(RouteMode::Prefix, &[&a, &b], query, 0);
         assert_eq!((chosen.id, reason), (1, RouteReason::Prefix));
+        let held = b.prefix.held_tokens(&prediction);
+        assert!(held > 0);
+        assert_eq!(
+            choose(RouteMode::Prefix, &[&a, &b], query, 0).held,
+            Some(held)
+        );
         // Busier, but within the band (its engine queues nothing): still b.
         let _held = busy(&b, 32);
-        assert_eq!(choose(RouteMode::Prefix, &[&a, &b], query, 0).0.id, 1);
+        assert_eq!(choose(RouteMode::Prefix, &[&a, &b], query, 0).replica.id, 1);
         // Past the band: the prefix is warmed on a as well.
         let _more = busy(&b, 1);
-        let (chosen, reason) = choose(RouteMode::Prefix, &[&a, &b], query, 0);
+        let Choice {
+            replica: chosen,
+            reason,
+            ..
+        } = choose(RouteMode::Prefix, &[&a, &b], query, 0);
         assert_eq!((chosen.id, reason), (0, RouteReason::Rendezvous));
         // And a's requests now count for the group: the next goes there too.
         let _on_a = a.take_group(RouteReason::Rendezvous, prediction.prefix_group);
         let _held_more = busy(&b, 2);
-        let (chosen, reason) = choose(RouteMode::Prefix, &[&a, &b], query, 0);
+        let Choice {
+            replica: chosen,
+            reason,
+            ..
+        } = choose(RouteMode::Prefix, &[&a, &b], query, 0);
         assert_eq!((chosen.id, reason), (0, RouteReason::Prefix));
+        // Computing it there is not holding it yet.
+        assert_eq!(choose(RouteMode::Prefix, &[&a, &b], query, 0).held, Some(0));
     }
 
     #[test]
@@ -216,7 +259,11 @@ mod tests {
             named: None,
         };
         assert_eq!(a.groups_served(), 1);
-        let (chosen, reason) = choose(RouteMode::Prefix, &[&a, &b], query, 0);
+        let Choice {
+            replica: chosen,
+            reason,
+            ..
+        } = choose(RouteMode::Prefix, &[&a, &b], query, 0);
         assert_eq!((chosen.id, reason), (1, RouteReason::Rendezvous));
     }
 
@@ -231,11 +278,12 @@ mod tests {
             named: None,
         };
         let first = choose(RouteMode::Prefix, &all, query, 0);
-        assert_eq!(first.1, RouteReason::Rendezvous);
+        assert_eq!(first.held, Some(0), "a new prefix is held nowhere");
+        assert_eq!(first.reason, RouteReason::Rendezvous);
         for turn in 1..8 {
             assert_eq!(
-                choose(RouteMode::Prefix, &all, query, turn).0.id,
-                first.0.id
+                choose(RouteMode::Prefix, &all, query, turn).replica.id,
+                first.replica.id
             );
         }
         // Short prompts have no prefix group: least loaded.
@@ -245,7 +293,7 @@ mod tests {
             named: None,
         };
         assert_eq!(
-            choose(RouteMode::Prefix, &all, query, 0).1,
+            choose(RouteMode::Prefix, &all, query, 0).reason,
             RouteReason::LeastLoaded
         );
     }
@@ -255,14 +303,29 @@ mod tests {
         let (a, b) = (replica(0), replica(1));
         let _held = busy(&a, 1);
         let none = Query::default();
-        assert_eq!(choose(RouteMode::LeastLoaded, &[&a, &b], none, 0).0.id, 1);
-        assert_eq!(choose(RouteMode::RoundRobin, &[&a, &b], none, 0).0.id, 0);
-        assert_eq!(choose(RouteMode::RoundRobin, &[&a, &b], none, 1).0.id, 1);
+        assert_eq!(
+            choose(RouteMode::LeastLoaded, &[&a, &b], none, 0)
+                .replica
+                .id,
+            1
+        );
+        assert_eq!(
+            choose(RouteMode::RoundRobin, &[&a, &b], none, 0).replica.id,
+            0
+        );
+        assert_eq!(
+            choose(RouteMode::RoundRobin, &[&a, &b], none, 1).replica.id,
+            1
+        );
         let named = Query {
             prediction: None,
             named: Some(0),
         };
-        let (chosen, reason) = choose(RouteMode::LeastLoaded, &[&a, &b], named, 0);
+        let Choice {
+            replica: chosen,
+            reason,
+            ..
+        } = choose(RouteMode::LeastLoaded, &[&a, &b], named, 0);
         assert_eq!((chosen.id, reason), (0, RouteReason::Policy));
         // A named replica that is not a candidate (down, tried) is ignored.
         let gone = Query {
@@ -270,7 +333,7 @@ mod tests {
             named: Some(7),
         };
         assert_eq!(
-            choose(RouteMode::LeastLoaded, &[&a, &b], gone, 0).1,
+            choose(RouteMode::LeastLoaded, &[&a, &b], gone, 0).reason,
             RouteReason::LeastLoaded
         );
     }
