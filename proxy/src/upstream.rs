@@ -225,6 +225,41 @@ impl Upstream {
     }
 }
 
+/// `GET path` from the server at `authority` on a connection of its own
+/// (a probe, not client traffic): the status, and the body when `read_body`
+/// and the status is 2xx; `None` when no answer came. The caller bounds
+/// the wait.
+pub async fn get_once(
+    authority: &str,
+    path: &str,
+    read_body: bool,
+) -> Option<(http::StatusCode, bytes::Bytes)> {
+    use http_body_util::{BodyExt, Empty};
+    let stream = TcpStream::connect(authority).await.ok()?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake::<_, Empty<bytes::Bytes>>(TokioIo::new(stream))
+            .await
+            .ok()?;
+    let connection = tokio::spawn(connection);
+    let answer = async {
+        let request = Request::get(path)
+            .header(header::HOST, authority)
+            .body(Empty::new())
+            .ok()?;
+        let response = sender.send_request(request).await.ok()?;
+        let status = response.status();
+        let body = if read_body && status.is_success() {
+            response.into_body().collect().await.ok()?.to_bytes()
+        } else {
+            bytes::Bytes::new()
+        };
+        Some((status, body))
+    }
+    .await;
+    connection.abort();
+    answer
+}
+
 /// What a URI dials (`host:port`, port 80 when the URI gives none) and the
 /// `Host` header a client would write for it (no user info, no default port).
 pub fn dial_and_host(uri: &http::Uri) -> (String, HeaderValue) {

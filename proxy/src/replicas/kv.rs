@@ -14,14 +14,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::Request;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use tokio::net::TcpStream;
 
 use super::Replica;
+use crate::upstream::get_once;
 
 /// The ZeroMQ endpoint and topic of `sources` (a `/kv_event_sources` body)
 /// for the replica dialled at `authority`; `None` when it publishes none.
@@ -92,29 +88,14 @@ pub fn discover(replica: &Arc<Replica>, retry: Duration) {
 /// `GET /kv_event_sources`: `None` when there was no answer, `Some(None)`
 /// for an answer that is not a 200 JSON object.
 async fn sources(authority: &str) -> Option<Option<Value>> {
-    let stream = TcpStream::connect(authority).await.ok()?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
-            .await
-            .ok()?;
-    let connection = tokio::spawn(connection);
-    let request = Request::get("/kv_event_sources")
-        .header(http::header::HOST, authority)
-        .body(Empty::new())
-        .ok()?;
-    let response = sender.send_request(request).await.ok()?;
-    let answer = if response.status().is_success() {
-        let body = response.into_body().collect().await.ok()?.to_bytes();
-        Some(
-            serde_json::from_slice::<Value>(&body)
-                .ok()
-                .filter(Value::is_object),
-        )
-    } else {
-        Some(None)
-    };
-    connection.abort();
-    answer
+    let (status, body) = get_once(authority, "/kv_event_sources", true).await?;
+    Some(
+        status
+            .is_success()
+            .then(|| serde_json::from_slice::<Value>(&body).ok())
+            .flatten()
+            .filter(Value::is_object),
+    )
 }
 
 #[cfg(test)]

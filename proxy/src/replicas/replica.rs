@@ -7,19 +7,15 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{HeaderValue, Request};
-use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
+use http::HeaderValue;
 use metrics::{Counter, counter};
-use tokio::net::TcpStream;
 
 use crate::config::UpstreamConfig;
 use crate::kv_events::KvEventsHandle;
 use crate::prefix::PrefixTracker;
 use crate::scrape::UpstreamMetrics;
 use crate::telemetry;
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, get_once};
 
 /// How often a replica's `/health` is asked, when there are several.
 pub const HEALTH_EVERY: Duration = Duration::from_secs(2);
@@ -277,9 +273,11 @@ impl Replica {
             loop {
                 ticker.tick().await;
                 let limit = connect_timeout + Duration::from_secs(1);
-                let healthy = tokio::time::timeout(limit, answers_health(&authority))
-                    .await
-                    .unwrap_or(false);
+                let answer = get_once(&authority, "/health", false);
+                let healthy = matches!(
+                    tokio::time::timeout(limit, answer).await,
+                    Ok(Some((status, _))) if status.as_u16() < 500
+                );
                 let Some(replica) = weak.upgrade() else {
                     return;
                 };
@@ -305,31 +303,6 @@ impl Drop for Replica {
             }
         }
     }
-}
-
-/// Whether `GET /health` at `authority` answers below 500.
-async fn answers_health(authority: &str) -> bool {
-    let Ok(stream) = TcpStream::connect(authority).await else {
-        return false;
-    };
-    let Ok((mut sender, connection)) =
-        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await
-    else {
-        return false;
-    };
-    let connection = tokio::spawn(connection);
-    let request = Request::get("/health")
-        .header(http::header::HOST, authority)
-        .body(Empty::new());
-    let healthy = match request {
-        Ok(request) => sender
-            .send_request(request)
-            .await
-            .is_ok_and(|response| response.status().as_u16() < 500),
-        Err(_) => false,
-    };
-    connection.abort();
-    healthy
 }
 
 /// A request's place in its replica's in-flight count, given back on drop.
